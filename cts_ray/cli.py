@@ -1,0 +1,85 @@
+"""`cts-ray` command line. Bad input exits with code 2 and one line on stderr before any work."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other input error
+        print(f"cts-ray: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cts-ray", description="Concrete Ticket Search and its baselines.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="one experiment: dense to search point -> search -> retrain -> evaluate")
+    r.add_argument("config", nargs="?", help="YAML config (omit for the embedded default: digits)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set search.density=0.01 (repeatable)")
+    r.add_argument("--out", help="run folder (default results/runs/<data>-<model>-<method>-d<density>-s<seed>-<hash>)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("config", help="print the resolved config (and its hash) without running")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
+    return p
+
+
+def _print_summary(summary: dict, out) -> None:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f} %"
+    rows = [
+        ("method", summary["method"] + (f" ({summary['objective']}, {summary['controller']})"
+                                        if summary["objective"] else "")),
+        ("data / model", f"{summary['dataset']} / {summary['model']}"),
+        ("seed / config hash", f"{summary['seed']} / {summary['config_hash']}"),
+        ("density target / achieved", f"{summary['target_density']:.4g} / {summary['achieved_density']:.4g}"
+                                      f"  ({summary['kept_weights']} of {summary['prunable_weights']} weights)"),
+        ("ticket test accuracy", f"{pct(summary['test_accuracy'])}  (best epoch {pct(summary['best_test_accuracy'])})"),
+        ("dense test accuracy", pct(summary["dense_test_accuracy"])),
+        ("seconds: pretrain / search / retrain",
+         f"{summary['pretrain_seconds']:.1f} / {summary['search_seconds']:.1f} / {summary['retrain_seconds']:.1f}"),
+        ("mask sha256", summary["mask_sha256"][:16]),
+        ("run folder", str(out)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from . import config as config_mod
+    try:
+        if args.command == "config":
+            if args.keys:
+                for key, default, allowed, help_ in config_mod.describe():
+                    print(f"{key:<26} default {default!r:<14} allowed: {allowed}" + (f"  — {help_}" if help_ else ""))
+                return 0
+            cfg = config_mod.load(args.config, args.overrides)
+            print(f"# config hash {cfg.hash}")
+            print(cfg.to_yaml(), end="")
+            return 0
+        cfg = config_mod.load(args.config, args.overrides)
+        from . import pipeline
+        out = pipeline.default_out(cfg) if args.out is None else args.out
+        summary = pipeline.run(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
+        _print_summary(summary, out)
+        return 0
+    except ConfigError as e:
+        print(f"cts-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cts-ray: interrupted; nothing was written for the unfinished run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Typed, validated, hashable run configuration.
+
+One dataclass per section. Every field's allowed values live next to the field (``choices`` or
+``check``), so validation, error messages and the README's table come from one place. The
+config hash is the run's identity: it covers what changes the result (not where data lives or
+which device runs it), like open_lth's ``Desc``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line naming the field and what is allowed."""
+
+
+def _f(default, *, choices=None, check=None, allowed=None, identity=True, help=""):
+    """A config field. ``check(value) -> bool`` with ``allowed`` describing what passes."""
+    meta = dict(choices=choices, check=check, allowed=allowed, identity=identity, help=help)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0 < v <= 1
+
+
+# Registries are imported lazily (they import torch); their names are the allowed values.
+def _registry(name):
+    def names():
+        if name == "datasets":
+            from .data import DATASETS
+            return sorted(DATASETS)
+        if name == "models":
+            from .models import MODELS
+            return sorted(MODELS)
+        if name == "objectives":
+            from .objectives import OBJECTIVES
+            return sorted(OBJECTIVES)
+        if name == "methods":
+            from .methods import METHODS
+            return sorted(METHODS)
+        raise KeyError(name)
+    return names
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", choices=_registry("datasets"), help="data set")
+    root: Optional[str] = _f(None, identity=False,
+                             help="folder holding the data set (torchvision layout); not needed for digits")
+    download: bool = _f(False, identity=False, help="let torchvision download into root")
+    subset: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
+                               help="use only the first N training examples (seeded shuffle)")
+    test_subset: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
+                                    help="use only the first N test examples")
+    augment: str = _f("auto", choices=["auto", "on", "off"],
+                      help="flip + pad-4 crop on device; auto = on for CIFAR")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("mlp_digits", choices=_registry("models"), help="architecture")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = _f(30, check=_non_negative, allowed="an integer >= 0", help="full training length")
+    batch_size: int = _f(64, check=_positive, allowed="an integer > 0")
+    optimizer: str = _f("sgd", choices=["sgd", "adam"])
+    lr: float = _f(0.1, check=_positive, allowed="a number > 0")
+    momentum: float = _f(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
+    weight_decay: float = _f(1e-4, check=_non_negative, allowed="a number >= 0")
+    milestones: list = _f([15, 25], help="epochs at which the LR is multiplied by gamma")
+    gamma: float = _f(0.1, check=_positive, allowed="a number > 0")
+    grad_clip: Optional[float] = _f(None, check=_positive, allowed="a number > 0 or null",
+                                    help="global gradient-norm clip")
+    dense_baseline: bool = _f(True, help="train the dense network to the end to report its accuracy")
+    retrain: bool = _f(True, help="retrain the ticket from the search point to the end")
+
+
+@dataclass
+class SearchConfig:
+    method: str = _f("cts", choices=_registry("methods"), help="ticket method")
+    density: float = _f(0.05, check=_fraction, allowed="a number in (0, 1]",
+                        help="fraction of prunable weights kept")
+    point: str = _f("init", choices=["init", "rewind"], help="weights the mask is searched on")
+    rewind_epochs: int = _f(1, check=_non_negative, allowed="an integer >= 0",
+                            help="dense epochs before the search when point = rewind")
+    objective: str = _f("kl_reverse", choices=_registry("objectives"))
+    controller: str = _f("gradbalance", choices=["gradbalance", "lagrange"])
+    temperature: float = _f(2 / 3, check=_positive, allowed="a number > 0",
+                            help="Concrete temperature tau")
+    length: float = _f(0.5, check=_fraction, allowed="a number in (0, 1]",
+                       help="search epochs as a fraction of training.epochs")
+    lr: Optional[float] = _f(None, check=_positive, allowed="a number > 0 or null",
+                             help="mask learning rate; null = training.lr")
+    lr_drop: float = _f(0.88, check=_fraction, allowed="a number in (0, 1]",
+                        help="fraction of the search after which the mask LR is multiplied by 0.1")
+    slack: float = _f(0.1, check=_non_negative, allowed="a number >= 0",
+                      help="GradBalance budget slack over kappa*d")
+    sanity: str = _f("none", choices=["none", "shuffle", "invert", "reinit"],
+                     help="sanity-check change applied to the ticket before retraining")
+
+
+@dataclass
+class ResourcesConfig:
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"], identity=False)
+    threads: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
+                                identity=False, help="torch CPU threads; null = torch's default")
+    amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
+    cpus: float = _f(1, check=_positive, allowed="a number > 0", identity=False,
+                     help="CPUs per trial in sweeps")
+    gpus: float = _f(0, check=_non_negative, allowed="a number >= 0", identity=False,
+                     help="GPUs per trial in sweeps (fractions share a GPU)")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, check=_non_negative, allowed="an integer >= 0")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    # ---- derived quantities (one place) ----
+    @property
+    def search_epoch(self) -> int:
+        """Epoch of dense training the search starts from (SPEC §0 search point k)."""
+        return self.search.rewind_epochs if self.search.point == "rewind" else 0
+
+    @property
+    def search_epochs(self) -> int:
+        return max(1, round(self.search.length * self.training.epochs))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def identity(self) -> dict:
+        """The part of the config that decides the result."""
+        return _identity(self)
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(self.identity())
+
+    def dense_identity(self) -> dict:
+        """What decides the dense run to the search point (shared by trials that differ only in search)."""
+        ident = self.identity()
+        return {"seed": ident["seed"], "data": ident["data"], "model": ident["model"],
+                "training": ident["training"], "search_epoch": self.search_epoch}
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
+            "search": SearchConfig, "resources": ResourcesConfig}
+
+
+def stable_hash(obj, n: int = 12) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def _identity(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = _identity(v)
+        elif f.metadata.get("identity", True):
+            out[f.name] = v
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value, tp):
+    """Check ``value`` against the annotated type; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not finite; expected a finite number")
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _build_section(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            raise ConfigError(f"{prefix}.{k}: unknown key; allowed keys in {prefix}: "
+                              f"{', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}"
+        v = _coerce(key, raw[name], hints[name])
+        values[name] = v
+    obj = cls(**values)
+    for name, f in fields.items():
+        _check_value(f"{prefix}.{name}", getattr(obj, name), f)
+    return obj
+
+
+def _check_value(key, v, f):
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        allowed = choices() if callable(choices) else choices
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    check = f.metadata.get("check")
+    if check is not None and v is not None and not check(v):
+        raise ConfigError(f"{key}: {v!r} is out of range; expected {f.metadata.get('allowed')}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a (possibly partial) nested mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}")
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    for k in raw:
+        if k not in top:
+            raise ConfigError(f"{k}: unknown key; allowed top-level keys: {', '.join(top)}")
+    kwargs = {}
+    for name, cls in SECTIONS.items():
+        kwargs[name] = _build_section(cls, raw.get(name) or {}, name)
+    if "seed" in raw:
+        kwargs["seed"] = _coerce("seed", raw["seed"], int)
+    cfg = Config(**kwargs)
+    _check_value("seed", cfg.seed, top["seed"])
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: Config):
+    """Checks that involve more than one field."""
+    t, s, d = cfg.training, cfg.search, cfg.data
+    for m in t.milestones:
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise ConfigError(f"training.milestones: {t.milestones!r} must be a list of integers >= 0")
+    if s.point == "rewind" and s.rewind_epochs > t.epochs:
+        raise ConfigError(f"search.rewind_epochs: {s.rewind_epochs} exceeds training.epochs "
+                          f"({t.epochs}); expected 0..{t.epochs}")
+    if s.temperature <= 0:
+        raise ConfigError(f"search.temperature: {s.temperature} must be > 0")
+    from .data import DATASETS
+    if DATASETS[d.name].needs_root:
+        if not d.root:
+            raise ConfigError(f"data.root: required for data.name={d.name}; "
+                              "expected a folder in torchvision's layout")
+        if not d.download and not Path(d.root).expanduser().is_dir():
+            raise ConfigError(f"data.root: folder {d.root!r} does not exist; expected an existing "
+                              "folder in torchvision's layout (or data.download: true)")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. search.density=0.01")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p.isidentifier() for p in parts):
+        raise ConfigError(f"--set {text!r}: {key!r} is not a config key like search.density")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def set_in(raw: dict, parts: list[str], value) -> None:
+    top = {f.name for f in dataclasses.fields(Config)}
+    if parts[0] not in top:
+        raise ConfigError(f"{'.'.join(parts)}: unknown key; allowed top-level keys: {', '.join(sorted(top))}")
+    if parts[0] in SECTIONS and len(parts) != 2:
+        raise ConfigError(f"{'.'.join(parts)}: expected {parts[0]}.KEY")
+    if parts[0] not in SECTIONS and len(parts) != 1:
+        raise ConfigError(f"{'.'.join(parts)}: {parts[0]} has no sub-keys")
+    node = raw
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"{'.'.join(parts)}: {p} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def read_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; expected a YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r}: malformed YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return raw
+
+
+def load(path=None, overrides=()) -> Config:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        set_in(raw, parts, value)
+    return from_dict(raw)
+
+
+def describe() -> list[tuple[str, Any, str, str]]:
+    """(key, default, allowed, help) for every field, for the README and `cts-ray config --help`."""
+    rows = [("seed", 0, "an integer >= 0", "seeds initialisation, data order, masks")]
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            allowed = (", ".join(choices() if callable(choices) else choices) if choices
+                       else f.metadata.get("allowed") or _type_name(typing.get_type_hints(cls)[f.name]))
+            rows.append((f"{sec}.{f.name}", default, allowed, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,213 @@
+"""Data sets by name, loaded once into tensors on the compute device (airbench style).
+
+``DATASETS`` maps a name to a ``DatasetInfo`` whose ``loader(root, download)`` returns CPU tensors
+(x float32 in [0, 1], shape (N, C, H, W); y int64). ``load(cfg, device)`` reads them (cached per
+process), takes the configured subsets, moves them to the device and normalises them there.
+``DeviceData.train_batches`` shuffles with a seeded CPU generator and augments on the device, so a
+seed gives the same batches on CPU and CUDA. No DataLoader, no worker processes, no PIL.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    needs_root: bool                   # False only for digits (bundled with scikit-learn)
+    augment: bool                      # default augmentation (flip + pad-4 crop)
+    loader: Callable                   # (root, download) -> (train_x, train_y, test_x, test_y) on CPU
+    mean: tuple[float, ...]            # per-channel normalisation constants
+    std: tuple[float, ...]
+
+
+# ---------------------------------------------------------------- loaders (CPU tensors)
+
+def _digits(root=None, download=False):
+    """scikit-learn's 8x8 digits, values 0..16; a fixed stratified split (360 test), seed 0."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=360,
+                                           random_state=0, stratify=d.target)
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _read_idx_gz(path: Path) -> Tensor:
+    """An IDX file (MNIST's format) of uint8 values, gzipped as in the official release."""
+    data = gzip.decompress(path.read_bytes())
+    assert data[2] == 0x08, f"{path}: not a uint8 IDX file"
+    nd = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * nd).view(*shape)
+
+
+def _mnist_like(cls_name: str):
+    """MNIST, FashionMNIST, KMNIST: torchvision's ``.data`` (uint8 N x 28 x 28) and ``.targets``.
+
+    torchvision 0.29 reads only the extracted raw files (``raw/train-images-idx3-ubyte``); when a
+    folder holds just the official ``.gz`` files (with their md5s; e.g. a read-only shared copy
+    where torchvision cannot extract them) they are read here directly, without writing anything.
+    """
+    def loader(root, download=False):
+        import torchvision.datasets as tvd
+        from torchvision.datasets.utils import check_integrity
+        cls = getattr(tvd, cls_name)
+        raw = Path(root) / cls_name / "raw"
+        gz = [raw / name for name, _ in cls.resources]
+        extracted = all((raw / name.removesuffix(".gz")).is_file() for name, _ in cls.resources)
+        if not extracted and all(check_integrity(str(p), md5) for p, (_, md5) in zip(gz, cls.resources)):
+            x_tr, y_tr, x_te, y_te = (_read_idx_gz(p) for p in gz)  # resources order: train x, y, test x, y
+        else:
+            tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+            x_tr, y_tr, x_te, y_te = tr.data, tr.targets, te.data, te.targets
+        x = lambda d: d.to(torch.float32).div_(255).unsqueeze(1)
+        return x(x_tr), y_tr.long(), x(x_te), y_te.long()
+    return loader
+
+
+def _cifar(cls_name: str):
+    """CIFAR-10/100: torchvision's ``.data`` (uint8 N x 32 x 32 x 3 numpy) and ``.targets``."""
+    def loader(root, download=False):
+        import torchvision.datasets as tvd
+        cls = getattr(tvd, cls_name)
+        tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+        x = lambda d: torch.from_numpy(d).permute(0, 3, 1, 2).to(torch.float32).div_(255).contiguous()
+        y = lambda t: torch.tensor(t, dtype=torch.int64)
+        return x(tr.data), y(tr.targets), x(te.data), y(te.targets)
+    return loader
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # digits mean/std: computed once from its (fixed) training split, pixels/16.
+    "digits": DatasetInfo(10, (1, 8, 8), False, False, _digits, (0.3054,), (0.3761,)),
+    "mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("MNIST"), (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("FashionMNIST"),
+                                 (0.2860,), (0.3530,)),
+    "kmnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("KMNIST"), (0.1918,), (0.3483,)),
+    "cifar10": DatasetInfo(10, (3, 32, 32), True, True, _cifar("CIFAR10"),
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(100, (3, 32, 32), True, True, _cifar("CIFAR100"),
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu(name: str, root: Optional[str], download: bool):
+    """The loader's CPU tensors, read from disk once per process. Callers must not modify them."""
+    info = DATASETS[name]
+    if not info.needs_root:
+        return info.loader(None, False)
+    if root is None:
+        raise ConfigError(f"data.root: None; {name} needs the folder holding its data in torchvision's layout")
+    try:
+        return info.loader(root, download)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        why = (str(e).strip().splitlines() or [""])[0]
+        hint = "" if download else " or set data.download: true"
+        raise ConfigError(f"data.root: {root!r} has no {name} data in torchvision's layout; point it at the "
+                          f"folder torchvision downloads into{hint} ({type(e).__name__}: {why})") from None
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random horizontal flip (p=0.5) and reflect-pad-``pad`` random crop, per sample, vectorised.
+
+    The random numbers come from the CPU ``generator`` and are then moved to ``x.device``, so a
+    seed gives the same augmentation on CPU and CUDA.
+    """
+    n, _, h, w = x.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # (N, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()             # (N, C, H, W)
+
+
+# ---------------------------------------------------------------- device data
+
+@dataclass
+class DeviceData:
+    """A data set's tensors on one device, x normalised; batches are slices of them."""
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    augment: bool
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
+        full = self.n_train // batch_size
+        return full if drop_last and full > 0 else -(-self.n_train // batch_size)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
+                      drop_last: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch in a seeded order. ``generator`` is a CPU generator: the permutation is drawn on
+        CPU and moved to the device, so a seed gives the same order on CPU and CUDA."""
+        augment = self.augment if augment is None else augment
+        order = torch.randperm(self.n_train, generator=generator).to(self.device)
+        for i in range(self.steps_per_epoch(batch_size, drop_last)):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x = self.train_x[idx]
+            yield (augment_batch(x, generator) if augment else x), self.train_y[idx]
+
+    def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, self.n_test, batch_size):
+            yield self.test_x[i:i + batch_size], self.test_y[i:i + batch_size]
+
+
+def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
+    """``cfg`` is a ``DataConfig``. The training subset is a fixed seed-0 permutation's first N
+    examples (independent of the run seed); the test subset is the first N test examples."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"data.name: {cfg.name!r} is not one of {sorted(DATASETS)}")
+    info = DATASETS[cfg.name]
+    root = None if cfg.root is None else str(cfg.root)
+    train_x, train_y, test_x, test_y = _load_cpu(cfg.name, root, bool(cfg.download))
+    if cfg.subset is not None:
+        if cfg.subset > len(train_y):
+            raise ConfigError(f"data.subset: {cfg.subset} exceeds the {len(train_y)} training examples of {cfg.name}")
+        keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[:cfg.subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if cfg.test_subset is not None:
+        if cfg.test_subset > len(test_y):
+            raise ConfigError(f"data.test_subset: {cfg.test_subset} exceeds the {len(test_y)} test examples of {cfg.name}")
+        test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
+    mean = torch.tensor(info.mean, device=device).view(-1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(-1, 1, 1)
+    norm = lambda x: (x.to(device) - mean) / std
+    augment = {"auto": info.augment, "on": True, "off": False}[cfg.augment]
+    return DeviceData(norm(train_x), train_y.to(device), norm(test_x), test_y.to(device),
+                      info.num_classes, info.input_shape, augment)

@@ -1,0 +1,182 @@
+"""Concrete Ticket Search (SPEC §1, Arora & Teuscher, arXiv 2512.07142).
+
+Parameterisation: we optimise θ directly, mask m = σ(θ + L/τ) with L = log u − log(1 − u),
+θ initialised to logit(κ). (The authors' code optimises α = τθ; the two differ only in the size
+of an Adam step.) Weights are frozen, BatchNorm uses batch statistics and its running buffers
+are restored afterwards, so the dense teacher is exactly the search-point network.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..masking import Mask, kept_count, layer_shapes
+from ..models import prunable, prunable_modules
+from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
+from ..train import autocast, to_input
+from . import SearchContext, Ticket
+
+
+def _norm(x: Tensor) -> Tensor:
+    """‖x‖₂ computed as max|x|·‖x/max|x|‖₂, so neither tiny nor huge entries over/underflow."""
+    scale = x.abs().max()
+    return torch.where(scale > 0, scale * torch.linalg.vector_norm(x / scale.clamp_min(1e-38)), scale)
+
+
+class GradBalance:
+    """λ* = ‖g_t‖/‖g_c‖ while over budget, else 0; λ ← 0.99 λ + 0.01 λ* (λ = λ* on step one)."""
+
+    def __init__(self, budget: float, mask_lr: float):
+        self.budget = budget
+        self.lam = None
+
+    def grad(self, theta: Tensor, g_task: Tensor) -> Tensor:
+        sig = torch.sigmoid(theta)
+        over = sig.sum() / self.budget - 1 > 0
+        g_c = sig * (1 - sig) / self.budget
+        nt, nc = _norm(g_task), _norm(g_c)
+        lam_star = torch.where(over & (nc > 0), nt / nc.clamp_min(1e-38), torch.zeros_like(nt))
+        self.lam = lam_star if self.lam is None else 0.99 * self.lam + 0.01 * lam_star
+        return g_task + self.lam * g_c
+
+
+class Lagrange:
+    """Loss R + λC with λ ≥ 0 raised by gradient ascent at 0.01 × the mask learning rate."""
+
+    def __init__(self, budget: float, mask_lr: float):
+        self.budget = budget
+        self.lr = 0.01 * mask_lr
+        self.lam = None
+
+    def grad(self, theta: Tensor, g_task: Tensor) -> Tensor:
+        sig = torch.sigmoid(theta)
+        lam = self.lam if self.lam is not None else torch.zeros((), device=theta.device)
+        g = g_task + lam * sig * (1 - sig) / self.budget
+        self.lam = (lam + self.lr * (sig.sum() / self.budget - 1)).clamp_min(0)
+        return g
+
+
+CONTROLLERS = {"gradbalance": GradBalance, "lagrange": Lagrange}
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Train mode (BatchNorm on batch statistics) with every buffer restored on exit."""
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, store: list):
+    """Append each prunable layer's output to ``store`` during forward passes."""
+    hooks = [m.register_forward_hook(lambda mod, inp, out: store.append(out))
+             for m in prunable_modules(model).values()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def search(ctx: SearchContext) -> Ticket:
+    cfg, s, model, device = ctx.cfg, ctx.cfg.search, ctx.model, ctx.device
+    t_start = time.perf_counter()
+    params = prunable(model)
+    names, shapes = list(params), layer_shapes(model)
+    weights = [params[n].detach() for n in names]
+    sizes = [w.numel() for w in weights]
+    d = sum(sizes)
+    kappa = s.density
+    k = kept_count(kappa, d)
+
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    theta = torch.full((d,), math.log(kappa / (1 - kappa)) if kappa < 1 else 20.0,
+                       device=device, requires_grad=True)
+    mask_lr = s.lr if s.lr is not None else cfg.training.lr
+    opt = torch.optim.Adam([theta], lr=mask_lr)
+    controller = CONTROLLERS[s.controller]((1 + s.slack) * kappa * d, mask_lr)
+    objective = OBJECTIVES[s.objective]
+    need_teacher = s.objective != "ce"
+    need_features = s.objective in NEEDS_FEATURES
+    noise = ctx.generator("noise", device)
+    order = ctx.generator("order")
+    steps_per_epoch = ctx.data.steps_per_epoch(cfg.training.batch_size)
+    epochs = cfg.search_epochs
+    drop_step = int(s.lr_drop * epochs * steps_per_epoch)
+    tau = s.temperature
+
+    history, step, prev_top = [], 0, None
+    feats: list = []
+    hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
+    try:
+        with batch_statistics(model), hooks:
+            for epoch in range(epochs):
+                t0 = time.perf_counter()
+                obj_sum = torch.zeros((), device=device)
+                n_batches = 0
+                for x, y in ctx.data.train_batches(cfg.training.batch_size, order, augment=False):
+                    if step == drop_step:
+                        for g in opt.param_groups:
+                            g["lr"] = mask_lr * 0.1
+                    x = to_input(x, ctx.amp)
+                    feats.clear()
+                    if need_teacher:
+                        with torch.no_grad(), autocast(ctx.amp, device):
+                            dense = Outputs(model(x), list(feats))
+                    else:
+                        dense = Outputs(None)
+                    feats.clear()
+                    # u < 1 always (torch.rand), and 1 - 1e-10 rounds to 1 in fp32: clamp below only.
+                    u = torch.rand(d, device=device, generator=noise).clamp_(min=1e-10)
+                    m = torch.sigmoid(theta + (u.log() - torch.log1p(-u)) / tau)
+                    masked = {n: w * mi.view_as(w) for n, w, mi in zip(names, weights, m.split(sizes))}
+                    with autocast(ctx.amp, device):
+                        sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
+                    loss = objective(sparse, dense, y)
+                    (g_task,) = torch.autograd.grad(loss, theta)
+                    theta.grad = controller.grad(theta.detach(), g_task)
+                    opt.step()
+                    obj_sum += loss.detach()
+                    n_batches += 1
+                    step += 1
+                with torch.no_grad():
+                    top = torch.zeros(d, dtype=torch.bool, device=device)
+                    top[torch.topk(theta, k).indices] = True
+                    changed = 1.0 if prev_top is None else ((top & ~prev_top).sum() / k).item()
+                    prev_top = top
+                    lam = controller.lam
+                    record = {"phase": "search", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                              "objective": obj_sum.item() / max(n_batches, 1),
+                              "expected_density": torch.sigmoid(theta).mean().item(),
+                              "hard_density": (theta > 0).float().mean().item(),
+                              "lambda": 0.0 if lam is None else float(lam),
+                              "topk_changed": changed,
+                              "seconds": time.perf_counter() - t0}
+                if not math.isfinite(record["objective"]):
+                    from ..train import DivergedError
+                    raise DivergedError(f"search: objective became {record['objective']} in epoch {epoch + 1}")
+                history.append(record)
+                ctx.on_epoch(record)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+
+    scores = theta.detach().cpu()
+    mask = Mask.top_k(scores, k, shapes)
+    return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=scores, history=history,
+                  extra={"search_epochs": epochs, "search_steps": step})

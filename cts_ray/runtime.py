@@ -1,0 +1,81 @@
+"""Device choice, seeding and provenance: what every run records about where and how it ran."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .config import ResourcesConfig
+
+
+def select_device(res: ResourcesConfig) -> torch.device:
+    if res.device == "cuda" and not torch.cuda.is_available():
+        from .config import ConfigError
+        raise ConfigError("resources.device: 'cuda' requested but no CUDA device is visible; "
+                          "choose one of: auto, cpu")
+    if res.device == "cpu" or (res.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def configure(res: ResourcesConfig) -> torch.device:
+    """Apply resource settings to this process and return the compute device."""
+    if res.threads:
+        torch.set_num_threads(res.threads)
+    # Sparse nets drive Adam moments of starved weights into denormals, which are slow on CPU.
+    torch.set_flush_denormal(True)
+    device = select_device(res)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def derive_seed(seed: int, tag: str) -> int:
+    """Independent streams per purpose (init, data order, noise...) from one user seed."""
+    digest = hashlib.sha256(f"{seed}:{tag}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, tag: str, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, tag))
+
+
+def use_amp(res: ResourcesConfig, device: torch.device) -> bool:
+    return bool(res.amp) and device.type == "cuda"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version plus the git commit (with -dirty) when run from a checkout."""
+    from . import __version__
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "ray", "optuna", "mlflow", "pyarrow", "scikit-learn"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

@@ -1,0 +1,117 @@
+"""The one training loop: dense training and ticket retraining (SPEC §4 recipes).
+
+Metrics are accumulated on the device and read once per epoch, so the hot loop has no
+host-device synchronisation. A mask, when given, is kept exact in place (see masking.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainingConfig
+from .data import DeviceData
+from .masking import Mask, MaskedParams
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+def lr_at(t: TrainingConfig, epoch: int) -> float:
+    return t.lr * t.gamma ** sum(1 for m in t.milestones if epoch >= m)
+
+
+def make_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def autocast(amp: bool, device: torch.device):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
+    model = model.to(device)
+    if amp and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_input(x: torch.Tensor, amp: bool) -> torch.Tensor:
+    if amp and x.is_cuda and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, mode: str = "eval") -> dict:
+    """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets)."""
+    was_training = model.training
+    model.train(mode == "train")
+    device = data.test_x.device
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in data.test_batches():
+        with autocast(amp, device):
+            out = model(to_input(x, amp))
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    n = data.n_test
+    return {"test_loss": loss.item() / n, "test_accuracy": correct.item() / n}
+
+
+def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start: int, end: int,
+                 generator: torch.Generator, mask: Optional[Mask] = None, amp: bool = False,
+                 phase: str = "train") -> Iterator[dict]:
+    """Train from epoch ``start`` to ``end`` (absolute epochs, so milestones continue after a
+    rewind); yield one metrics record per epoch, after evaluating on the test set."""
+    device = data.train_x.device
+    masked = MaskedParams(mask, model) if mask is not None else None
+    if masked is not None:
+        masked.weights_()
+    opt = make_optimizer(model, t)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for epoch in range(start, end):
+        t0 = time.perf_counter()
+        lr = lr_at(t, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for x, y in data.train_batches(t.batch_size, generator):
+            with autocast(amp, device):
+                out = model(to_input(x, amp))
+                loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if masked is not None:
+                masked.grads_()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            if masked is not None:
+                masked.weights_()
+            loss_sum += loss.detach() * y.numel()
+            correct += (out.argmax(1) == y).sum()
+            seen += y.numel()
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"{phase}: training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g})")
+        record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+                  "train_accuracy": correct.item() / max(seen, 1)}
+        record["seconds"] = time.perf_counter() - t0  # training time only; evaluation excluded
+        record.update(evaluate(model, data, amp))
+        yield record
