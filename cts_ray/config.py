@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,8 @@ class TrainingConfig:
     lr: float = _f(0.1, check=_positive, allowed="a number > 0")
     momentum: float = _f(0.9, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
     weight_decay: float = _f(1e-4, check=_non_negative, allowed="a number >= 0")
-    milestones: list = _f([15, 25], help="epochs at which the LR is multiplied by gamma")
+    milestones: list = _f([15, 25], allowed="a list of integers >= 0",
+                          help="epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, check=_positive, allowed="a number > 0")
     grad_clip: Optional[float] = _f(None, check=_positive, allowed="a number > 0 or null",
                                     help="global gradient-norm clip")
@@ -102,7 +104,7 @@ class SearchConfig:
     method: str = _f("cts", choices=_registry("methods"), help="ticket method")
     density: float = _f(0.05, check=_fraction, allowed="a number in (0, 1]",
                         help="fraction of prunable weights kept")
-    point: str = _f("init", choices=["init", "rewind"], help="weights the mask is searched on")
+    point: str = _f("rewind", choices=["init", "rewind"], help="weights the mask is searched on")
     rewind_epochs: int = _f(1, check=_non_negative, allowed="an integer >= 0",
                             help="dense epochs before the search when point = rewind")
     objective: str = _f("kl_reverse", choices=_registry("objectives"))
@@ -123,7 +125,7 @@ class SearchConfig:
 
 @dataclass
 class ResourcesConfig:
-    device: str = _f("auto", choices=["auto", "cpu", "cuda"], identity=False)
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"], identity=False, help="compute device")
     threads: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
                                 identity=False, help="torch CPU threads; null = torch's default")
     amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
@@ -204,6 +206,9 @@ def _type_name(tp) -> str:
             list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value, tp):
     """Check ``value`` against the annotated type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -212,6 +217,8 @@ def _coerce(key: str, value, tp):
         if value is None:
             return None
         tp = args[0]
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{key}: {value!r} is not finite; expected a finite number")

@@ -14,7 +14,6 @@ from cts_ray import data as D
 from cts_ray.config import ConfigError, DataConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-needs_mnist = pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason=f"no MNIST under {SHARED}")
 
 
 def gen(seed):
@@ -52,7 +51,6 @@ def mnist():
     return D.load(DataConfig(name="mnist", root=str(SHARED)))
 
 
-@needs_mnist
 def test_mnist_real(mnist):
     assert mnist.train_x.shape == (60000, 1, 28, 28) and mnist.test_x.shape == (10000, 1, 28, 28)
     assert mnist.train_y.min() == 0 and mnist.train_y.max() == 9 and mnist.num_classes == 10
@@ -64,7 +62,6 @@ def test_mnist_real(mnist):
     assert D._load_cpu.cache_info().hits >= 2  # read from disk once
 
 
-@needs_mnist
 def test_mnist_gz_reader_matches_torchvision(tmp_path, mnist):
     # The shared copy holds only the official .gz files; torchvision 0.29 reads the extracted ones.
     raw = tmp_path / "MNIST" / "raw"
