@@ -96,7 +96,8 @@ class TrainingConfig:
     grad_clip: Optional[float] = _f(None, check=_positive, allowed="a number > 0 or null",
                                     help="global gradient-norm clip")
     dense_baseline: bool = _f(True, help="train the dense network to the end to report its accuracy")
-    retrain: bool = _f(True, help="retrain the ticket from the search point to the end")
+    retrain: Optional[bool] = _f(None, help="retrain the ticket from the search point to the end; "
+                                            "null = yes, except for strong-ticket methods")
 
 
 @dataclass
@@ -121,6 +122,21 @@ class SearchConfig:
                       help="GradBalance budget slack over kappa*d")
     sanity: str = _f("none", choices=["none", "shuffle", "invert", "reinit"],
                      help="sanity-check change applied to the ticket before retraining")
+    # method-specific knobs (SPEC §2 defaults)
+    examples_per_class: int = _f(10, check=_positive, allowed="an integer > 0",
+                                 help="snip/grasp: scoring batch size per class")
+    grasp_temperature: float = _f(200.0, check=_positive, allowed="a number > 0",
+                                  help="grasp: logits are divided by this")
+    synflow_rounds: int = _f(100, check=_positive, allowed="an integer > 0",
+                             help="synflow: pruning rounds (exponential density schedule)")
+    ltr_fraction: float = _f(0.2, check=lambda v: 0 < v < 1, allowed="a number in (0, 1)",
+                             help="ltr: fraction of the remaining weights pruned per round")
+    ltr_output_fraction: Optional[float] = _f(None, check=lambda v: 0 < v < 1,
+                                              allowed="a number in (0, 1) or null",
+                                              help="ltr: separate per-round fraction for the classifier "
+                                                   "(Frankle & Carbin: 0.1); null = pruned globally")
+    gate_sigma: float = _f(0.5, check=_positive, allowed="a number > 0",
+                           help="gates: noise std of the relaxed Bernoulli gates")
 
 
 @dataclass
@@ -153,6 +169,14 @@ class Config:
     @property
     def search_epochs(self) -> int:
         return max(1, round(self.search.length * self.training.epochs))
+
+    @property
+    def retrain(self) -> bool:
+        """Whether the ticket is retrained (resolved ``training.retrain``)."""
+        from .methods import METHODS
+        if self.training.retrain is None:
+            return not METHODS[self.search.method].strong
+        return self.training.retrain
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,6 +325,17 @@ def _check_cross(cfg: Config):
                           f"({t.epochs}); expected 0..{t.epochs}")
     if s.temperature <= 0:
         raise ConfigError(f"search.temperature: {s.temperature} must be > 0")
+    from .methods import METHODS
+    method = METHODS[s.method]
+    if method.strong and t.retrain:
+        raise ConfigError(f"training.retrain: true contradicts search.method={s.method} (a strong ticket: "
+                          "weights are never trained); expected null or false")
+    if s.sanity == "invert" and not method.scores:
+        raise ConfigError(f"search.sanity: 'invert' needs a method that scores weights; {s.method} does not; "
+                          "choose one of: none, shuffle, reinit")
+    if s.method == "ltr" and s.density > 1 - s.ltr_fraction:
+        raise ConfigError(f"search.density: {s.density} is above LTR's first round "
+                          f"({1 - s.ltr_fraction:g}); expected a density <= {1 - s.ltr_fraction:g} for ltr")
     from .data import DATASETS
     if DATASETS[d.name].needs_root:
         if not d.root:

@@ -25,6 +25,7 @@ from .methods import METHODS, SearchContext
 from .train import evaluate, prepare, train_epochs
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt")
+# LTR runs add level_masks.pt: the mask of every pruning level, in order.
 
 
 def default_out(cfg: Config, root="results/runs") -> Path:
@@ -75,8 +76,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     staging.mkdir(parents=True)
     metrics_file = open(staging / "metrics.jsonl", "w")
     k = cfg.search_epoch
-    dense_end = t.epochs if t.dense_baseline else k
-    bar = _Progress(dense_end + cfg.search_epochs + (t.epochs - k if t.retrain else 0), progress)
+    dense_end = t.epochs if (t.dense_baseline or method.needs_trained) else k
+    bar = _Progress(dense_end + cfg.search_epochs + (t.epochs - k if cfg.retrain else 0), progress)
 
     def emit(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
@@ -100,55 +101,82 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             if rec["epoch"] == k:
                 snapshot, pretrain_seconds = copy.deepcopy(model.state_dict()), dense_seconds
             dense_acc = rec["test_accuracy"]
+        trained_state = copy.deepcopy(model.state_dict()) if method.needs_trained else None
         if not t.dense_baseline:
             dense_acc = None
         torch.save(snapshot, staging / "search_point.pt")
 
+        def retrain(mask: Mask, phase: str = "retrain", start_state=None) -> dict:
+            """Train (mask, weights at the search point) from epoch k to the end; the one retraining path."""
+            model.load_state_dict(snapshot if start_state is None else start_state)
+            mask.apply_(model)
+            order = runtime.generator(cfg.seed, "retrain-order")
+            seconds, final, best = 0.0, None, 0.0
+            for rec in train_epochs(model, data, t, start=k, end=t.epochs, generator=order, mask=mask,
+                                    amp=amp, phase=phase):
+                seconds += rec["seconds"]
+                emit(rec)
+                final, best = rec, max(best, rec["test_accuracy"])
+            if final is None:  # search point at the end of training: nothing left to train
+                final = {"phase": phase, **evaluate(model, data, amp)}
+                best = final["test_accuracy"]
+            return {"final": final, "best_test_accuracy": best, "seconds": seconds,
+                    "state": copy.deepcopy(model.state_dict())}
+
         # 2. ticket search on the search-point weights
         model.load_state_dict(snapshot)
-        ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit)
-        ticket = method(ctx)
+        ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
+                            trained_state=trained_state, retrain=retrain)
+        ticket = method.search(ctx)
         mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
 
         # 3. retraining of (mask, search-point weights), or evaluation as is for strong tickets
-        start = snapshot
+        start = ticket.weights if ticket.weights is not None else snapshot
         if s.sanity == "reinit":
             torch.manual_seed(runtime.derive_seed(cfg.seed, "reinit"))
-            start = models.build(cfg.model.name, data.input_shape, data.num_classes).state_dict()
-        model.load_state_dict(start)
-        mask.apply_(model)
-        retrain_seconds, final, best = 0.0, None, None
-        if t.retrain and not ticket.strong:
-            order = runtime.generator(cfg.seed, "retrain-order")
-            for rec in train_epochs(model, data, t, start=k, end=t.epochs, generator=order, mask=mask,
-                                    amp=amp, phase="retrain"):
-                retrain_seconds += rec["seconds"]
-                emit(rec)
-                final, best = rec, max(best or 0.0, rec["test_accuracy"])
-        if final is None:
-            final = evaluate(model, data, amp, mode="train" if ticket.strong else "eval")
+            start = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp).state_dict()
+        if ticket.retrained is not None and s.sanity == "none":
+            result = ticket.retrained           # the method already retrained this very ticket
+        elif cfg.retrain:
+            result = retrain(mask, start_state=start)
+        else:
+            model.load_state_dict(start)
+            mask.apply_(model)
+            final = {"phase": "evaluate", **evaluate(model, data, amp)}
+            result = {"final": final, "best_test_accuracy": final["test_accuracy"], "seconds": 0.0}
+        final = result["final"]
 
         mask.save(staging / "mask.pt")
+        if ticket.level_masks:
+            torch.save([{n: m.cpu() for n, m in lm.layers.items()} for lm in ticket.level_masks],
+                       staging / "level_masks.pt")
         layers = mask.report()
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
+        is_cts = s.method == "cts"
+        # SPEC §1 compute accounting: time to a retrained ticket. LTR's own seconds already hold
+        # its dense training to the end and every round's retraining.
+        retrain_seconds = result["seconds"] if ticket.retrained is None or s.sanity != "none" else 0.0
+        ticket_seconds = (ticket.seconds if method.needs_trained
+                          else pretrain_seconds + ticket.seconds) + retrain_seconds
         summary = {
-            "method": s.method, "objective": s.objective if s.method == "cts" else None,
-            "controller": s.controller if s.method == "cts" else None,
-            "temperature": s.temperature if s.method == "cts" else None,
-            "sanity": s.sanity, "strong_ticket": ticket.strong, "seed": cfg.seed,
-            "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
+            "method": s.method, "objective": s.objective if is_cts else None,
+            "controller": s.controller if is_cts else None,
+            "temperature": s.temperature if is_cts else None,
+            "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
+            "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
             "search_point": s.point, "search_epoch": k,
             "target_density": s.density, "achieved_density": mask.density,
             "kept_weights": mask.kept, "prunable_weights": mask.numel,
             "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
-            "test_accuracy": final["test_accuracy"], "best_test_accuracy": best if best is not None else final["test_accuracy"],
+            "test_accuracy": final["test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
             "dense_test_accuracy": dense_acc,
             "pretrain_seconds": pretrain_seconds, "dense_seconds": dense_seconds,
             "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,
-            "ticket_seconds": pretrain_seconds + ticket.seconds + retrain_seconds,
-            "epochs_equivalent": k + ticket.extra.get("search_epochs", 0) + (t.epochs - k if t.retrain else 0),
+            "ticket_seconds": ticket_seconds,
+            "epochs_equivalent": k + ticket.extra.get("search_epochs", 0) + (t.epochs - k if cfg.retrain else 0),
             "mask_sha256": mask.sha256(),
             "final_search_metrics": ticket.history[-1] if ticket.history else None,
+            "levels": ticket.levels or None,
             "code_version": runtime.code_version(), "library_versions": runtime.library_versions(),
             "device": runtime.device_name(device), "config": cfg.to_dict(),
         }

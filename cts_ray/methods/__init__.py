@@ -24,7 +24,11 @@ class SearchContext:
     data: DeviceData
     device: torch.device
     amp: bool = False
-    on_epoch: Callable[[dict], None] = lambda record: None   # per-epoch search metrics
+    on_epoch: Callable[[dict], None] = lambda record: None   # per-epoch metrics (search or retraining)
+    trained_state: Optional[dict] = None   # dense weights at the end of training (methods with needs_trained)
+    # Retrain (mask, search-point weights) to the end exactly as the pipeline does; returns
+    # {"final": last epoch record, "best_test_accuracy": ..., "seconds": ..., "state": weights after}.
+    retrain: Optional[Callable[[Mask, str], dict]] = None
 
     def generator(self, tag: str, device="cpu") -> torch.Generator:
         from ..runtime import generator
@@ -34,17 +38,34 @@ class SearchContext:
 @dataclass
 class Ticket:
     mask: Mask
-    seconds: float
-    scores: Optional[Tensor] = None     # flat, higher = more worth keeping (used by the invert check)
-    history: list = field(default_factory=list)
-    strong: bool = False                # weights never trained: evaluated as is, no retraining
+    seconds: float                       # the method's own compute (wall seconds)
+    scores: Optional[Tensor] = None      # flat, higher = more worth keeping (used by the invert check)
+    history: list = field(default_factory=list)    # per-epoch search records
+    weights: Optional[dict] = None       # state dict replacing the search-point weights (strong tickets)
+    levels: list = field(default_factory=list)     # LTR: one dict per pruning level
+    level_masks: list = field(default_factory=list)  # LTR: the Mask of each level
+    retrained: Optional[dict] = None     # set when the method already retrained its final ticket
     extra: dict = field(default_factory=dict)
 
 
-from . import cts, simple  # noqa: E402  (the registry below refers to them)
+@dataclass(frozen=True)
+class Method:
+    search: Callable[[SearchContext], Ticket]
+    strong: bool = False          # weights never trained: evaluated as is, no retraining
+    scores: bool = True           # produces per-weight scores (the invert sanity check needs them)
+    needs_trained: bool = False   # needs the dense network trained to the end (ctx.trained_state)
 
-METHODS: dict[str, Callable[[SearchContext], Ticket]] = {
-    "cts": cts.search,
-    "magnitude": simple.magnitude,
-    "random": simple.random,
+
+from . import cts, ltr, saliency, simple, strong  # noqa: E402  (the registry below refers to them)
+
+METHODS: dict[str, Method] = {
+    "cts": Method(cts.search),
+    "ltr": Method(ltr.search, needs_trained=True),
+    "snip": Method(saliency.snip),
+    "grasp": Method(saliency.grasp),
+    "synflow": Method(saliency.synflow),
+    "magnitude": Method(simple.magnitude),
+    "random": Method(simple.random, scores=False),
+    "gates": Method(strong.gates, strong=True),
+    "edge_popup": Method(strong.edge_popup, strong=True),
 }
