@@ -49,9 +49,18 @@ def _print_summary(summary: dict, out) -> None:
         ("mask sha256", summary["mask_sha256"][:16]),
         ("run folder", str(out)),
     ]
+    if summary["strong_ticket"]:
+        rows.insert(4, ("strong ticket", "weights never trained; evaluated as is"))
+    if summary["sanity"] != "none":
+        rows.insert(1, ("sanity check", summary["sanity"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if summary.get("levels"):
+        print("\nLTR levels: round  density  test accuracy  cumulative seconds")
+        for lv in summary["levels"]:
+            print(f"            {lv['round']:>5}  {lv['density']:.5f}  {pct(lv['test_accuracy']):>13}"
+                  f"  {lv['cumulative_seconds']:>18.1f}")
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,8 @@ class _Progress:
         self.bar = None
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="epoch", file=sys.stderr, dynamic_ncols=True,
+                            disable=None)  # None: no bar when stderr is not a terminal
 
     def __call__(self, record: dict) -> None:
         if self.bar is None:
@@ -59,6 +60,31 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[[dict], None]):
+    """The one retraining path: train (mask, search-point weights) from epoch k to the end."""
+    k, t = cfg.search_epoch, cfg.training
+
+    def retrain(mask: Mask, phase: str = "retrain", start_state=None, tags=None) -> dict:
+        model.load_state_dict(snapshot if start_state is None else start_state)   # rewind
+        mask.apply_(model)
+        start = copy.deepcopy(model.state_dict())
+        order = runtime.generator(cfg.seed, "retrain-order")
+        seconds, final, best = 0.0, None, 0.0
+        for rec in train_epochs(model, data, t, start=k, end=t.epochs, generator=order, mask=mask,
+                                amp=amp, phase=phase):
+            rec.update(tags or {})
+            seconds += rec["seconds"]
+            emit(rec)
+            final, best = rec, max(best, rec["test_accuracy"])
+        if final is None:  # search point at the end of training: nothing left to train
+            final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
+            best = final["test_accuracy"]
+        return {"final": final, "best_test_accuracy": best, "seconds": seconds,
+                "start": start, "state": copy.deepcopy(model.state_dict())}
+
+    return retrain
 
 
 def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True,
@@ -77,7 +103,9 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     metrics_file = open(staging / "metrics.jsonl", "w")
     k = cfg.search_epoch
     dense_end = t.epochs if (t.dense_baseline or method.needs_trained) else k
-    bar = _Progress(dense_end + cfg.search_epochs + (t.epochs - k if cfg.retrain else 0), progress)
+    method_epochs = method.epochs(cfg) - (t.epochs if method.needs_trained else 0)
+    bar = _Progress(dense_end + method_epochs + (t.epochs - k if cfg.retrain and not method.needs_trained else 0),
+                    progress)
 
     def emit(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
@@ -106,27 +134,12 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             dense_acc = None
         torch.save(snapshot, staging / "search_point.pt")
 
-        def retrain(mask: Mask, phase: str = "retrain", start_state=None) -> dict:
-            """Train (mask, weights at the search point) from epoch k to the end; the one retraining path."""
-            model.load_state_dict(snapshot if start_state is None else start_state)
-            mask.apply_(model)
-            order = runtime.generator(cfg.seed, "retrain-order")
-            seconds, final, best = 0.0, None, 0.0
-            for rec in train_epochs(model, data, t, start=k, end=t.epochs, generator=order, mask=mask,
-                                    amp=amp, phase=phase):
-                seconds += rec["seconds"]
-                emit(rec)
-                final, best = rec, max(best, rec["test_accuracy"])
-            if final is None:  # search point at the end of training: nothing left to train
-                final = {"phase": phase, **evaluate(model, data, amp)}
-                best = final["test_accuracy"]
-            return {"final": final, "best_test_accuracy": best, "seconds": seconds,
-                    "state": copy.deepcopy(model.state_dict())}
+        retrain = make_retrain(cfg, model, snapshot, data, amp, emit)
 
         # 2. ticket search on the search-point weights
         model.load_state_dict(snapshot)
         ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
-                            trained_state=trained_state, retrain=retrain)
+                            trained_state=trained_state, dense_seconds=dense_seconds, retrain=retrain)
         ticket = method.search(ctx)
         mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
 
@@ -173,7 +186,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             "pretrain_seconds": pretrain_seconds, "dense_seconds": dense_seconds,
             "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,
             "ticket_seconds": ticket_seconds,
-            "epochs_equivalent": k + ticket.extra.get("search_epochs", 0) + (t.epochs - k if cfg.retrain else 0),
+            "epochs_equivalent": (method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg))
+            + (t.epochs - k if retrain_seconds or (cfg.retrain and ticket.retrained is None) else 0),
             "mask_sha256": mask.sha256(),
             "final_search_metrics": ticket.history[-1] if ticket.history else None,
             "levels": ticket.levels or None,

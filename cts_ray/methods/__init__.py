@@ -26,9 +26,10 @@ class SearchContext:
     amp: bool = False
     on_epoch: Callable[[dict], None] = lambda record: None   # per-epoch metrics (search or retraining)
     trained_state: Optional[dict] = None   # dense weights at the end of training (methods with needs_trained)
-    # Retrain (mask, search-point weights) to the end exactly as the pipeline does; returns
-    # {"final": last epoch record, "best_test_accuracy": ..., "seconds": ..., "state": weights after}.
-    retrain: Optional[Callable[[Mask, str], dict]] = None
+    dense_seconds: float = 0.0             # seconds the dense training took
+    # pipeline.make_retrain: retrain (mask, search-point weights) to the end, exactly as the pipeline
+    # does; returns {"final": last epoch record, "best_test_accuracy", "seconds", "start", "state"}.
+    retrain: Optional[Callable[..., dict]] = None
 
     def generator(self, tag: str, device="cpu") -> torch.Generator:
         from ..runtime import generator
@@ -54,18 +55,24 @@ class Method:
     strong: bool = False          # weights never trained: evaluated as is, no retraining
     scores: bool = True           # produces per-weight scores (the invert sanity check needs them)
     needs_trained: bool = False   # needs the dense network trained to the end (ctx.trained_state)
+    # epochs the method itself trains or searches for (progress bar, epochs-equivalent accounting)
+    epochs: Callable[[Config], int] = lambda cfg: 0
 
 
 from . import cts, ltr, saliency, simple, strong  # noqa: E402  (the registry below refers to them)
 
+def _search_epochs(cfg: Config) -> int:
+    return cfg.search_epochs
+
+
 METHODS: dict[str, Method] = {
-    "cts": Method(cts.search),
-    "ltr": Method(ltr.search, needs_trained=True),
+    "cts": Method(cts.search, epochs=_search_epochs),
+    "ltr": Method(ltr.search, needs_trained=True, epochs=ltr.epochs),
     "snip": Method(saliency.snip),
     "grasp": Method(saliency.grasp),
     "synflow": Method(saliency.synflow),
     "magnitude": Method(simple.magnitude),
     "random": Method(simple.random, scores=False),
-    "gates": Method(strong.gates, strong=True),
-    "edge_popup": Method(strong.edge_popup, strong=True),
+    "gates": Method(strong.gates, strong=True, epochs=_search_epochs),
+    "edge_popup": Method(strong.edge_popup, strong=True, epochs=_search_epochs),
 }
