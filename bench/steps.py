@@ -44,13 +44,13 @@ def run(steps: int = 10, repeats: int = 5) -> list[Row]:
 
     def epoch(m):  # one training epoch from the same initial weights each time, so rounds are alike
         model.load_state_dict(init)
-        rec = next(train_epochs(model, data, cfg.training, start=0, end=1, generator=torch.Generator().manual_seed(0),
+        rec = next(train_epochs(model, data, cfg.training, start=0, end=1, order_seed=0,
                                 mask=m, amp=False, phase="bench"))
         return rec["seconds"]
 
     def search():
         model.load_state_dict(init)
-        ticket = METHODS["cts"](SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
+        ticket = METHODS["cts"].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
         return ticket.history[0]["seconds"]
 
     runs = {"dense": lambda: epoch(None), "masked": lambda: epoch(mask), "search": search}

@@ -3,6 +3,10 @@
 Everything a run writes goes to a staging folder beside ``out`` that is renamed into place at the
 end, so an interrupted or failed run never leaves a half-written run folder, and an existing run
 is never touched unless ``overwrite`` is asked for.
+
+For sweeps the same function is resumable: ``on_record`` receives a ``Progress`` with every
+retraining epoch (the ticket plus the retraining state), and ``resume`` continues from one; the
+dense run to the search point can come from a shared ``DenseCache``.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import json
 import os
 import shutil
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,9 +23,10 @@ import torch
 
 from . import data as data_mod
 from . import models, runtime, sanity
+from .cache import DenseCache
 from .config import Config, ConfigError
 from .masking import Mask
-from .methods import METHODS, SearchContext
+from .methods import METHODS, SearchContext, Ticket
 from .train import evaluate, prepare, train_epochs
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt")
@@ -62,33 +67,126 @@ class _Progress:
             self.bar.close()
 
 
-def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[[dict], None]):
-    """The one retraining path: train (mask, search-point weights) from epoch k to the end."""
+# ---------------------------------------------------------------- stages
+
+@dataclass
+class Dense:
+    """The dense run: weights at the search point (and at the end when trained that far)."""
+    snapshot: dict
+    trained: Optional[dict]
+    records: list
+    pretrain_seconds: float
+    dense_seconds: float
+    test_accuracy: Optional[float]
+
+
+def dense_until(cfg: Config) -> int:
+    method = METHODS[cfg.search.method]
+    return cfg.training.epochs if (cfg.training.dense_baseline or method.needs_trained) else cfg.search_epoch
+
+
+def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], None] = lambda r: None) -> Dense:
+    """Initialise from the seed and train densely, keeping the weights at the search point."""
+    k, until = cfg.search_epoch, dense_until(cfg)
+    torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
+    model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
+    snapshot = _cpu(model.state_dict())
+    records, pretrain, seconds, acc = [], 0.0, 0.0, None
+    for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense",
+                            order_seed=runtime.derive_seed(cfg.seed, "dense-order")):
+        seconds += rec["seconds"]
+        records.append(rec)
+        emit(rec)
+        if rec["epoch"] == k:
+            snapshot, pretrain = _cpu(model.state_dict()), seconds
+        acc = rec["test_accuracy"]
+    trained = _cpu(model.state_dict()) if until == cfg.training.epochs and until > 0 else None
+    return Dense(snapshot, trained, records, pretrain, seconds, acc if until == cfg.training.epochs else None)
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[..., None]):
+    """The one retraining path: train (mask, search-point weights) from epoch k to the end.
+    With ``progress`` given, its ``retrain`` field is kept current after every epoch and handed to
+    ``emit(record, progress)``, so a caller can checkpoint; ``resume`` (such a state) continues."""
     k, t = cfg.search_epoch, cfg.training
 
-    def retrain(mask: Mask, phase: str = "retrain", start_state=None, tags=None) -> dict:
+    def retrain(mask: Mask, phase: str = "retrain", start_state=None, tags=None,
+                progress: Optional["Progress"] = None) -> dict:
         model.load_state_dict(snapshot if start_state is None else start_state)   # rewind
         mask.apply_(model)
-        start = copy.deepcopy(model.state_dict())
-        order = runtime.generator(cfg.seed, "retrain-order")
-        seconds, final, best = 0.0, None, 0.0
-        for rec in train_epochs(model, data, t, start=k, end=t.epochs, generator=order, mask=mask,
-                                amp=amp, phase=phase):
+        start = _cpu(model.state_dict())
+        seconds, final, best, first = 0.0, None, 0.0, k
+        resume = progress.retrain if progress is not None else None
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            seconds, final, best, first = resume["seconds"], resume["final"], resume["best"], resume["epoch"]
+
+        def keep(rec, opt):
+            nonlocal seconds, final, best
             rec.update(tags or {})
             seconds += rec["seconds"]
-            emit(rec)
             final, best = rec, max(best, rec["test_accuracy"])
+            if progress is not None:
+                progress.retrain = dict(epoch=rec["epoch"], model=_cpu(model.state_dict()),
+                                        optimizer=opt.state_dict(), seconds=seconds, final=final, best=best)
+
+        for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase,
+                                order_seed=runtime.derive_seed(cfg.seed, "retrain-order"),
+                                optimizer_state=resume["optimizer"] if resume else None, on_epoch_end=keep):
+            emit(rec, progress)
         if final is None:  # search point at the end of training: nothing left to train
             final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
             best = final["test_accuracy"]
         return {"final": final, "best_test_accuracy": best, "seconds": seconds,
-                "start": start, "state": copy.deepcopy(model.state_dict())}
+                "start": start, "state": _cpu(model.state_dict())}
 
     return retrain
 
 
+def ticket_to_state(ticket: Ticket) -> dict:
+    """A ticket as plain tensors and lists (checkpointable with weights_only loading)."""
+    retrained = None
+    if ticket.retrained is not None:
+        retrained = {k: ticket.retrained[k] for k in ("final", "best_test_accuracy", "seconds")}
+    return {"mask": ticket.mask.layers, "seconds": ticket.seconds, "scores": ticket.scores,
+            "history": ticket.history, "weights": ticket.weights, "levels": ticket.levels,
+            "level_masks": [m.layers for m in ticket.level_masks], "retrained": retrained,
+            "extra": ticket.extra}
+
+
+def ticket_from_state(state: dict) -> Ticket:
+    return Ticket(mask=Mask(state["mask"]), seconds=state["seconds"], scores=state["scores"],
+                  history=state["history"], weights=state["weights"], levels=state["levels"],
+                  level_masks=[Mask(m) for m in state["level_masks"]], retrained=state["retrained"],
+                  extra=state["extra"])
+
+
+@dataclass
+class Progress:
+    """What a sweep trial checkpoints: the ticket once searched, then the retraining state."""
+    records: list = field(default_factory=list)
+    ticket: Optional[dict] = None
+    retrain: Optional[dict] = None
+
+    def to_state(self) -> dict:
+        return {"records": self.records, "ticket": self.ticket, "retrain": self.retrain}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(state["records"], state["ticket"], state["retrain"])
+
+
+# ---------------------------------------------------------------- one experiment
+
 def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True,
-        on_record: Optional[Callable[[dict], None]] = None) -> dict:
+        on_record: Optional[Callable[[dict, Optional[Progress]], None]] = None,
+        cache: Optional[DenseCache] = None, resume: Optional[Progress] = None) -> dict:
+    """Run one experiment into ``out``. ``on_record(record, progress)`` sees every metrics record;
+    ``progress`` is given with each retraining epoch and is what ``resume`` continues from."""
     out = Path(out) if out is not None else default_out(cfg)
     check_out(out, overwrite)
     device = runtime.configure(cfg.resources)
@@ -97,61 +195,57 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     method = METHODS[s.method]
     data = data_mod.load(cfg.data, device)           # ConfigError here still precedes any writing
 
+    for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
+        shutil.rmtree(old, ignore_errors=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    metrics_file = open(staging / "metrics.jsonl", "w")
     k = cfg.search_epoch
-    dense_end = t.epochs if (t.dense_baseline or method.needs_trained) else k
+    prog = resume if resume is not None else Progress()
     method_epochs = method.epochs(cfg) - (t.epochs if method.needs_trained else 0)
-    bar = _Progress(dense_end + method_epochs + (t.epochs - k if cfg.retrain and not method.needs_trained else 0),
-                    progress)
+    bar = _Progress(dense_until(cfg) + method_epochs + (t.epochs - k if cfg.retrain and not method.needs_trained
+                                                        else 0) - len(prog.records), progress)
 
-    def emit(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+    def emit(record: dict, progress_: Optional[Progress] = None) -> None:
+        prog.records.append(record)
         bar(record)
         if on_record is not None:
-            on_record(record)
+            on_record(record, progress_)
 
     try:
         (staging / "config.yaml").write_text(cfg.to_yaml())
 
-        # 1. dense training, with a snapshot of the weights at the search point
+        # 1. dense training, with the weights at the search point (shared across trials via the cache)
+        if cache is not None:
+            dense, hit = cache.get_or_train(cfg, lambda: train_dense(cfg, data, device, amp))
+            if resume is None:
+                for rec in dense.records:
+                    emit({**rec, "cached": hit})
+        else:
+            dense = train_dense(cfg, data, device, amp, emit if resume is None else (lambda r: None))
+        torch.save(dense.snapshot, staging / "search_point.pt")
         torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
         model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
-        snapshot = copy.deepcopy(model.state_dict())
-        pretrain_seconds, dense_seconds, dense_acc = 0.0, 0.0, None
-        order = runtime.generator(cfg.seed, "dense-order")
-        for rec in train_epochs(model, data, t, start=0, end=dense_end, generator=order, amp=amp, phase="dense"):
-            dense_seconds += rec["seconds"]
-            emit(rec)
-            if rec["epoch"] == k:
-                snapshot, pretrain_seconds = copy.deepcopy(model.state_dict()), dense_seconds
-            dense_acc = rec["test_accuracy"]
-        trained_state = copy.deepcopy(model.state_dict()) if method.needs_trained else None
-        if not t.dense_baseline:
-            dense_acc = None
-        torch.save(snapshot, staging / "search_point.pt")
+        model.load_state_dict(dense.snapshot)
 
-        retrain = make_retrain(cfg, model, snapshot, data, amp, emit)
+        retrain = make_retrain(cfg, model, dense.snapshot, data, amp, emit)
 
         # 2. ticket search on the search-point weights
-        model.load_state_dict(snapshot)
-        ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
-                            trained_state=trained_state, dense_seconds=dense_seconds, retrain=retrain)
-        ticket = method.search(ctx)
+        if prog.ticket is None:
+            ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
+                                trained_state=dense.trained, dense_seconds=dense.dense_seconds, retrain=retrain)
+            prog.ticket = ticket_to_state(method.search(ctx))   # checkpointed with the next record
+        ticket = ticket_from_state(prog.ticket)
         mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
 
         # 3. retraining of (mask, search-point weights), or evaluation as is for strong tickets
-        start = ticket.weights if ticket.weights is not None else snapshot
+        start = ticket.weights if ticket.weights is not None else dense.snapshot
         if s.sanity == "reinit":
             torch.manual_seed(runtime.derive_seed(cfg.seed, "reinit"))
-            start = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp).state_dict()
+            start = models.build(cfg.model.name, data.input_shape, data.num_classes).state_dict()
         if ticket.retrained is not None and s.sanity == "none":
             result = ticket.retrained           # the method already retrained this very ticket
         elif cfg.retrain:
-            result = retrain(mask, start_state=start)
+            result = retrain(mask, start_state=start, progress=prog)
         else:
             model.load_state_dict(start)
             mask.apply_(model)
@@ -161,49 +255,56 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 
         mask.save(staging / "mask.pt")
         if ticket.level_masks:
-            torch.save([{n: m.cpu() for n, m in lm.layers.items()} for lm in ticket.level_masks],
-                       staging / "level_masks.pt")
+            torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
         layers = mask.report()
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
-        is_cts = s.method == "cts"
-        # SPEC §1 compute accounting: time to a retrained ticket. LTR's own seconds already hold
-        # its dense training to the end and every round's retraining.
-        retrain_seconds = result["seconds"] if ticket.retrained is None or s.sanity != "none" else 0.0
-        ticket_seconds = (ticket.seconds if method.needs_trained
-                          else pretrain_seconds + ticket.seconds) + retrain_seconds
-        summary = {
-            "method": s.method, "objective": s.objective if is_cts else None,
-            "controller": s.controller if is_cts else None,
-            "temperature": s.temperature if is_cts else None,
-            "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
-            "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
-            "search_point": s.point, "search_epoch": k,
-            "target_density": s.density, "achieved_density": mask.density,
-            "kept_weights": mask.kept, "prunable_weights": mask.numel,
-            "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
-            "test_accuracy": final["test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
-            "dense_test_accuracy": dense_acc,
-            "pretrain_seconds": pretrain_seconds, "dense_seconds": dense_seconds,
-            "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,
-            "ticket_seconds": ticket_seconds,
-            "epochs_equivalent": (method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg))
-            + (t.epochs - k if retrain_seconds or (cfg.retrain and ticket.retrained is None) else 0),
-            "mask_sha256": mask.sha256(),
-            "final_search_metrics": ticket.history[-1] if ticket.history else None,
-            "levels": ticket.levels or None,
-            "code_version": runtime.code_version(), "library_versions": runtime.library_versions(),
-            "device": runtime.device_name(device), "config": cfg.to_dict(),
-        }
+        with open(staging / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in prog.records)
+        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
-        metrics_file.close()
         bar.close()
         _publish(staging, out)
         return summary
     except BaseException:
-        metrics_file.close()
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
+             device) -> dict:
+    t, s, k = cfg.training, cfg.search, cfg.search_epoch
+    is_cts = s.method == "cts"
+    own_retrain = ticket.retrained is not None and s.sanity == "none"
+    retrain_seconds = 0.0 if own_retrain else result["seconds"]
+    # SPEC §1 compute accounting: time to a retrained ticket. LTR's own seconds already hold its
+    # dense training to the end and every round's retraining.
+    ticket_seconds = (ticket.seconds if method.needs_trained else dense.pretrain_seconds + ticket.seconds) \
+        + retrain_seconds
+    retrained_epochs = t.epochs - k if (cfg.retrain and not own_retrain) else 0
+    return {
+        "method": s.method, "objective": s.objective if is_cts else None,
+        "controller": s.controller if is_cts else None,
+        "temperature": s.temperature if is_cts else None,
+        "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
+        "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
+        "search_point": s.point, "search_epoch": k,
+        "target_density": s.density, "achieved_density": mask.density,
+        "kept_weights": mask.kept, "prunable_weights": mask.numel,
+        "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
+        "test_accuracy": result["final"]["test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
+        "dense_test_accuracy": dense.test_accuracy if t.dense_baseline else None,
+        "pretrain_seconds": dense.pretrain_seconds, "dense_seconds": dense.dense_seconds,
+        "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,
+        "ticket_seconds": ticket_seconds,
+        "epochs_equivalent": (method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg))
+        + retrained_epochs,
+        "mask_sha256": mask.sha256(),
+        "final_search_metrics": ticket.history[-1] if ticket.history else None,
+        "levels": ticket.levels or None,
+        "code_version": runtime.code_version(), "library_versions": runtime.library_versions(),
+        "device": runtime.device_name(device), "config": cfg.to_dict(),
+    }
 
 
 def _publish(staging: Path, out: Path) -> None:

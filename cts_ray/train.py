@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 from .config import TrainingConfig
 from .data import DeviceData
 from .masking import Mask, MaskedParams
+from .runtime import derive_seed
 
 
 class DivergedError(RuntimeError):
@@ -72,18 +73,26 @@ def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, mode: str = 
 
 
 def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start: int, end: int,
-                 generator: torch.Generator, mask: Optional[Mask] = None, amp: bool = False,
-                 phase: str = "train") -> Iterator[dict]:
+                 order_seed: int, mask: Optional[Mask] = None, amp: bool = False, phase: str = "train",
+                 optimizer_state: Optional[dict] = None,
+                 on_epoch_end: Optional[Callable[[dict, torch.optim.Optimizer], None]] = None) -> Iterator[dict]:
     """Train from epoch ``start`` to ``end`` (absolute epochs, so milestones continue after a
-    rewind); yield one metrics record per epoch, after evaluating on the test set."""
+    rewind); yield one metrics record per epoch, after evaluating on the test set.
+
+    Each epoch's data order comes from (order_seed, epoch) alone, so a run resumed at epoch e
+    with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
+    """
     device = data.train_x.device
     masked = MaskedParams(mask, model) if mask is not None else None
     if masked is not None:
         masked.weights_()
     opt = make_optimizer(model, t)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     params = [p for g in opt.param_groups for p in g["params"]]
     for epoch in range(start, end):
         t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(derive_seed(order_seed, f"epoch:{epoch}"))
         lr = lr_at(t, epoch)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -114,4 +123,6 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
                   "train_accuracy": correct.item() / max(seen, 1)}
         record["seconds"] = time.perf_counter() - t0  # training time only; evaluation excluded
         record.update(evaluate(model, data, amp))
+        if on_epoch_end is not None:
+            on_epoch_end(record, opt)
         yield record

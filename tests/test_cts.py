@@ -20,10 +20,10 @@ def _searched(overrides, model_name="mlp_digits", pretrain_epochs=1):
     torch.manual_seed(0)
     model = models.build(cfg.model.name, data.input_shape, data.num_classes)
     for _ in train_epochs(model, data, cfg.training, start=0, end=pretrain_epochs,
-                          generator=torch.Generator().manual_seed(0)):
+                          order_seed=0):
         pass
     before = copy.deepcopy(model.state_dict())
-    ticket = METHODS["cts"](SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
+    ticket = METHODS["cts"].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
     return cfg, model, before, ticket
 
 

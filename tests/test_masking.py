@@ -64,7 +64,7 @@ def test_masked_weights_stay_exactly_zero_through_training(optimizer):
     mask = Mask.top_k(torch.rand(d, generator=torch.Generator().manual_seed(0)), kept_count(0.1, d), shapes)
     before = {n: p.detach().clone() for n, p in models.prunable(model).items()}
     records = list(train_epochs(model, data, cfg.training, start=0, end=2,
-                                generator=torch.Generator().manual_seed(0), mask=mask))
+                                order_seed=0, mask=mask))
     assert len(records) == 2 and all(r["phase"] == "train" for r in records)
     for name, p in models.prunable(model).items():
         m = mask.layers[name]

@@ -91,11 +91,11 @@ def test_ltr_levels_follow_the_geometric_schedule_and_rewind_exactly():
     order = torch.Generator().manual_seed(0)
     records = []
     snapshot = None
-    for rec in train_epochs(model, data, cfg.training, start=0, end=cfg.training.epochs, generator=order):
+    for rec in train_epochs(model, data, cfg.training, start=0, end=cfg.training.epochs, order_seed=0):
         if rec["epoch"] == cfg.search_epoch:
             snapshot = copy.deepcopy(model.state_dict())
     trained = copy.deepcopy(model.state_dict())
-    real = pipeline.make_retrain(cfg, model, snapshot, data, False, records.append)
+    real = pipeline.make_retrain(cfg, model, snapshot, data, False, lambda rec, progress=None: records.append(rec))
     starts = []
 
     def probe(mask, **kw):

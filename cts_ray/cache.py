@@ -1,0 +1,50 @@
+"""A content-addressed cache of dense runs, shared by the trials of a sweep.
+
+Trials that agree on (data, model, training recipe, seed, search point) share one dense run: the
+first trial to ask trains it under a file lock, the others wait and read it. The key is a hash of
+``Config.dense_identity()`` plus how far the run goes, so any change that could alter the dense
+weights gives a new entry. On a cluster the folder must be on storage every node sees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from filelock import FileLock
+
+from .config import Config, stable_hash
+
+
+class DenseCache:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def key(self, cfg: Config) -> str:
+        from .pipeline import dense_until
+        return stable_hash({**cfg.dense_identity(), "until": dense_until(cfg)}, n=16)
+
+    def entries(self) -> list[Path]:
+        return sorted(p.parent for p in self.root.glob("*/dense.pt"))
+
+    def get_or_train(self, cfg: Config, train: Callable[[], "Dense"]) -> tuple["Dense", bool]:
+        """The cached dense run for ``cfg`` and whether it was a hit; ``train()`` fills a miss."""
+        from .pipeline import Dense
+        folder = self.root / self.key(cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            path = folder / "dense.pt"
+            if path.exists():
+                return Dense(**torch.load(path, weights_only=True)), True
+            dense = train()
+            tmp = folder / f"dense.pt.tmp-{os.getpid()}"
+            torch.save(dense.__dict__, tmp)
+            os.replace(tmp, path)      # readers never see a half-written file
+            (folder / "made_by.json").write_text(json.dumps(
+                {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                 "config_hash": cfg.hash, "dense_identity": cfg.dense_identity()}, indent=1))
+            return dense, False
