@@ -25,6 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
+    w.add_argument("file", help="sweep YAML (see tune_configs/)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
+                        "(training.epochs=5); repeatable")
+    w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
+    w.add_argument("--quiet", action="store_true", help="no live progress table")
+
     c = sub.add_parser("config", help="print the resolved config (and its hash) without running")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -63,6 +73,22 @@ def _print_summary(summary: dict, out) -> None:
                   f"  {lv['cumulative_seconds']:>18.1f}")
 
 
+def _sweep(args) -> int:
+    from .sweep import runner, spec as spec_mod
+    spec = spec_mod.load(args.file, args.overrides, name=args.name)   # validated before Ray starts
+    n = spec.trial_count()
+    print(f"sweep {spec.name!r}: {n} trials, searcher {spec.searcher}, folder {spec.root}", flush=True)
+    result = runner.run_sweep(spec, address=args.address, resume=args.resume, verbose=0 if args.quiet else 1)
+    print()
+    print(runner.format_summary(result["summary"]))
+    print()
+    for what, where in result["paths"].items():
+        print(f"{what:<14} {where}")
+    if result["mlflow_error"]:
+        print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from . import config as config_mod
@@ -76,6 +102,8 @@ def main(argv=None) -> int:
             print(f"# config hash {cfg.hash}")
             print(cfg.to_yaml(), end="")
             return 0
+        if args.command == "sweep":
+            return _sweep(args)
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out

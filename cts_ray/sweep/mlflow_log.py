@@ -1,0 +1,159 @@
+"""MLflow logging from the sweep driver: one parent run per sweep, one child run per trial.
+
+Logging happens on the driver (a Tune callback), so there is a single writer per store and a
+tracking server only needs to be reachable from the head. Runs are found again by tags
+(``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
+than starting a new one, and steps already logged are not logged twice. A failing tracking
+store is reported once and then skipped: the Parquet tables are written by the trials themselves.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from ray.tune import Callback
+
+from ..runtime import code_version
+
+PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "objective", "expected_density",
+                 "hard_density", "lambda", "topk_changed", "lr", "seconds")
+FINAL_METRICS = ("test_accuracy", "best_test_accuracy", "dense_test_accuracy", "achieved_density",
+                 "ticket_seconds")
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{Path(root).resolve().parent / 'mlflow.db'}"
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class MLflowLogger(Callback):
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, sweep_meta: dict, resolve):
+        """``resolve(trial.config)`` gives the trial's resolved run config as a Config."""
+        self.tracking_uri, self.experiment, self.sweep, self.meta = tracking_uri, experiment, sweep, sweep_meta
+        self.resolve = resolve
+        self.client = None
+        self.parent_id: Optional[str] = None
+        self.runs: dict[str, str] = {}       # trial id -> run id
+        self.logged: dict[str, int] = {}     # run id -> last step logged
+        self.failed: Optional[str] = None
+
+    # ---- plumbing: every MLflow call goes through here, so one failure disables logging cleanly
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self.failed is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:   # the tracking store is down or broken: keep the sweep going
+            self.failed = f"{what}: {type(e).__name__}: {e}"
+            print(f"cts-ray: MLflow logging stopped ({self.failed}); Parquet tables are unaffected",
+                  file=sys.stderr)
+            return None
+
+    def setup(self, **info):
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(self.tracking_uri)
+        self._call("parent run", self._parent)
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+
+    def _parent(self):
+        exp = self._experiment_id()
+        found = self.client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'parent'")
+        if found:
+            self.parent_id = found[0].info.run_id
+            return
+        run = self.client.create_run(exp, run_name=self.sweep, tags={"cts.sweep": self.sweep, "cts.role": "parent",
+                                                                     **{f"cts.{k}": str(v) for k, v in self.meta.items()}})
+        self.parent_id = run.info.run_id
+
+    def _child(self, trial) -> Optional[str]:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+
+        def find_or_create():
+            exp = self._experiment_id()
+            found = self.client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.trial_id` = '{tid}'")
+            if found:
+                run_id = found[0].info.run_id
+                history = self.client.get_metric_history(run_id, "step")
+                self.logged[run_id] = int(max((m.value for m in history), default=0))
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                cfg = self.resolve(trial.config)
+                run = self.client.create_run(exp, run_name=f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
+                                             tags={"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
+                                                   "cts.trial_id": tid, "cts.role": "trial",
+                                                   "cts.config_hash": cfg.hash, "cts.method": cfg.search.method,
+                                                   "cts.seed": str(cfg.seed), "cts.code_version": code_version()})
+                run_id = run.info.run_id
+                from mlflow.entities import Param
+                self.client.log_batch(run_id, params=[Param(k, str(v)[:6000])
+                                                      for k, v in _flatten(cfg.to_dict()).items()])
+                self.logged[run_id] = 0
+            return run_id
+
+        run_id = self._call("child run", find_or_create)
+        if run_id is not None:
+            self.runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._child(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._child(trial)
+        step = int(result.get("step", 0))
+        if run_id is None or step <= self.logged.get(run_id, 0):
+            return
+        phase = result.get("phase")
+        if phase == "final":
+            metrics = {k: result[k] for k in FINAL_METRICS if isinstance(result.get(k), (int, float))}
+            self._call("tags", self.client.set_tag, run_id, "cts.status", result.get("status", ""))
+            if result.get("run_dir"):
+                self._artifacts(run_id, Path(result["run_dir"]))
+        else:
+            metrics = {f"{phase}/{k}": result[k] for k in PHASE_METRICS if isinstance(result.get(k), (int, float))}
+            if "epoch" in result:
+                metrics[f"{phase}/epoch"] = result["epoch"]
+        metrics["step"] = step
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._call("metrics", self.client.log_batch, run_id,
+                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.logged[run_id] = step
+
+    def _artifacts(self, run_id: str, run_dir: Path):
+        for name in ("mask.pt", "layers.json", "summary.json", "config.yaml"):
+            if (run_dir / name).exists():
+                self._call("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._child(trial)
+        if run_id:
+            self._call("end run", self.client.set_terminated, run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._child(trial)
+        if run_id:
+            self._call("end run", self.client.set_terminated, run_id, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        if self.parent_id:
+            status = "FINISHED" if all(t.status == "TERMINATED" for t in trials) else "FAILED"
+            self._call("end parent", self.client.set_terminated, self.parent_id, status)

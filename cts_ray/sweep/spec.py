@@ -1,0 +1,254 @@
+"""The sweep file: one small schema, validated in full before Ray starts.
+
+    name: quickstart                  # sweep folder and MLflow parent run
+    base: ../configs/digits.yaml      # run config every trial starts from (relative to this file)
+    set:                              # fixed run-config values for every trial
+      training.epochs: 10
+      resources.gpus: 0.25            # per-trial CPUs/GPUs come from resources.cpus / resources.gpus
+    grid:                             # every combination of these lists
+      search.density: [0.1, 0.01]
+      seed: [0, 1, 2]
+    sample:                           # distributions, for searcher random or optuna
+      search.temperature: {loguniform: [0.1, 2.0]}
+    searcher: grid                    # grid | random | optuna
+    num_samples: 1                    # grid: repeats of the grid; random/optuna: number of trials
+    metric: test_accuracy             # optuna and ASHA optimise this (a list for multi-objective optuna)
+    mode: max
+    seed: 0                           # seeds the searcher (trials are seeded by their own `seed`)
+    scheduler: null                   # or {asha: {grace_period: 5, reduction_factor: 2}}
+    max_concurrent: null              # at most this many trials at once
+    max_failures: 2                   # retries of a failed trial, from its last checkpoint
+    storage: results/sweeps           # sweep folders go here (shared storage on a cluster)
+    mlflow: {tracking_uri: null, experiment: cts-ray}   # null: sqlite under storage, or $MLFLOW_TRACKING_URI
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import config as C
+from ..config import ConfigError
+
+SEARCHERS = ("grid", "random", "optuna")
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+TOP_KEYS = ("name", "base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed",
+            "scheduler", "max_concurrent", "max_failures", "storage", "mlflow")
+# what trials report and a searcher may optimise
+METRICS = ("test_accuracy", "best_test_accuracy", "ticket_seconds", "achieved_density")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: dict                       # the base run config as a raw mapping
+    set: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)
+    searcher: str = "grid"
+    num_samples: int = 1
+    metric: Any = "test_accuracy"
+    mode: Any = "max"
+    seed: int = 0
+    scheduler: Optional[dict] = None
+    max_concurrent: Optional[int] = None
+    max_failures: int = 2
+    storage: str = "results/sweeps"
+    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "cts-ray"})
+    source: Optional[str] = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name
+
+    def trial_raw(self, values: dict) -> dict:
+        """The raw run config of a trial: base, then `set`, then the trial's sampled values."""
+        raw = copy.deepcopy(self.base)
+        for key, value in {**self.set, **values}.items():
+            C.set_in(raw, key.split("."), copy.deepcopy(value))
+        return raw
+
+    def grid_points(self) -> list[dict]:
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+    def trial_count(self) -> Optional[int]:
+        if self.searcher == "grid":
+            return len(self.grid_points()) * self.num_samples
+        return self.num_samples
+
+
+def _err(msg: str):
+    raise ConfigError(msg)
+
+
+def load(path, overrides=(), name: Optional[str] = None) -> SweepSpec:
+    """Read, apply ``--set`` overrides, and validate a sweep file (every trial config included)."""
+    path = Path(path)
+    raw = C.read_yaml(path)
+    for text in overrides:
+        parts, value = C.parse_override(text)
+        if parts[0] in ("set", "grid", "sample") and len(parts) > 1:   # e.g. grid.seed=[0,1]
+            raw[parts[0]] = dict(raw.get(parts[0]) or {})
+            raw[parts[0]][".".join(parts[1:])] = value
+        elif parts[0] in TOP_KEYS:
+            node = raw
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    _err(f"{'.'.join(parts)}: {p} is not a mapping")
+            node[parts[-1]] = value
+        else:   # a run-config key: fixed for every trial
+            raw.setdefault("set", {})
+            raw["set"] = dict(raw["set"] or {})
+            raw["set"][".".join(parts)] = value
+    if name is not None:
+        raw["name"] = name
+    return validate(raw, path)
+
+
+def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
+    for k in raw:
+        if k not in TOP_KEYS:
+            _err(f"{k}: unknown sweep key; allowed: {', '.join(TOP_KEYS)}")
+    name = raw.get("name") or (path.stem if path else None)
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        _err(f"name: {name!r} is not a valid sweep name; expected a plain folder name like 'quickstart'")
+    base = {}
+    if raw.get("base") is not None:
+        if not isinstance(raw["base"], str):
+            _err(f"base: expected a path to a run config, got {raw['base']!r}")
+        base_path = Path(raw["base"])
+        if not base_path.is_absolute() and path is not None:
+            base_path = path.parent / base_path
+        if not base_path.is_file():
+            _err(f"base: run config {str(base_path)!r} does not exist; expected a YAML run config")
+        base = C.read_yaml(base_path)
+    sections = {}
+    for key in ("set", "grid", "sample"):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            _err(f"{key}: expected a mapping of config keys, got {value!r}")
+        sections[key] = {str(k): v for k, v in value.items()}
+    for k, values in sections["grid"].items():
+        if not isinstance(values, list):
+            _err(f"grid.{k}: expected a list of values, got {values!r}")
+        if not values:
+            _err(f"grid.{k}: empty list; expected at least one value")
+    for k, dist in sections["sample"].items():
+        _check_distribution(k, dist)
+    overlap = (set(sections["grid"]) | set(sections["sample"])) & set(sections["set"])
+    if overlap:
+        _err(f"set.{sorted(overlap)[0]}: also swept in grid/sample; a key is either fixed or swept")
+    both = set(sections["grid"]) & set(sections["sample"])
+    if both:
+        _err(f"sample.{sorted(both)[0]}: also in grid; a key is either a grid or a distribution")
+    spec = SweepSpec(name=name, base=base, set=sections["set"], grid=sections["grid"], sample=sections["sample"],
+                     source=str(path) if path else None)
+    spec.searcher = _choice("searcher", raw.get("searcher", "grid"), SEARCHERS)
+    if spec.sample and spec.searcher == "grid":
+        _err("searcher: 'grid' cannot draw from sample distributions; choose one of: random, optuna")
+    spec.num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
+    spec.seed = _int("seed", raw.get("seed", 0), 0)
+    spec.max_failures = _int("max_failures", raw.get("max_failures", 2), 0)
+    if raw.get("max_concurrent") is not None:
+        spec.max_concurrent = _int("max_concurrent", raw["max_concurrent"], 1)
+    spec.metric, spec.mode = _metric(raw.get("metric", "test_accuracy"), raw.get("mode", "max"), spec.searcher)
+    spec.scheduler = _scheduler(raw.get("scheduler"), spec)
+    storage = raw.get("storage", "results/sweeps")
+    if not isinstance(storage, str) or not storage:
+        _err(f"storage: {storage!r}; expected a folder path")
+    spec.storage = storage
+    ml = raw.get("mlflow") or {}
+    if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment"}:
+        _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment")
+    spec.mlflow = {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray"}
+    _check_trials(spec)
+    return spec
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        _err(f"{key}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _int(key, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _err(f"{key}: {value!r}; expected an integer >= {minimum}")
+    return value
+
+
+def _metric(metric, mode, searcher):
+    metrics = metric if isinstance(metric, list) else [metric]
+    modes = mode if isinstance(mode, list) else [mode]
+    for m in metrics:
+        _choice("metric", m, METRICS)
+    for m in modes:
+        _choice("mode", m, ("max", "min"))
+    if len(metrics) != len(modes):
+        _err(f"mode: {mode!r} must have one entry per metric ({len(metrics)})")
+    if len(metrics) > 1 and searcher != "optuna":
+        _err("metric: several metrics (multi-objective) need searcher: optuna")
+    return metric, mode
+
+
+def _scheduler(value, spec):
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"asha"} or not isinstance(value["asha"], dict):
+        _err(f"scheduler: {value!r}; expected null or {{asha: {{grace_period: N, reduction_factor: N}}}}")
+    if isinstance(spec.metric, list):
+        _err("scheduler: ASHA cannot early-stop a multi-objective sweep; set scheduler: null")
+    opts = value["asha"]
+    for k in opts:
+        _choice(f"scheduler.asha.{k}", k, ("grace_period", "reduction_factor", "max_t"))
+        _int(f"scheduler.asha.{k}", opts[k], 1)
+    return value
+
+
+def _check_distribution(key, dist):
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        _err(f"sample.{key}: {dist!r}; expected one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+             "{randint: [lo, hi]}, {choice: [values]}")
+    kind, args = next(iter(dist.items()))
+    if not isinstance(args, list) or not args:
+        _err(f"sample.{key}.{kind}: expected a non-empty list, got {args!r}")
+    if kind != "choice":
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            _err(f"sample.{key}.{kind}: {args!r}; expected [low, high] numbers")
+        if not args[0] < args[1]:
+            _err(f"sample.{key}.{kind}: low {args[0]} must be below high {args[1]}")
+        if kind == "loguniform" and args[0] <= 0:
+            _err(f"sample.{key}.loguniform: low {args[0]} must be > 0")
+
+
+def _sample_probes(dist) -> list:
+    """Values that stand for a distribution when validating trial configs."""
+    kind, args = next(iter(dist.items()))
+    if kind == "choice":
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [args[0], args[1] if kind != "uniform" else args[1] - (args[1] - args[0]) * 1e-9]
+
+
+def _check_trials(spec: SweepSpec) -> None:
+    """Build every grid trial's config (and the edges of every distribution) now, not in a worker."""
+    points = spec.grid_points()
+    if math.prod(len(v) for v in spec.grid.values()) > 100_000:
+        _err("grid: more than 100000 combinations; narrow the grid")
+    probes = [dict()]
+    for key, dist in spec.sample.items():
+        probes = [{**p, key: v} for p in probes for v in _sample_probes(dist)][:64]
+    for point in points:
+        for probe in probes:
+            values = {**point, **probe}
+            try:
+                C.from_dict(spec.trial_raw(values))
+            except ConfigError as e:
+                where = ", ".join(f"{k}={v}" for k, v in values.items())
+                raise ConfigError(f"{e} (in the trial with {where})" if where else str(e)) from None
