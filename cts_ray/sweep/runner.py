@@ -71,6 +71,8 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     from .mlflow_log import MLflowLogger
     from .trainable import spec_state, trial
 
+    # trials checkpoint every retraining epoch by design; Tune's warning about it is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     root = spec.root
     tune_path = root / TUNE_DIR
     if resume:

@@ -1,0 +1,223 @@
+"""Sweeps through the real `cts-ray sweep` command on a real two-node Ray cluster (two raylets on
+this machine), with real MLflow stores and real Parquet tables."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cts_ray.sweep import runner, spec as spec_mod, tables
+
+from conftest import REPO
+
+BIN = REPO / ".venv" / "bin"
+SMALL = {"training.epochs": 4, "training.milestones": [3], "resources.cpus": 0.5}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A head raylet (2 CPUs, 1 logical GPU) and a worker raylet (2 CPUs), started once."""
+    temp = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    # A local test cluster on loopback: no token auth (Ray 2.60's `ray start` otherwise expects a
+    # token shared by all nodes and drivers).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray = str(BIN / "ray")
+    common = ["--num-cpus=2", "--disable-usage-stats", "--include-dashboard=false"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-gpus=1", f"--temp-dir={temp}",
+                    "--node-ip-address=127.0.0.1", *common[:2]], check=True, env=env, capture_output=True)
+    address = f"127.0.0.1:{port}"
+    subprocess.run([ray, "start", f"--address={address}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+                    *common[:2]], check=True, env=env, capture_output=True)
+    yield address
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+    os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def _sweep_file(tmp_path, name, body: dict) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "sweeps"), **body}))
+    return f
+
+
+def _run(args, tmp_path, timeout=600, env=None):
+    p = subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=timeout, env={**os.environ, **(env or {})})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
+    """The README's quickstart sweep, scaled down: Parquet tables, MLflow parent/child runs, cache."""
+    f = tmp_path / "quick.yaml"
+    raw = yaml.safe_load((REPO / "tune_configs" / "quickstart.yaml").read_text())
+    raw.update(name="quick", storage=str(tmp_path / "sweeps"), base=str(REPO / "configs" / "digits.yaml"))
+    raw["set"] = {**raw["set"], **SMALL}
+    raw["grid"] = {"search.method": ["cts", "random"], "search.density": [0.1, 0.02], "seed": [0, 1]}
+    f.write_text(yaml.safe_dump(raw))
+    p = _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    root = tmp_path / "sweeps" / "quick"
+    assert "cts" in p.stdout and "trials table" in p.stdout
+
+    trials = tables.read(root, "trials").to_pylist()
+    assert len(trials) == 8 and {t["status"] for t in trials} == {"finished"}
+    assert {(t["method"], t["target_density"], t["seed"]) for t in trials} == \
+        {(m, d, s) for m in ("cts", "random") for d in (0.1, 0.02) for s in (0, 1)}
+    for t in trials:
+        cfg = json.loads(t["config"])
+        assert cfg["search"]["method"] == t["method"] and cfg["seed"] == t["seed"]
+        assert t["config_hash"] and t["mask_sha256"] and t["code_version"] and Path(t["mask_path"]).exists()
+        assert json.loads(t["library_versions"])["torch"].startswith("2.14.1")
+        assert abs(t["achieved_density"] - t["target_density"]) < 0.002
+    # schema: every documented column, in the documented types
+    for name in tables.TABLES:
+        table = tables.read(root, name)
+        assert table.schema.names == tables.SCHEMAS[name].names + ["method"]
+        assert set(table.column("schema_version").to_pylist()) == {tables.SCHEMA_VERSION}
+    epochs = tables.read(root, "epochs").to_pylist()
+    by_trial = {}
+    for r in epochs:
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    for tid, rows in by_trial.items():
+        phases = [r["phase"] for r in rows]
+        assert phases.count("retrain") == 3 and phases.count("dense") == 4, (tid, phases)
+    layers = tables.read(root, "layers").to_pylist()
+    assert len(layers) == 8 * 3
+    # plain pyarrow/pandas read the files too
+    assert len(pq.read_table(next((root / "tables" / "trials").rglob("*.parquet")))) == 1
+
+    # shared dense runs: 2 seeds -> 2 dense trainings for 8 trials
+    cache = tmp_path / "sweeps" / "_cache" / "dense"
+    assert len(list(cache.glob("*/dense.pt"))) == 2
+    assert sum(not t["dense_cache_hit"] for t in trials) == 2
+
+    # MLflow: one parent, one child per trial, params = the resolved config, metrics with steps
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cts-ray")
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'quick'")
+    parents = [r for r in runs if r.data.tags.get("cts.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("cts.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 8
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    child = children[0]
+    assert child.data.params["search.method"] in ("cts", "random")
+    assert child.info.status == "FINISHED" and "test_accuracy" in child.data.metrics
+    history = client.get_metric_history(child.info.run_id, "retrain/test_accuracy")
+    assert [m.step for m in history] == sorted(m.step for m in history) and len(history) == 3
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"mask.pt", "layers.json"} <= artifacts
+
+
+def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "frac", {"base": str(REPO / "configs" / "digits.yaml"),
+                                       "set": {**SMALL, "resources.gpus": 0.25, "resources.cpus": 0.5,
+                                               "training.epochs": 6},
+                                       "grid": {"seed": [0, 1, 2, 3]}, "searcher": "grid"})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    trials = tables.read(tmp_path / "sweeps" / "frac", "trials").to_pylist()
+    assert len(trials) == 4
+    # all four ran on the one node with a GPU, at the same time
+    assert len({t["node_id"] for t in trials}) == 1
+    latest_start = max(t["started_at"] for t in trials)
+    earliest_end = min(t["ended_at"] for t in trials)
+    assert latest_start < earliest_end, "the four 0.25-GPU trials did not overlap"
+
+
+def test_two_node_cluster_places_trials_on_both_nodes(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "nodes", {"base": str(REPO / "configs" / "digits.yaml"),
+                                        "set": {**SMALL, "resources.cpus": 1, "training.epochs": 6},
+                                        "grid": {"seed": [0, 1, 2, 3]}})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    trials = tables.read(tmp_path / "sweeps" / "nodes", "trials").to_pylist()
+    import ray
+    nodes = {t["node_id"] for t in trials}
+    assert len(nodes) == 2, nodes
+    epochs = tables.read(tmp_path / "sweeps" / "nodes", "epochs").to_pylist()
+    assert {r["node_id"] for r in epochs} == nodes
+
+
+def test_optuna_sweep_is_seeded_and_its_study_reopens(ray_cluster, tmp_path):
+    body = {"base": str(REPO / "configs" / "digits.yaml"), "set": {**SMALL, "resources.cpus": 1},
+            "sample": {"search.temperature": {"loguniform": [0.2, 2.0]}, "search.length": {"choice": [0.25, 0.5]}},
+            "searcher": "optuna", "num_samples": 4, "seed": 7, "max_concurrent": 2}
+    f = _sweep_file(tmp_path, "opt", body)
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    import optuna
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'sweeps' / 'opt' / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and all(0 <= t.value <= 1 for t in done)
+    temps = sorted(t.params["search.temperature"] for t in done)
+    trials = tables.read(tmp_path / "sweeps" / "opt", "trials").to_pylist()
+    assert sorted(t["temperature"] for t in trials) == pytest.approx(temps)
+    # the same seed proposes the same first configurations (TPE starts with seeded random draws)
+    f2 = _sweep_file(tmp_path, "opt2", {**body, "num_samples": 2, "max_concurrent": 1})
+    _run([f2, "--address", ray_cluster, "--quiet"], tmp_path)
+    again = optuna.load_study(study_name="opt2", storage=f"sqlite:///{tmp_path / 'sweeps' / 'opt2' / 'optuna.db'}")
+    first = [t.params["search.temperature"] for t in sorted(study.trials, key=lambda t: t.number)[:1]]
+    assert [t.params["search.temperature"] for t in again.trials[:1]] == pytest.approx(first)
+
+
+def test_mlflow_server_receives_a_sweeps_runs(ray_cluster, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        f = _sweep_file(tmp_path, "served", {"base": str(REPO / "configs" / "digits.yaml"),
+                                             "set": {**SMALL, "resources.cpus": 1},
+                                             "grid": {"seed": [0, 1]}})
+        _run([f, "--address", ray_cluster, "--quiet"], tmp_path, env={"MLFLOW_TRACKING_URI": url})
+        exps = json.load(urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cts-ray"))
+        body = json.dumps({"experiment_ids": [exps["experiment"]["experiment_id"]], "max_results": 100}).encode()
+        req = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req))["runs"]
+        roles = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "cts.role") for r in runs)
+        assert roles == ["parent", "trial", "trial"]
+        assert not (tmp_path / "sweeps" / "mlflow.db").exists()   # the server was used, not the default store
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_bad_sweep_files_are_refused_before_ray_starts(tmp_path):
+    base = {"base": str(REPO / "configs" / "digits.yaml")}
+    cases = [
+        ({**base, "grid": {"search.density": []}}, "grid.search.density: empty list"),
+        ({**base, "grid": {"search.density": [0.1, 2.0]}}, "search.density: 2.0 is out of range"),
+        ({**base, "grid": {"search.method": ["cts", "nope"]}}, "search.method: 'nope' is not allowed"),
+        ({**base, "searcher": "hyperband"}, "searcher: 'hyperband' is not allowed"),
+        ({**base, "sample": {"search.temperature": {"loguniform": [0, 1]}}, "searcher": "optuna"}, "must be > 0"),
+        ({**base, "set": {"resources.gpus": -0.25}}, "resources.gpus"),
+        ({**base, "bogus": 1}, "bogus: unknown sweep key"),
+        ({**base, "grid": {"search.method": ["gates"]}, "set": {"training.retrain": True}}, "contradicts"),
+    ]
+    for i, (body, message) in enumerate(cases):
+        f = _sweep_file(tmp_path, f"bad{i}", body)
+        p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f)], capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, (body, p.stderr)
+    assert not (tmp_path / "sweeps").exists()
