@@ -1,10 +1,11 @@
 # Two commands (see README): `make quickstart` and `make test`. Both create .venv when needed.
+# `make mlflow-ui` browses the sweeps' MLflow store on http://127.0.0.1:5000.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test bench mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -15,15 +16,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-# A small real CTS run on the embedded default (digits): no network, no GPU.
+# The quickstart sweep on the embedded default (digits): no network, no GPU. Run again, it
+# resumes (a finished sweep just prints its summary again).
+QS := results/sweeps/quickstart
 quickstart: $(STAMP)
-	$(BIN)/cts-ray run configs/digits.yaml --out results/runs/quickstart --overwrite
+	$(BIN)/cts-ray sweep tune_configs/quickstart.yaml $(if $(wildcard $(QS)/tune),--resume,)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/results/sweeps/mlflow.db
 
 clean:
 	rm -rf results .pytest_cache

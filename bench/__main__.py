@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import readme, steps
+from . import readme, steps, sweep_overhead
 from .report import RESULTS, append, table
 
-BENCHES = {"steps": steps.run, "readme": readme.run}
-DEFAULT = ["steps"]   # `readme` runs the whole test suite (minutes): only when named
+BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run}
+DEFAULT = ["steps"]   # `readme` (the test suite) and `sweep` (two Ray Tune sweeps) take minutes: only when named
 
 
 def main(argv=None) -> None:
@@ -31,10 +31,15 @@ def main(argv=None) -> None:
     for name in a.names or DEFAULT:
         print(f"[bench] {name}", flush=True)
         kwargs = {"repeats": repeats, "steps": 2 if a.quick else 10} if name == "steps" else {}
+        if name == "sweep":
+            kwargs = {"quick": True} if a.quick else {}
         rows = BENCHES[name](**kwargs)
         print("\n".join(table(rows)))
         if not a.quick:
-            append(name + (f" (steps/epoch {kwargs['steps']}, repeats {repeats})" if kwargs else ""), rows)
+            title = {"steps": f" (steps/epoch {kwargs.get('steps')}, repeats {repeats})",
+                     "sweep": f" (Ray Tune, {sweep_overhead.TRIALS} tiny + {sweep_overhead.LONG_TRIALS} × "
+                              f"~{sweep_overhead.LONG_SECONDS:.0f} s trials, {sweep_overhead.CONCURRENCY} at a time)"}
+            append(name + title.get(name, ""), rows)
             print(f"[bench] appended to {RESULTS}")
 
 

@@ -28,23 +28,28 @@ class DenseCache:
         from .pipeline import dense_until
         return stable_hash({**cfg.dense_identity(), "until": dense_until(cfg)}, n=16)
 
-    def entries(self) -> list[Path]:
-        return sorted(p.parent for p in self.root.glob("*/dense.pt"))
+    def entries(self, name: str = "dense") -> list[Path]:
+        return sorted(self.root.glob(f"*/{name}.pt"))
 
     def get_or_train(self, cfg: Config, train: Callable[[], "Dense"]) -> tuple["Dense", bool]:
         """The cached dense run for ``cfg`` and whether it was a hit; ``train()`` fills a miss."""
         from .pipeline import Dense
-        folder = self.root / self.key(cfg)
+        state, hit = self.get_or_compute(self.key(cfg), "dense", lambda: train().__dict__,
+                                         {"config_hash": cfg.hash, "dense_identity": cfg.dense_identity()})
+        return Dense(**state), hit
+
+    def get_or_compute(self, key: str, name: str, compute: Callable[[], dict], about: dict) -> tuple[dict, bool]:
+        """``<key>/<name>.pt``: loaded if present, else computed once (other askers wait on the lock)."""
+        folder = self.root / key
         folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            path = folder / "dense.pt"
+        with FileLock(str(folder / f"{name}.lock")):
+            path = folder / f"{name}.pt"
             if path.exists():
-                return Dense(**torch.load(path, weights_only=True)), True
-            dense = train()
-            tmp = folder / f"dense.pt.tmp-{os.getpid()}"
-            torch.save(dense.__dict__, tmp)
+                return torch.load(path, weights_only=True), True
+            state = compute()
+            tmp = folder / f".{name}.pt.tmp-{os.getpid()}"
+            torch.save(state, tmp)
             os.replace(tmp, path)      # readers never see a half-written file
-            (folder / "made_by.json").write_text(json.dumps(
-                {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                 "config_hash": cfg.hash, "dense_identity": cfg.dense_identity()}, indent=1))
-            return dense, False
+            (folder / f"{name}.made_by.json").write_text(json.dumps(
+                {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **about}, indent=1))
+            return state, False

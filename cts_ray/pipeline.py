@@ -119,7 +119,7 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
         model.load_state_dict(snapshot if start_state is None else start_state)   # rewind
         mask.apply_(model)
         start = _cpu(model.state_dict())
-        seconds, final, best, first = 0.0, None, 0.0, k
+        seconds, final, best, first, records = 0.0, None, 0.0, k, []
         resume = progress.retrain if progress is not None else None
         if resume is not None:
             model.load_state_dict(resume["model"])
@@ -137,11 +137,12 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
         for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase,
                                 order_seed=runtime.derive_seed(cfg.seed, "retrain-order"),
                                 optimizer_state=resume["optimizer"] if resume else None, on_epoch_end=keep):
+            records.append(rec)
             emit(rec, progress)
         if final is None:  # search point at the end of training: nothing left to train
             final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
             best = final["test_accuracy"]
-        return {"final": final, "best_test_accuracy": best, "seconds": seconds,
+        return {"final": final, "best_test_accuracy": best, "seconds": seconds, "records": records,
                 "start": start, "state": _cpu(model.state_dict())}
 
     return retrain
@@ -232,7 +233,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         # 2. ticket search on the search-point weights
         if prog.ticket is None:
             ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
-                                trained_state=dense.trained, dense_seconds=dense.dense_seconds, retrain=retrain)
+                                trained_state=dense.trained, dense_seconds=dense.dense_seconds, retrain=retrain,
+                                cache=cache)
             prog.ticket = ticket_to_state(method.search(ctx))   # checkpointed with the next record
         ticket = ticket_from_state(prog.ticket)
         mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))

@@ -221,3 +221,17 @@ def test_bad_sweep_files_are_refused_before_ray_starts(tmp_path):
         p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f)], capture_output=True, text=True, cwd=tmp_path)
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, (body, p.stderr)
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_ltr_trials_of_one_seed_share_their_rounds(ray_cluster, tmp_path):
+    """Two LTR trials (2 and 4 rounds) of one seed: rounds 1-2 are trained once, not twice."""
+    f = _sweep_file(tmp_path, "ltr", {"base": str(REPO / "configs" / "digits.yaml"),
+                                      "set": {**SMALL, "resources.cpus": 1, "search.method": "ltr"},
+                                      "grid": {"search.density": [0.64, 0.41]}, "max_concurrent": 2})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    rounds = sorted(p.name for p in (tmp_path / "sweeps" / "_cache" / "dense").glob("*-ltr-*/round*.pt"))
+    assert rounds == ["round001.pt", "round002.pt", "round003.pt", "round004.pt"]
+    trials = {t["target_density"]: t for t in tables.read(tmp_path / "sweeps" / "ltr", "trials").to_pylist()}
+    short, long = json.loads(trials[0.64]["levels"]), json.loads(trials[0.41]["levels"])
+    assert [lv["round"] for lv in long] == [1, 2, 3, 4] and long[:2] == short
+    assert trials[0.41]["ticket_seconds"] > trials[0.64]["ticket_seconds"]   # shared rounds still counted

@@ -30,6 +30,7 @@ class SearchContext:
     # pipeline.make_retrain: retrain (mask, search-point weights) to the end, exactly as the pipeline
     # does; returns {"final": last epoch record, "best_test_accuracy", "seconds", "start", "state"}.
     retrain: Optional[Callable[..., dict]] = None
+    cache: Optional[object] = None         # the sweep's DenseCache, for work shared across trials (LTR rounds)
 
     def generator(self, tag: str, device="cpu") -> torch.Generator:
         from ..runtime import generator

@@ -59,21 +59,37 @@ def search(ctx: SearchContext) -> Ticket:
     mask = Mask({n: torch.ones(ctx.trained_state[n].shape, dtype=torch.bool) for n in names})
     weights = {n: ctx.trained_state[n].cpu() for n in names}
     cumulative = ctx.dense_seconds
-    levels, level_masks, result = [], [], None
+    levels, level_masks, result, scores = [], [], None, None
     for r in range(1, rounds_for(s.density, s.ltr_fraction) + 1):
         scores = torch.cat([weights[n].abs().float().flatten() for n in names])
-        mask = prune_round(mask, weights, s.ltr_fraction, s.ltr_output_fraction, names[-1])
-        result = ctx.retrain(mask, phase="retrain", tags={"round": r})
-        cumulative += result["seconds"]
-        weights = {n: result["state"][n].cpu() for n in names}
+
+        def one_round(mask=mask, weights=weights, r=r):
+            pruned = prune_round(mask, weights, s.ltr_fraction, s.ltr_output_fraction, names[-1])
+            res = ctx.retrain(pruned, phase="retrain", tags={"round": r})
+            return {"mask": pruned.layers, "final": res["final"], "best_test_accuracy": res["best_test_accuracy"],
+                    "seconds": res["seconds"], "records": res["records"],
+                    "weights": {n: res["state"][n].cpu() for n in names}}
+
+        if ctx.cache is not None:   # rounds are shared by every LTR trial of this dense run
+            key = f"{ctx.cache.key(ctx.cfg)}-ltr-{s.ltr_fraction:g}-{s.ltr_output_fraction}"
+            out, hit = ctx.cache.get_or_compute(key, f"round{r:03d}", one_round, {"round": r})
+            if hit:
+                for rec in out["records"]:
+                    ctx.on_epoch({**rec, "cached": True})
+        else:
+            out = one_round()
+        mask, weights = Mask(out["mask"]), out["weights"]
+        cumulative += out["seconds"]
         levels.append({"round": r, "density": mask.density, "kept": mask.kept,
-                       "test_accuracy": result["final"]["test_accuracy"],
-                       "best_test_accuracy": result["best_test_accuracy"],
+                       "test_accuracy": out["final"]["test_accuracy"],
+                       "best_test_accuracy": out["best_test_accuracy"],
                        "cumulative_seconds": cumulative,
                        "cumulative_epochs": ctx.cfg.training.epochs
                        + r * (ctx.cfg.training.epochs - ctx.cfg.search_epoch)})
         level_masks.append(mask)
+        result = out
     # Training seconds of the whole procedure, dense training to the end included (SPEC §1
-    # accounting; evaluation excluded, as for every method).
+    # accounting; evaluation excluded, as for every method; counted in full when rounds were cached).
     return Ticket(mask=mask, seconds=cumulative, scores=scores, levels=levels, level_masks=level_masks,
-                  retrained=result, extra={"rounds": len(levels)})
+                  retrained={k: result[k] for k in ("final", "best_test_accuracy", "seconds")},
+                  extra={"rounds": len(levels)})
