@@ -106,7 +106,9 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         tuner = tune.Tuner(trainable, param_space=param_space(spec),
                            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
                                                        num_samples=spec.num_samples,
-                                                       max_concurrent_trials=spec.max_concurrent),
+                                                       max_concurrent_trials=spec.max_concurrent,
+                                                       # a worker keeps torch & data loaded between trials
+                                                       reuse_actors=True),
                            run_config=run_config)
     grid = tuner.fit()
     return {"summary": summarise(root), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
