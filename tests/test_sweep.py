@@ -235,3 +235,40 @@ def test_ltr_trials_of_one_seed_share_their_rounds(ray_cluster, tmp_path):
     short, long = json.loads(trials[0.64]["levels"]), json.loads(trials[0.41]["levels"])
     assert [lv["round"] for lv in long] == [1, 2, 3, 4] and long[:2] == short
     assert trials[0.41]["ticket_seconds"] > trials[0.64]["ticket_seconds"]   # shared rounds still counted
+
+
+def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "resumed", {"base": str(REPO / "configs" / "digits.yaml"),
+                                          "set": {**SMALL, "resources.cpus": 1, "training.epochs": 30,
+                                                  "training.milestones": [20]},
+                                          "grid": {"seed": [0, 1, 2, 3, 4, 5]}, "max_concurrent": 2})
+    root = tmp_path / "sweeps" / "resumed"
+    driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list((root / "tables" / "trials").rglob("*.parquet")) if (root / "tables").exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    time.sleep(3)                       # let Tune snapshot its state after those trials
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert 2 <= len(before) < 6, "the kill came too late to test resuming"
+    _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
+    after = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert len(after) == 6 and {t["status"] for t in after.values()} == {"finished"}
+    assert sorted(t["seed"] for t in after.values()) == [0, 1, 2, 3, 4, 5]
+    for tid, row in before.items():     # finished before the kill: not run again
+        assert after[tid]["started_at"] == row["started_at"] and after[tid]["ended_at"] == row["ended_at"]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cts-ray")
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'resumed'")
+    assert sorted(r.data.tags["cts.role"] for r in runs) == ["parent"] + ["trial"] * 6   # no duplicates
+    # each trial's epochs appear once
+    epochs = tables.read(root, "epochs").to_pylist()
+    keys = [(r["trial_id"], r["phase"], r["epoch"]) for r in epochs]
+    assert len(keys) == len(set(keys))

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from ray import tune
 
@@ -44,6 +45,14 @@ def trial(params: dict, spec_state: dict) -> None:
     running = {"test_accuracy": 0.0, "best_test_accuracy": 0.0, "ticket_seconds": 0.0,
                "achieved_density": cfg.search.density}
     step = [0]
+
+    done = _finished_row(root, cfg.search.method, trial_id)
+    if done is not None:   # finished before the driver died, after Tune's last state snapshot
+        tune.report({"phase": "final", "status": done["status"], "step": 1, "node_id": done["node_id"],
+                     "run_dir": done["run_dir"], "already_finished": 1,
+                     **{k: done[k] for k in ("test_accuracy", "best_test_accuracy", "achieved_density",
+                                             "ticket_seconds") if done[k] is not None}})
+        return
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -98,6 +107,14 @@ def trial(params: dict, spec_state: dict) -> None:
         final.update({k: summary[k] for k in ("test_accuracy", "best_test_accuracy", "achieved_density",
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
     tune.report(final)
+
+
+def _finished_row(root: Path, method: str, trial_id: str):
+    path = root / "tables" / "trials" / f"method={method}" / f"{trial_id}.parquet"
+    if not path.exists():
+        return None
+    row = pq.read_table(path).to_pylist()[0]
+    return row if row["status"] in ("finished", "diverged") else None
 
 
 def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False):
