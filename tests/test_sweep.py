@@ -126,8 +126,10 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
 
 def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_cluster, tmp_path):
     f = _sweep_file(tmp_path, "frac", {"base": str(REPO / "configs" / "digits.yaml"),
+                                       # trials long enough (~5-10 s) that worker start-up
+                                       # stagger cannot hide their overlap
                                        "set": {**SMALL, "resources.gpus": 0.25, "resources.cpus": 0.5,
-                                               "training.epochs": 6},
+                                               "training.epochs": 40, "training.milestones": [30]},
                                        "grid": {"seed": [0, 1, 2, 3]}, "searcher": "grid"})
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
     trials = tables.read(tmp_path / "sweeps" / "frac", "trials").to_pylist()
@@ -272,3 +274,15 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     epochs = tables.read(root, "epochs").to_pylist()
     keys = [(r["trial_id"], r["phase"], r["epoch"]) for r in epochs]
     assert len(keys) == len(set(keys))
+
+
+def test_relative_data_root_is_resolved_on_the_driver(ray_cluster, tmp_path, mnist_root):
+    """Trials run in other folders (and on other nodes): a relative data.root means the driver's."""
+    f = _sweep_file(tmp_path, "mnist", {"base": str(REPO / "configs" / "mnist_lenet300.yaml"),
+                                        "set": {"data.root": os.path.relpath(mnist_root, tmp_path),
+                                                "data.subset": 600, "training.epochs": 2,
+                                                "resources.cpus": 1, "search.method": "magnitude"},
+                                        "grid": {"seed": [0]}})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    [row] = tables.read(tmp_path / "sweeps" / "mnist", "trials").to_pylist()
+    assert row["status"] == "finished" and row["dataset"] == "mnist" and row["test_accuracy"] > 0.5

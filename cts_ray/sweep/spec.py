@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +60,7 @@ class SweepSpec:
     storage: str = "results/sweeps"
     mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "cts-ray"})
     source: Optional[str] = None
+    cwd: str = field(default_factory=os.getcwd)   # relative data.root resolves here, not in a worker
 
     @property
     def root(self) -> Path:
@@ -69,6 +71,9 @@ class SweepSpec:
         raw = copy.deepcopy(self.base)
         for key, value in {**self.set, **values}.items():
             C.set_in(raw, key.split("."), copy.deepcopy(value))
+        root = (raw.get("data") or {}).get("root")
+        if isinstance(root, str) and not os.path.isabs(os.path.expanduser(root)):
+            raw["data"]["root"] = os.path.join(self.cwd, root)   # trials run elsewhere
         return raw
 
     def grid_points(self) -> list[dict]:

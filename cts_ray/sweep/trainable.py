@@ -21,17 +21,17 @@ from ray import tune
 
 from .. import pipeline, runtime
 from ..cache import DenseCache
-from ..config import from_dict
+from ..config import ConfigError, from_dict
 from ..train import DivergedError
 from . import tables
-
 
 
 def trial(params: dict, spec_state: dict) -> None:
     """``params``: this trial's sampled values (dotted keys); ``spec_state``: base config and folders."""
     raw = spec_state["base"]
     from .spec import SweepSpec
-    spec = SweepSpec(name=spec_state["name"], base=raw, set=spec_state["set"], storage=spec_state["storage"])
+    spec = SweepSpec(name=spec_state["name"], base=raw, set=spec_state["set"], storage=spec_state["storage"],
+                     cwd=spec_state["cwd"])
     cfg = from_dict(spec.trial_raw(params))
     if cfg.resources.threads is None:   # one torch thread per CPU the trial holds, never more
         torch.set_num_threads(max(1, int(cfg.resources.cpus)))
@@ -87,12 +87,14 @@ def trial(params: dict, spec_state: dict) -> None:
                                cache=cache, resume=resume)
     except DivergedError as e:   # deterministic: retrying would diverge again
         status, error = "diverged", str(e)
+    except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
+        status, error = "error", f"ConfigError: {e}"
     except Exception as e:
         _write_trial_row(root, cfg, common, "error", f"{type(e).__name__}: {e}", None, run_dir, node_id,
                          started)
         raise
     records = _records(run_dir) if summary is not None else []
-    hit = any(r.get("cached") for r in records)
+    hit = any(r.get("cached") for r in records if r["phase"] == "dense")
     _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit)
     method = cfg.search.method
     tables.write(root, "epochs", method, trial_id, [tables.epoch_row(r) for r in records],
@@ -152,6 +154,6 @@ def _node_id() -> str:
 
 def spec_state(spec) -> dict:
     """What trials need of the sweep spec (plain data, shipped to workers)."""
-    return {"name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage,
+    return {"name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
             "root": str(spec.root), "storage_root": str(spec.root.parent)}
 
