@@ -281,7 +281,8 @@ def test_relative_data_root_is_resolved_on_the_driver(ray_cluster, tmp_path, mni
     f = _sweep_file(tmp_path, "mnist", {"base": str(REPO / "configs" / "mnist_lenet300.yaml"),
                                         "set": {"data.root": os.path.relpath(mnist_root, tmp_path),
                                                 "data.subset": 600, "training.epochs": 2,
-                                                "resources.cpus": 1, "search.method": "magnitude"},
+                                                "resources.cpus": 1, "search.method": "magnitude",
+                                                "search.density": 0.5},
                                         "grid": {"seed": [0]}})
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
     [row] = tables.read(tmp_path / "sweeps" / "mnist", "trials").to_pylist()

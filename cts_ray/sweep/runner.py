@@ -97,7 +97,9 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                           resolve=lambda params: from_dict(spec.trial_raw(params)))
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                # two kept: Tune's state snapshot may lag one checkpoint behind,
+                                # and a killed driver must find the one it names (resume)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                 callbacks=[logger], verbose=verbose)
     if resume:
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
