@@ -287,3 +287,15 @@ def test_relative_data_root_is_resolved_on_the_driver(ray_cluster, tmp_path, mni
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
     [row] = tables.read(tmp_path / "sweeps" / "mnist", "trials").to_pylist()
     assert row["status"] == "finished" and row["dataset"] == "mnist" and row["test_accuracy"] > 0.5
+
+
+def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "diverge", {"base": str(REPO / "configs" / "digits.yaml"),
+                                          "set": {**SMALL, "resources.cpus": 1, "training.momentum": 0},
+                                          "grid": {"training.lr": [0.1, 1.0e30]}})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    rows = {t["config_hash"]: t for t in tables.read(tmp_path / "sweeps" / "diverge", "trials").to_pylist()}
+    by_lr = {json.loads(t["config"])["training"]["lr"]: t for t in rows.values()}
+    assert by_lr[0.1]["status"] == "finished"
+    error = by_lr[1e30]["error"].lower()
+    assert by_lr[1e30]["status"] == "diverged" and ("became nan" in error or "became inf" in error), error
