@@ -28,9 +28,6 @@ class DenseCache:
         from .pipeline import dense_until
         return stable_hash({**cfg.dense_identity(), "until": dense_until(cfg)}, n=16)
 
-    def entries(self, name: str = "dense") -> list[Path]:
-        return sorted(self.root.glob(f"*/{name}.pt"))
-
     def get_or_train(self, cfg: Config, train: Callable[[], "Dense"]) -> tuple["Dense", bool]:
         """The cached dense run for ``cfg`` and whether it was a hit; ``train()`` fills a miss."""
         from .pipeline import Dense

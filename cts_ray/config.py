@@ -171,6 +171,11 @@ class Config:
         return max(1, round(self.search.length * self.training.epochs))
 
     @property
+    def mask_lr(self) -> float:
+        """Learning rate of the mask/score optimiser (search.lr, or the training LR)."""
+        return self.search.lr if self.search.lr is not None else self.training.lr
+
+    @property
     def retrain(self) -> bool:
         """Whether the ticket is retrained (resolved ``training.retrain``)."""
         from .methods import METHODS
@@ -323,8 +328,6 @@ def _check_cross(cfg: Config):
     if s.point == "rewind" and s.rewind_epochs > t.epochs:
         raise ConfigError(f"search.rewind_epochs: {s.rewind_epochs} exceeds training.epochs "
                           f"({t.epochs}); expected 0..{t.epochs}")
-    if s.temperature <= 0:
-        raise ConfigError(f"search.temperature: {s.temperature} must be > 0")
     from .methods import METHODS
     method = METHODS[s.method]
     if method.strong and t.retrain:

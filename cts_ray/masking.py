@@ -29,10 +29,6 @@ class Mask:
 
     # ---- construction
     @classmethod
-    def ones_like(cls, model: nn.Module) -> "Mask":
-        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable(model).items()})
-
-    @classmethod
     def from_flat(cls, flat: Tensor, shapes: dict[str, torch.Size]) -> "Mask":
         out, i = {}, 0
         for n, s in shapes.items():
@@ -49,6 +45,15 @@ class Mask:
         flat = torch.zeros(scores.numel(), dtype=torch.bool)
         flat[order[:k]] = True
         return cls.from_flat(flat, shapes)
+
+    @classmethod
+    def top_k_per_layer(cls, scores: Tensor, counts: dict[str, int], shapes: dict[str, torch.Size]) -> "Mask":
+        """Keep ``counts[layer]`` highest scores within each layer of a flat vector (same ties)."""
+        out, i = {}, 0
+        for n, s in shapes.items():
+            out[n] = cls.top_k(scores[i:i + s.numel()], counts[n], {n: s}).layers[n]
+            i += s.numel()
+        return cls(out)
 
     # ---- queries
     def flat(self) -> Tensor:
@@ -81,9 +86,6 @@ class Mask:
             h.update(str(tuple(m.shape)).encode())
             h.update(m.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-
-    def to(self, device) -> "Mask":
-        return Mask({n: m.to(device) for n, m in self.layers.items()})
 
     def apply_(self, model: nn.Module) -> None:
         """Zero the masked weights of ``model`` in place."""

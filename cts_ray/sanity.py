@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError
 from .masking import Mask
 
 
@@ -21,19 +20,9 @@ def shuffle(mask: Mask, scores, generator: torch.Generator) -> Mask:
 
 def invert(mask: Mask, scores, generator: torch.Generator) -> Mask:
     """Keep each layer's lowest-scoring weights, as many as the ticket kept there."""
-    if scores is None:
-        raise ConfigError("search.sanity: 'invert' needs a method that scores weights; "
-                          "choose one of: none, shuffle, reinit for this method")
-    out, i = {}, 0
-    for name, m in mask.layers.items():
-        n = m.numel()
-        s = scores[i:i + n].float()
-        i += n
-        order = torch.sort(s, descending=False, stable=True).indices
-        flat = torch.zeros(n, dtype=torch.bool)
-        flat[order[:int(m.sum())]] = True
-        out[name] = flat.view(m.shape)
-    return Mask(out)
+    assert scores is not None, "config validation refuses invert for methods without scores"
+    counts = {n: int(m.sum()) for n, m in mask.layers.items()}
+    return Mask.top_k_per_layer(-scores.float(), counts, {n: m.shape for n, m in mask.layers.items()})
 
 
 def apply(kind: str, mask: Mask, scores, generator: torch.Generator) -> Mask:

@@ -107,7 +107,7 @@ def search(ctx: SearchContext) -> Ticket:
         p.requires_grad_(False)
     theta = torch.full((d,), math.log(kappa / (1 - kappa)) if kappa < 1 else 20.0,
                        device=device, requires_grad=True)
-    mask_lr = s.lr if s.lr is not None else cfg.training.lr
+    mask_lr = cfg.mask_lr
     opt = torch.optim.Adam([theta], lr=mask_lr)
     controller = CONTROLLERS[s.controller]((1 + s.slack) * kappa * d, mask_lr)
     objective = OBJECTIVES[s.objective]

@@ -21,10 +21,11 @@ def rounds_for(density: float, fraction: float) -> int:
     return max(1, round(math.log(density) / math.log(1 - fraction)))
 
 
-def epochs(cfg) -> int:
+def epochs(cfg, rounds=None) -> int:
     """Training epochs LTR spends: dense to the end, then every round's retraining."""
-    return cfg.training.epochs + rounds_for(cfg.search.density, cfg.search.ltr_fraction) * (
-        cfg.training.epochs - cfg.search_epoch)
+    if rounds is None:
+        rounds = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
+    return cfg.training.epochs + rounds * (cfg.training.epochs - cfg.search_epoch)
 
 
 def prune_round(mask: Mask, weights: dict, fraction: float, output_fraction=None,
@@ -84,8 +85,7 @@ def search(ctx: SearchContext) -> Ticket:
                        "test_accuracy": out["final"]["test_accuracy"],
                        "best_test_accuracy": out["best_test_accuracy"],
                        "cumulative_seconds": cumulative,
-                       "cumulative_epochs": ctx.cfg.training.epochs
-                       + r * (ctx.cfg.training.epochs - ctx.cfg.search_epoch)})
+                       "cumulative_epochs": epochs(ctx.cfg, r)})
         level_masks.append(mask)
         result = out
     # Training seconds of the whole procedure, dense training to the end included (SPEC §1

@@ -232,8 +232,7 @@ def gates(ctx: SearchContext) -> Ticket:
     lo, hi = sigma * a_lo - 0.5, sigma * a_hi - 0.5
     mu0 = sigma * a0 - 0.5
     mu = torch.full((d,), mu0, device=device, requires_grad=True)
-    mask_lr = s.lr if s.lr is not None else cfg.training.lr
-    opt = torch.optim.Adam([mu], lr=mask_lr)
+    opt = torch.optim.Adam([mu], lr=cfg.mask_lr)
     controller = DensityController(kappa, d, sigma)
     noise = ctx.generator("noise", device)
 
@@ -300,15 +299,15 @@ def edge_popup(ctx: SearchContext) -> Ticket:
             scores.append(sc.to(device).requires_grad_(True))
     weights = [params[n].detach() for n in names]
     ks = [kept_count(s.density, w.numel()) for w in weights]
-    mask_lr = s.lr if s.lr is not None else cfg.training.lr
-    opt = torch.optim.SGD(scores, lr=mask_lr, momentum=cfg.training.momentum)
+    opt = torch.optim.SGD(scores, lr=cfg.mask_lr, momentum=cfg.training.momentum)
     prev = [None]
 
     def masked_weights() -> dict:
         return {n: w * _TopK.apply(sc.abs(), k) for n, w, sc, k in zip(names, weights, scores, ks)}
 
     def current_mask() -> Mask:
-        return Mask({n: _layer_top_k(sc.detach().abs(), k) for n, sc, k in zip(names, scores, ks)})
+        flat = torch.cat([sc.detach().abs().reshape(-1).cpu() for sc in scores])
+        return Mask.top_k_per_layer(flat, dict(zip(names, ks)), shapes)
 
     def epoch_record() -> dict:
         flat = current_mask().flat()
@@ -323,14 +322,6 @@ def edge_popup(ctx: SearchContext) -> Ticket:
     state = _finish(ctx, net, mask)
     return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=flat_scores, history=history,
                   weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps})
-
-
-def _layer_top_k(a: Tensor, k: int) -> Tensor:
-    """Bool mask of the k highest entries of one layer; ties to the lower index (as Mask.top_k)."""
-    order = torch.sort(a.float().cpu().reshape(-1), descending=True, stable=True).indices
-    flat = torch.zeros(a.numel(), dtype=torch.bool)
-    flat[order[:k]] = True
-    return flat.view(a.shape)
 
 
 # ---------------------------------------------------------------------------------- common

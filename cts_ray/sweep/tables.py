@@ -59,13 +59,13 @@ SCHEMAS = {
 PARTITIONING = ds.partitioning(pa.schema([("method", pa.string())]), flavor="hive")
 
 
-def axes(cfg: dict) -> dict:
-    """The swept axes of a trial, from its resolved config (as a plain dict)."""
-    s, t = cfg["search"], cfg["training"]
-    return {"objective": s["objective"], "controller": s["controller"], "sanity": s["sanity"],
-            "target_density": s["density"], "temperature": s["temperature"], "seed": cfg["seed"],
-            "dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "search_point": s["point"],
-            "search_length": s["length"], "mask_lr": s["lr"] if s["lr"] is not None else t["lr"]}
+def axes(cfg) -> dict:
+    """The swept axes of a trial, from its resolved Config."""
+    s = cfg.search
+    return {"objective": s.objective, "controller": s.controller, "sanity": s.sanity,
+            "target_density": s.density, "temperature": s.temperature, "seed": cfg.seed,
+            "dataset": cfg.data.name, "model": cfg.model.name, "search_point": s.point,
+            "search_length": s.length, "mask_lr": cfg.mask_lr}
 
 
 def epoch_row(record: dict) -> dict:

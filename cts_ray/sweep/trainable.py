@@ -62,7 +62,10 @@ def trial(params: dict, spec_state: dict) -> None:
         step[0] = len(resume.records)
         started = resume.records[0].get("started_at", started) if resume.records else started
 
+    records = list(resume.records) if resume is not None else []
+
     def on_record(record: dict, progress) -> None:
+        records.append(record)
         step[0] += 1
         if record.get("test_accuracy") is not None:
             running["test_accuracy"] = record["test_accuracy"]
@@ -79,7 +82,7 @@ def trial(params: dict, spec_state: dict) -> None:
             torch.save(progress.to_state(), Path(d) / "progress.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg.to_dict())}
+    common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
     cache = DenseCache(Path(spec_state["storage_root"]) / "_cache" / "dense")
     status, error, summary = "finished", None, None
     try:
@@ -93,7 +96,8 @@ def trial(params: dict, spec_state: dict) -> None:
         _write_trial_row(root, cfg, common, "error", f"{type(e).__name__}: {e}", None, run_dir, node_id,
                          started)
         raise
-    records = _records(run_dir) if summary is not None else []
+    if summary is None:
+        records = []
     hit = any(r.get("cached") for r in records if r["phase"] == "dense")
     _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit)
     method = cfg.search.method
@@ -132,11 +136,6 @@ def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id
               "epochs_equivalent", "mask_sha256"):
         row[k] = s.get(k)
     tables.write(root, "trials", cfg.search.method, common["trial_id"], [row], common)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _numeric(record: dict) -> dict:
