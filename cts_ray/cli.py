@@ -35,11 +35,61 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
     w.add_argument("--quiet", action="store_true", help="no live progress table")
 
+    a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
+    a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
+                   help="insensitivity: hyperparameter spread against seed spread; seeds: seed variance and "
+                        "significance; comparison: method x density tables, compute, sanity checks")
+    _results_args(a)
+    a.add_argument("--out", help="also write the plots (PNG) into this folder")
+    a.add_argument("--method", help="insensitivity: only this method")
+    a.add_argument("--axis", action="append", help="insensitivity: only this axis (repeatable): temperature, "
+                                                   "mask_lr, search_length, objective, controller, search_point")
+
+    rp = sub.add_parser("report", help="one Markdown report (tables, PNG plots, provenance) of sweep results")
+    _results_args(rp)
+    rp.add_argument("--out", help="report folder (default: <first RESULTS>/report)")
+
     c = sub.add_parser("config", help="print the resolved config (and its hash) without running")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
     return p
+
+
+def _results_args(p) -> None:
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="sweep folder(s), e.g. results/sweeps/quickstart, or a folder of sweeps")
+    p.add_argument("--metric", default="test_accuracy", help="test_accuracy (final epoch, default) or best_test_accuracy")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="only trials with this trials-table value, e.g. --where dataset=mnist (repeatable)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="analyse the finished trials of a sweep that still has unfinished ones")
+
+
+def _analysis(args) -> int:
+    from .analysis import load as load_mod, report
+    where = {}
+    for text in args.where:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise load_mod.AnalysisError(f"where: {text!r} is not COLUMN=VALUE")
+        where[key.strip()] = value.strip()
+    if args.command == "report":
+        path = report.build(args.results, args.out, metric=args.metric, allow_incomplete=args.allow_incomplete,
+                            where=where)
+        print(f"report: {path}")
+        return 0
+    res = load_mod.load(args.results, metric=args.metric, allow_incomplete=args.allow_incomplete, where=where)
+    options = {"axes": args.axis, "method": args.method} if args.kind == "insensitivity" else {}
+    if args.kind != "insensitivity" and (args.axis or args.method):
+        raise load_mod.AnalysisError("--axis/--method: only for `analyze insensitivity`")
+    from pathlib import Path
+    text, files = report.run_kind(args.kind, res, Path(args.out) if args.out else None, **options)
+    print(f"Used: {res.describe()}\n")
+    print(text)
+    for f in files:
+        print(f"plot: {f}")
+    return 0
 
 
 def _print_summary(summary: dict, out) -> None:
@@ -104,6 +154,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
+        if args.command in ("analyze", "report"):
+            return _analysis(args)
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out
@@ -111,6 +163,11 @@ def main(argv=None) -> int:
         _print_summary(summary, out)
         return 0
     except ConfigError as e:
+        print(f"cts-ray: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:   # AnalysisError, SchemaError: the data cannot answer; one line
+        if type(e).__name__ not in ("AnalysisError", "SchemaError"):
+            raise
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

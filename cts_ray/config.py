@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ def _non_negative(v):
 
 def _fraction(v):
     return 0 < v <= 1
+
+
+# Ray refuses (only once a trial is scheduled) resource requests finer than 0.0001, and GPU
+# requests above 1 that are not whole numbers.
+def _cpus(v):
+    return v >= 1e-4
+
+
+def _gpus(v):
+    return v == 0 or 1e-4 <= v <= 1 or (v > 1 and float(v).is_integer())
 
 
 # Registries are imported lazily (they import torch); their names are the allowed values.
@@ -145,10 +156,10 @@ class ResourcesConfig:
     threads: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
                                 identity=False, help="torch CPU threads; null = torch's default")
     amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
-    cpus: float = _f(1, check=_positive, allowed="a number > 0", identity=False,
+    cpus: float = _f(1, check=_cpus, allowed="a number >= 0.0001", identity=False,
                      help="CPUs per trial in sweeps")
-    gpus: float = _f(0, check=_non_negative, allowed="a number >= 0", identity=False,
-                     help="GPUs per trial in sweeps (fractions share a GPU)")
+    gpus: float = _f(0, check=_gpus, allowed="0, a number in [0.0001, 1] or a whole number > 1",
+                     identity=False, help="GPUs per trial in sweeps (fractions share a GPU)")
 
 
 @dataclass
@@ -384,7 +395,20 @@ def set_in(raw: dict, parts: list[str], value) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path) -> dict:
+def check_folder(key: str, path) -> None:
+    """Refuse a folder path we could not create or write: it, or the nearest existing folder
+    above it, must be a writable directory."""
+    p = Path(path).expanduser().absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == p else f"is inside the file {str(existing)!r}"
+        raise ConfigError(f"{key}: {str(path)!r} {where}; expected a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {str(path)!r} is not writable ({str(existing)!r}); expected a writable folder path")
+
+
+def read_yaml(path, keys=None) -> dict:
+    """A YAML mapping, read with the safe loader (no python/* tags); ``keys`` name what it may hold."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; expected a YAML file")
@@ -393,11 +417,17 @@ def read_yaml(path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(path)!r}: malformed YAML{where}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or "").split())
+        raise ConfigError(f"config file {str(path)!r}: malformed YAML{where}" + (f" ({problem})" if problem else "")
+                          + "; expected a YAML mapping") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r}: cannot be read ({type(e).__name__}); "
+                          "expected a readable UTF-8 YAML file") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping with sections {', '.join(SECTIONS)}")
+        raise ConfigError(f"config file {str(path)!r}: got a {type(raw).__name__}; expected a mapping with keys "
+                          f"{', '.join(keys or SECTIONS)}")
     return raw
 
 

@@ -24,7 +24,7 @@ import torch
 from . import data as data_mod
 from . import models, runtime, sanity
 from .cache import DenseCache
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_folder
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket
 from .train import evaluate, prepare, train_epochs
@@ -44,6 +44,7 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out: {str(out)!r} is a file; expected a folder for the run")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out: {str(out)!r} already holds a run; choose another --out or pass --overwrite")
+    check_folder("--out", out)
 
 
 class _Progress:

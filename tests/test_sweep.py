@@ -16,50 +16,9 @@ import yaml
 
 from cts_ray.sweep import runner, spec as spec_mod, tables
 
-from conftest import REPO
+from conftest import BIN, REPO, _free_port, _run, _sweep_file
 
-BIN = REPO / ".venv" / "bin"
 SMALL = {"training.epochs": 4, "training.milestones": [3], "resources.cpus": 0.5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A head raylet (2 CPUs, 1 logical GPU) and a worker raylet (2 CPUs), started once."""
-    temp = tmp_path_factory.mktemp("ray")
-    port = _free_port()
-    # A local test cluster on loopback: no token auth (Ray 2.60's `ray start` otherwise expects a
-    # token shared by all nodes and drivers).
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    ray = str(BIN / "ray")
-    common = ["--num-cpus=2", "--disable-usage-stats", "--include-dashboard=false"]
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-gpus=1", f"--temp-dir={temp}",
-                    "--node-ip-address=127.0.0.1", *common[:2]], check=True, env=env, capture_output=True)
-    address = f"127.0.0.1:{port}"
-    subprocess.run([ray, "start", f"--address={address}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-                    *common[:2]], check=True, env=env, capture_output=True)
-    yield address
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-    os.environ.pop("RAY_AUTH_MODE", None)
-
-
-def _sweep_file(tmp_path, name, body: dict) -> Path:
-    f = tmp_path / f"{name}.yaml"
-    f.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "sweeps"), **body}))
-    return f
-
-
-def _run(args, tmp_path, timeout=600, env=None):
-    p = subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=timeout, env={**os.environ, **(env or {})})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
 
 
 def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
@@ -299,3 +258,78 @@ def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tm
     assert by_lr[0.1]["status"] == "finished"
     error = by_lr[1e30]["error"].lower()
     assert by_lr[1e30]["status"] == "diverged" and ("became nan" in error or "became inf" in error), error
+
+
+def _trial_pids(root) -> dict:
+    """Tune's per-trial result.json lines carry the worker's pid and what the trial reported."""
+    out = {}
+    for f in (root / "tune").glob("trial_*/result.json"):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue   # a line being written
+            out.setdefault(r["trial_id"], []).append(r)
+    return out
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
+    """SIGKILL the process running a trial mid-retraining: Tune retries it from its last checkpoint;
+    every trial ends up exactly once in Parquet and MLflow, and no epoch row is duplicated."""
+    f = _sweep_file(tmp_path, "killed", {"base": str(REPO / "configs" / "digits.yaml"),
+                                         "set": {**SMALL, "resources.cpus": 1, "training.epochs": 60,
+                                                 "training.milestones": [40]},
+                                         "grid": {"seed": [0, 1]}, "max_failures": 2})
+    root = tmp_path / "sweeps" / "killed"
+    driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.time() + 240
+    while victim is None and time.time() < deadline:
+        for tid, results in (_trial_pids(root).items() if (root / "tune").exists() else []):
+            retrain = [r for r in results if r.get("phase") == "retrain"]
+            if len(retrain) >= 5:   # mid-retraining, with checkpoints behind it
+                victim = (tid, retrain[-1]["pid"], len(retrain))
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no trial reached retraining"
+    os.kill(victim[1], signal.SIGKILL)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out[-3000:]
+
+    results = _trial_pids(root)[victim[0]]
+    pids = {r["pid"] for r in results}
+    assert len(pids) == 2, "the trial was not retried in a new worker"
+    # the retry restored the checkpoint: it did not train the dense run and search again
+    after = [r for r in results if r["pid"] != victim[1]]
+    assert not any(r.get("phase") in ("dense", "search") for r in after)
+    assert [r["epoch"] for r in after if r.get("phase") == "retrain"][0] >= victim[2]
+
+    trials = tables.read(root, "trials").to_pylist()
+    assert sorted(t["seed"] for t in trials) == [0, 1] and {t["status"] for t in trials} == {"finished"}
+    epochs = tables.read(root, "epochs").to_pylist()
+    mine = [(r["phase"], r["epoch"]) for r in epochs if r["trial_id"] == victim[0]]
+    assert len(mine) == len(set(mine)) and sorted(e for p, e in mine if p == "retrain") == list(range(2, 61))
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cts-ray")
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'killed'")
+    assert sorted(r.data.tags["cts.role"] for r in runs) == ["parent", "trial", "trial"]
+    child = next(r for r in runs if r.data.tags.get("cts.trial_id") == victim[0])
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "retrain/test_accuracy")]
+    assert len(steps) == len(set(steps)) == 59 and child.info.status == "FINISHED"
+
+
+def test_mlflow_server_down_loses_no_parquet_results(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "nomlflow", {"base": str(REPO / "configs" / "digits.yaml"), "set": SMALL,
+                                           "grid": {"seed": [0, 1]},
+                                           "mlflow": {"tracking_uri": f"http://127.0.0.1:{_free_port()}",
+                                                      "experiment": "cts-ray"}})
+    p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "MLflow logging failed: parent run:" in p.stderr and "Parquet tables are unaffected" in p.stderr
+    trials = tables.read(tmp_path / "sweeps" / "nomlflow", "trials").to_pylist()
+    assert sorted(t["seed"] for t in trials) == [0, 1] and {t["status"] for t in trials} == {"finished"}
+    assert len(tables.read(tmp_path / "sweeps" / "nomlflow", "epochs")) == 2 * (4 + 3)

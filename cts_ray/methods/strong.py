@@ -197,11 +197,11 @@ class DensityController:
         g_c = _phi_pdf(a) / (self.sigma * self.d)
         err = _phi_cdf(a).mean() / self.kappa - 1
         nc = _norm(g_c)
-        ratio = torch.where(nc > 0, _norm(g_task) / nc.clamp_min(1e-38), torch.zeros_like(nc))
+        ratio = torch.where(nc > 0, _norm(g_task) / nc.clamp_min(1e-300), torch.zeros_like(nc))
         self.nu = ratio if self.nu is None else 0.99 * self.nu + 0.01 * ratio
         self.integral = self.integral + err
         self.lam = self.nu * (self.K_P * err + self.integral)
-        return g_task + self.lam * g_c
+        return g_task + self.lam.to(g_task.dtype) * g_c
 
 
 def gates(ctx: SearchContext) -> Ticket:

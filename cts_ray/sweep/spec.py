@@ -93,26 +93,31 @@ def _err(msg: str):
 def load(path, overrides=(), name: Optional[str] = None) -> SweepSpec:
     """Read, apply ``--set`` overrides, and validate a sweep file (every trial config included)."""
     path = Path(path)
-    raw = C.read_yaml(path)
+    raw = C.read_yaml(path, TOP_KEYS)
     for text in overrides:
         parts, value = C.parse_override(text)
+        key = ".".join(parts)
         if parts[0] in ("set", "grid", "sample") and len(parts) > 1:   # e.g. grid.seed=[0,1]
-            raw[parts[0]] = dict(raw.get(parts[0]) or {})
-            raw[parts[0]][".".join(parts[1:])] = value
+            _mapping(raw, parts[0], key)[".".join(parts[1:])] = value
         elif parts[0] in TOP_KEYS:
             node = raw
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    _err(f"{'.'.join(parts)}: {p} is not a mapping")
+            for i, p in enumerate(parts[:-1]):
+                node = _mapping(node, p, key, ".".join(parts[:i + 1]))
             node[parts[-1]] = value
         else:   # a run-config key: fixed for every trial
-            raw.setdefault("set", {})
-            raw["set"] = dict(raw["set"] or {})
-            raw["set"][".".join(parts)] = value
+            _mapping(raw, "set", key)[key] = value
     if name is not None:
         raw["name"] = name
     return validate(raw, path)
+
+
+def _mapping(node: dict, p: str, key: str, where: Optional[str] = None) -> dict:
+    """``node[p]`` as a (copied) mapping that a ``--set key=...`` override may write into."""
+    value = node.get(p)
+    if value is not None and not isinstance(value, dict):
+        _err(f"{key}: {where or p} is {value!r}, not a mapping; expected --set {where or p}=VALUE")
+    node[p] = dict(value or {})
+    return node[p]
 
 
 def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
@@ -156,6 +161,9 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     spec.searcher = _choice("searcher", raw.get("searcher", "grid"), SEARCHERS)
     if spec.sample and spec.searcher == "grid":
         _err("searcher: 'grid' cannot draw from sample distributions; choose one of: random, optuna")
+    if spec.searcher == "optuna" and not spec.grid and not spec.sample:
+        _err("searcher: 'optuna' has nothing to search (no grid or sample keys); add some, or choose one of: "
+             "grid, random")
     spec.num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
     spec.seed = _int("seed", raw.get("seed", 0), 0)
     spec.max_failures = _int("max_failures", raw.get("max_failures", 2), 0)
@@ -166,10 +174,14 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     storage = raw.get("storage", "results/sweeps")
     if not isinstance(storage, str) or not storage:
         _err(f"storage: {storage!r}; expected a folder path")
+    C.check_folder("storage", storage)
     spec.storage = storage
     ml = raw.get("mlflow") or {}
     if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment"}:
         _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment")
+    for k in ("tracking_uri", "experiment"):
+        if ml.get(k) is not None and (not isinstance(ml[k], str) or not ml[k]):
+            _err(f"mlflow.{k}: {ml[k]!r}; expected a non-empty string or null")
     spec.mlflow = {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray"}
     _check_trials(spec)
     return spec

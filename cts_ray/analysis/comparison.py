@@ -1,0 +1,163 @@
+"""Method comparison: sparsity–accuracy curves, the paper-style table (methods × densities), the
+compute table (time to a retrained ticket, CTS / LTR speed-up) and the sanity-check table."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import plots, stats
+from .load import AnalysisError, Results, primary
+
+ORDER = ["cts", "ltr", "snip", "grasp", "synflow", "magnitude", "random", "gates", "edge_popup"]
+ALPHA = 0.05
+ZOOM = 6.0   # points below the best mean shown in the zoomed panel
+
+
+def _order(m):
+    return (ORDER.index(m) if m in ORDER else len(ORDER), m)
+
+
+def _f(x, d=2):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def _ms(x) -> str:
+    mean, std, _, _ = stats.mean_ci(x)
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def analyse(res: Results) -> dict:
+    main = primary(res.trials)
+    if main.empty:
+        raise AnalysisError("comparison: no trials without a sanity check here")
+    methods = sorted(set(main["method"]), key=_order)
+    densities = sorted(set(main["target_density"]), reverse=True)
+    cells = {}
+    for (m, d), g in main.groupby(["method", "target_density"]):
+        cells[m, d] = {"acc": g["accuracy"].to_numpy(), "achieved": float(g["achieved_density"].mean()),
+                       "ticket_s": float(g["ticket_seconds"].mean()), "search_s": float(g["search_seconds"].mean()),
+                       "epochs": float(g["epochs_equivalent"].mean()), "n": len(g)}
+    dense = main.drop_duplicates("seed")["dense_test_accuracy"].dropna().to_numpy() * 100
+    speedup = {d: cells["ltr", d]["ticket_s"] / cells["cts", d]["ticket_s"]
+               for d in densities if ("ltr", d) in cells and ("cts", d) in cells}
+    labels = {m: main[main["method"] == m]["label"].iloc[0] for m in methods}
+    return {"methods": methods, "densities": densities, "cells": cells, "dense": dense, "speedup": speedup,
+            "labels": labels, "sanity": _sanity(res)}
+
+
+def _sanity(res: Results) -> list[dict]:
+    df = res.trials
+    rows = []
+    for (variant, d, check), g in df[df["sanity"] != "none"].groupby(["variant", "target_density", "sanity"]):
+        base = df[(df["variant"] == variant) & (df["target_density"] == d) & (df["sanity"] == "none")]
+        if base.empty:
+            continue
+        a, b = dict(zip(base["seed"], base["accuracy"])), dict(zip(g["seed"], g["accuracy"]))
+        drop, p, test, n = stats.compare(a, b)
+        one_sided = p / 2 if drop > 0 else 1 - p / 2 if not math.isnan(p) else math.nan
+        rows.append({"label": g["label"].iloc[0], "method": g["method"].iloc[0], "density": d, "check": check,
+                     "unmodified": float(base["accuracy"].mean()), "checked": float(g["accuracy"].mean()),
+                     "drop": drop, "p": one_sided, "test": test, "n": n,
+                     "passes": drop > 0 and not math.isnan(one_sided) and one_sided < ALPHA})
+    return sorted(rows, key=lambda r: (_order(r["method"]), -r["density"], r["check"]))
+
+
+def accuracy_table(result: dict) -> str:
+    ds = result["densities"]
+    out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
+    ns = {c["n"] for c in result["cells"].values()}
+    for m in result["methods"]:
+        row = [(_ms(result["cells"][m, d]["acc"]) + ("" if len(ns) == 1 else f" (n={result['cells'][m, d]['n']})"))
+               if (m, d) in result["cells"] else "–" for d in ds]
+        out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
+    n = next(iter(ns))
+    foot = f"Test accuracy %, mean ± std over {n} seeds" if len(ns) == 1 else "Test accuracy %, mean ± std (n seeds)"
+    if len(result["dense"]):
+        foot += f"; dense network {_ms(result['dense'])} % ({len(result['dense'])} seeds)"
+    return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept)."])
+
+
+def compute_table(result: dict) -> str:
+    ds = result["densities"]
+    out = ["| method | " + " | ".join(f"{100 * d:.3g} %: ticket s (epochs) | method s" for d in ds) + " |",
+           "|---|" + "---:|---:|" * len(ds)]
+    for m in result["methods"]:
+        row = []
+        for d in ds:
+            c = result["cells"].get((m, d))
+            row += [f"{c['ticket_s']:.1f} ({c['epochs']:.1f})", f"{c['search_s']:.2f}"] if c else ["–", "–"]
+        out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
+    out += ["", "Mean seconds to a retrained ticket (SPEC §1: dense to the search point + method + retraining; "
+                "LTR: every round up to that density), with epochs-equivalent; `method s` is the search alone."]
+    if result["speedup"]:
+        out += ["", "| density % | " + " | ".join(f"{100 * d:.3g}" for d in result["speedup"]) + " |",
+                "|---|" + "---:|" * len(result["speedup"]),
+                "| LTR / CTS time | " + " | ".join(f"{s:.1f}×" for s in result["speedup"].values()) + " |"]
+    return "\n".join(out)
+
+
+def sanity_table(result: dict) -> str:
+    if not result["sanity"]:
+        raise AnalysisError("sanity checks: no trials with search.sanity shuffle|invert|reinit next to their "
+                            "unmodified ticket here (see tune_configs/sanity_checks.yaml)")
+    out = ["| method | density % | check | unmodified % | checked % | drop, points | test (seeds) | p (one-sided) "
+           "| passes |", "|---|---:|---|---:|---:|---:|---|---:|---|"]
+    for r in result["sanity"]:
+        out.append(f"| {r['label']} | {100 * r['density']:.3g} | {r['check']} | {_f(r['unmodified'])} | {_f(r['checked'])} "
+                   f"| {_f(r['drop'])} | {r['test']} ({r['n']}) | {_f(r['p'], 3)} | {'yes' if r['passes'] else 'no'} |")
+    return "\n".join(out + ["", "A method passes a check when its ticket loses accuracy under it "
+                                f"(drop > 0, one-sided p < {ALPHA}): its mask carries information beyond per-layer density."])
+
+
+def markdown(result: dict) -> str:
+    parts = ["### Accuracy", "", accuracy_table(result), "", "### Compute", "", compute_table(result), "",
+             "### Sanity checks", ""]
+    try:
+        parts.append(sanity_table(result))
+    except AnalysisError as e:
+        parts.append(f"_Not answerable: {e}_")
+    return "\n".join(parts)
+
+
+def plot(res: Results, result: dict, out: Path) -> list[str]:
+    # left: the full range; right: zoomed to the top, where the methods worth comparing are
+    fig, axes = plots.figure(ncols=2)
+    top = max(a.mean() for a in (c["acc"] for c in result["cells"].values()))
+    for ax, zoom in zip(axes, (False, True)):
+        for i, m in enumerate(result["methods"]):
+            ds = [d for d in result["densities"] if (m, d) in result["cells"]]
+            x = [result["cells"][m, d]["achieved"] for d in ds]
+            acc = [result["cells"][m, d]["acc"] for d in ds]
+            mean = np.array([a.mean() for a in acc])
+            sd = np.array([a.std(ddof=1) if len(a) > 1 else 0.0 for a in acc])
+            ax.plot(x, mean, marker="o", color=f"C{i}", label=result["labels"][m])
+            ax.fill_between(x, mean - sd, mean + sd, color=f"C{i}", alpha=0.15, linewidth=0)
+        if len(result["dense"]):
+            ax.axhline(result["dense"].mean(), color="k", linestyle="--", linewidth=1, label="dense")
+        plots.density_axis(ax, result["densities"])
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_ylim(top - ZOOM, top + 0.1 * ZOOM)
+            ax.set_title(f"top {ZOOM:g} points", fontsize="medium")
+        else:
+            ax.set_title("full range", fontsize="medium")
+    axes[0].set_ylabel(f"{res.metric.replace('_', ' ')} (%), mean ± seed std")
+    axes[0].legend(loc="lower left", fontsize="small")
+    fig.suptitle("Sparsity–accuracy (x: achieved density; ticks at the target densities)")
+    files = [plots.save(fig, out / "accuracy_vs_density.png")]
+
+    fig, (ax,) = plots.figure()
+    for i, m in enumerate(result["methods"]):
+        ds = [d for d in result["densities"] if (m, d) in result["cells"]]
+        ax.plot([result["cells"][m, d]["achieved"] for d in ds], [result["cells"][m, d]["ticket_s"] for d in ds],
+                marker="o", color=f"C{i}", label=result["labels"][m])
+    plots.density_axis(ax, result["densities"])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds to a retrained ticket (log scale)")
+    ax.set_title("Time to ticket")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", fontsize="small")
+    files.append(plots.save(fig, out / "time_to_ticket.png"))
+    return files

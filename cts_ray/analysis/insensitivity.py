@@ -1,0 +1,127 @@
+"""How much does each swept hyperparameter move accuracy, compared with seeds alone?
+
+For every method, axis (temperature, mask learning rate, search length, objective, controller,
+search point) and density where the trials hold ≥ 2 values of that axis with everything else
+equal: the range and standard deviation of the per-value mean accuracy (with percentile-bootstrap
+95 % CIs, resampling seeds within each value), the pooled seed standard deviation, a one-way
+ANOVA p-value, and a plain verdict.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import plots, stats
+from .load import AXES, AnalysisError, Results, context
+
+# the config key each axis column comes from
+AXIS_KEYS = {"temperature": "search.temperature", "mask_lr": "search.lr", "search_length": "search.length",
+             "objective": "search.objective", "controller": "search.controller", "search_point": "search.point"}
+ALPHA = 0.05
+
+
+def _span(values) -> str:
+    if all(isinstance(v, (int, float)) for v in values):
+        return f"{min(values):.4g}–{max(values):.4g}"
+    return ", ".join(map(str, values))
+
+
+def analyse(res: Results, axes=None, method=None) -> list[dict]:
+    df = res.trials[res.trials["sanity"] == "none"]
+    if method is not None:
+        if method not in set(df["method"]):
+            raise AnalysisError(f"method: {method!r} has no finished trials here; "
+                                f"allowed: {', '.join(sorted(set(df['method'])))}")
+        df = df[df["method"] == method]
+    for a in axes or ():
+        if a not in AXES:
+            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+    rows, seen = [], {}
+    for axis in axes or AXES:
+        ctx = [context(f, drop=(AXIS_KEYS[axis],)) for f in df["_flat"]]
+        for (m, _, density), g in df.assign(_ctx=ctx).groupby(["method", "_ctx", "target_density"], sort=True):
+            values = sorted(g[axis].dropna().unique().tolist())
+            seen.setdefault(axis, set()).update(values)
+            if len(values) < 2:
+                continue
+            groups = [g[g[axis] == v]["accuracy"].to_numpy() for v in values]
+            means = [float(x.mean()) for x in groups]
+            rng, std = stats.spread(groups)
+            (rlo, rhi), (slo, shi) = stats.bootstrap_spread(groups)
+            seed_std = stats.pooled_std(groups)
+            p = stats.anova_p(groups)
+            best = values[int(np.argmax(means))]
+            rows.append({"method": m, "axis": axis, "density": density, "values": values,
+                         "n": [len(x) for x in groups], "means": means,
+                         "stds": [float(x.std(ddof=1)) if len(x) > 1 else 0.0 for x in groups], "range": rng, "range_ci": (rlo, rhi),
+                         "std": std, "std_ci": (slo, shi), "seed_std": seed_std,
+                         "ratio": std / seed_std if seed_std and not math.isnan(seed_std) else math.nan,
+                         "p": p, "best": best, "verdict": _verdict(rng, seed_std, p, values, best, std)})
+    if not rows:
+        held = "; ".join(f"{a}: {', '.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in sorted(vs))}"
+                         for a, vs in seen.items() if vs)
+        asked = ", ".join(axes) if axes else "every axis"
+        raise AnalysisError(f"insensitivity: {asked} has a single value at each setting in these trials ({held}); "
+                            f"sweep one, e.g. grid: {{search.temperature: [0.25, 0.5, 1.0]}}")
+    return sorted(rows, key=lambda r: (r["method"], AXES.index(r["axis"]), -r["density"]))
+
+
+def _verdict(rng, seed_std, p, values, best, std) -> str:
+    span = _span(values)
+    if math.isnan(p) or math.isnan(seed_std):
+        return f"within {rng:.2f} points across {span}; seed noise unknown (one seed per value)"
+    if p >= ALPHA:
+        return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
+                f"(seed std {seed_std:.2f}, p = {p:.2f})")
+    return (f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; "
+            f"best at {best:.4g} (p = {p:.3f})" if isinstance(best, float) else
+            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p = {p:.3f})")
+
+
+def _f(x, d=2):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| method | axis | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
+           "| std across values [95 % CI] | seed std | ratio | ANOVA p | verdict |",
+           "|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
+        ns = sorted(set(r["n"]))
+        out.append(f"| {r['method']} | {r['axis']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
+                   f"| {', '.join(_f(m) for m in r['means'])} "
+                   f"| {_f(r['range'])} [{_f(r['range_ci'][0])}, {_f(r['range_ci'][1])}] "
+                   f"| {_f(r['std'])} [{_f(r['std_ci'][0])}, {_f(r['std_ci'][1])}] | {_f(r['seed_std'])} "
+                   f"| {_f(r['ratio'], 1)} | {_f(r['p'], 3)} | {r['verdict']} |")
+    return "\n".join(out)
+
+
+def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
+    """One figure per (method, axis): mean accuracy ± seed std against the axis, a line per density."""
+    files = []
+    for (method, axis) in dict.fromkeys((r["method"], r["axis"]) for r in rows):
+        fig, (ax,) = plots.figure()
+        sel = [r for r in rows if r["method"] == method and r["axis"] == axis]
+        numeric = all(isinstance(v, (int, float)) for r in sel for v in r["values"])
+        cats = sorted({v for r in sel for v in r["values"]}, key=str)
+        for r in sel:
+            x = r["values"] if numeric else [cats.index(v) for v in r["values"]]
+            ax.errorbar(x, r["means"], yerr=r["stds"], marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %")
+        if numeric:
+            vals = [v for r in sel for v in r["values"]]
+            if min(vals) > 0 and max(vals) / min(vals) >= 4:
+                ax.set_xscale("log")
+            ax.set_xticks(sorted(set(vals)), [f"{v:.3g}" for v in sorted(set(vals))])
+            ax.minorticks_off()
+        else:
+            ax.set_xticks(range(len(cats)), cats)
+        ax.set_xlabel(axis.replace("_", " ") + (" (log scale)" if ax.get_xscale() == "log" else ""))
+        ax.set_ylabel(f"{res.metric.replace('_', ' ')} (%), mean ± seed std")
+        ax.set_title(f"{method}: accuracy against {axis.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        files.append(plots.save(fig, out / f"insensitivity_{method}_{axis}.png"))
+    return files

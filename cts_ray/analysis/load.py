@@ -1,0 +1,166 @@
+"""The one place that reads result tables for analysis: finished trials of one or more sweeps.
+
+A trial is identified by its config hash; the same config found in several sweeps is counted
+once (the latest). Trials are grouped into *variants*: the config without its seed, target
+density and sanity check, so seeds of one setting pool together and settings never mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from ..config import Config, stable_hash
+from ..sweep import tables
+
+# the hyperparameter axes an insensitivity study looks at (columns of the trials table)
+AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
+METRICS = ("test_accuracy", "best_test_accuracy")
+
+
+class AnalysisError(ValueError):
+    """The data cannot answer the question; the message says why, in one line."""
+
+
+def _non_identity_keys() -> set:
+    cfg = Config()
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))
+            for f in dataclasses.fields(getattr(cfg, s.name)) if not f.metadata.get("identity", True)}
+
+
+# what does not make two trials different settings: where they ran, and the swept seed/density/check
+_NOT_VARIANT = _non_identity_keys() | {"seed", "search.density", "search.sanity"}
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+@dataclass
+class Results:
+    trials: pd.DataFrame                 # finished trials used, one row per distinct config;
+                                         # `_flat` holds each config as {dotted key: value}
+    sweeps: list = field(default_factory=list)     # (folder, sweep.json contents or {})
+    skipped: dict = field(default_factory=dict)    # reason -> count
+    metric: str = "test_accuracy"
+
+    def describe(self) -> str:
+        names = ", ".join(Path(f).name for f, _ in self.sweeps)
+        skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items() if n)
+        return (f"{len(self.trials)} finished trials from {len(self.sweeps)} sweep(s) ({names})"
+                + (f"; not used: {skipped}" if skipped else ""))
+
+
+def sweep_folders(paths) -> list[Path]:
+    """Each path is a sweep folder (holding tables/) or a folder of sweep folders."""
+    out = []
+    for p in (Path(x).expanduser().resolve() for x in paths):
+        if not p.exists():
+            raise AnalysisError(f"results: {p} does not exist; give a sweep folder such as results/sweeps/quickstart")
+        if not p.is_dir():
+            raise AnalysisError(f"results: {p} is not a folder; give a sweep folder such as results/sweeps/quickstart")
+        found = [p] if (p / "tables" / "trials").is_dir() else \
+            sorted(q for q in p.iterdir() if (q / "tables" / "trials").is_dir())
+        if not found:
+            raise AnalysisError(f"results: {p} holds no trials table (expected {p}/tables/trials/method=*/*.parquet)")
+        out += [f for f in found if f not in out]
+    return out
+
+
+def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False,
+         where: Optional[dict] = None) -> Results:
+    """Finished trials of the sweeps under ``paths``; refuses while trials are still unfinished."""
+    if metric not in METRICS:
+        raise AnalysisError(f"metric: {metric!r}; allowed: {', '.join(METRICS)}")
+    folders = sweep_folders(paths)
+    frames, sweeps, skipped = [], [], {}
+    for folder in folders:
+        try:
+            df = tables.read(folder, "trials").to_pandas()
+        except tables.SchemaError as e:
+            raise AnalysisError(str(e)) from None
+        except FileNotFoundError:
+            df = pd.DataFrame(columns=tables.SCHEMAS["trials"].names + ["method"])
+        meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
+        sweeps.append((str(folder), meta))
+        started = {p.name for p in (folder / "trials").iterdir() if p.is_dir()} if (folder / "trials").is_dir() else set()
+        unfinished = sorted(started - set(df["trial_id"]))
+        if unfinished and not allow_incomplete:
+            raise AnalysisError(
+                f"results: {len(unfinished)} trial(s) of {folder.name} have started but not finished "
+                f"(still running, or interrupted: finish with `cts-ray sweep … --resume`); "
+                f"pass --allow-incomplete to analyse the finished ones")
+        skipped["unfinished"] = skipped.get("unfinished", 0) + len(unfinished)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    for status, n in df["status"].value_counts().items():
+        if status != "finished":
+            skipped[status] = skipped.get(status, 0) + int(n)
+    df = df[(df["status"] == "finished") & df[metric].notna()].copy()
+    before = len(df)
+    # the same config in several sweeps (e.g. tau = 2/3 in a comparison and an ablation): once
+    df = df.sort_values("ended_at").drop_duplicates("config_hash", keep="last")
+    skipped["duplicate configs"] = before - len(df)
+    if where:
+        for key, value in where.items():
+            if key not in df.columns:
+                raise AnalysisError(f"where: unknown column {key!r}; allowed: {', '.join(sorted(df.columns))}")
+            col = df[key]
+            keep = col.astype(str) == str(value)
+            if col.dtype.kind == "f":
+                try:
+                    keep = (col - float(value)).abs() <= 1e-9 * max(1.0, abs(float(value)))
+                except ValueError:
+                    raise AnalysisError(f"where: {key} is numeric; got {value!r}") from None
+            skipped[f"filtered by {key}={value}"] = int((~keep).sum())
+            df = df[keep]
+    if df.empty:
+        raise AnalysisError(f"results: no finished trials with a {metric} in {', '.join(map(str, folders))}")
+    df["accuracy"] = 100.0 * df[metric]          # percentage points everywhere in the analysis
+    flat = [_flat(json.loads(c)) for c in df["config"]]
+    df["variant"] = [context(f) for f in flat]
+    df["_flat"] = flat
+    df = df.sort_values(["method", "variant", "target_density", "seed"]).reset_index(drop=True)
+    labels = _labels(df)
+    df["label"] = df["variant"].map(labels)
+    return Results(df, sweeps, skipped, metric)
+
+
+def context(flat: dict, drop=()) -> str:
+    """A hash of everything that makes a setting, less ``drop`` (e.g. the axis under study)."""
+    return stable_hash({k: v for k, v in flat.items() if k not in _NOT_VARIANT and k not in drop}, 10)
+
+
+def primary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, the variant with the most trials (ties: the first label): what a method table shows."""
+    base = df[df["sanity"] == "none"]
+    counts = base.groupby(["method", "variant"]).size().reset_index(name="n")
+    counts = counts.sort_values(["method", "n", "variant"], ascending=[True, False, True])
+    keep = set(counts.drop_duplicates("method")["variant"])
+    return base[base["variant"].isin(keep)]
+
+
+def _labels(df: pd.DataFrame) -> dict:
+    """Name each variant by its method plus what differs from the method's most common variant."""
+    out = {}
+    for method, g in df.groupby("method"):
+        variants = g.groupby("variant").size().sort_values(ascending=False, kind="stable")
+        ref = g[g["variant"] == variants.index[0]]["_flat"].iloc[0]
+        for v in variants.index:
+            f = g[g["variant"] == v]["_flat"].iloc[0]
+            diff = [f"{k.removeprefix('search.')}={_short(f.get(k))}" for k in sorted(set(f) | set(ref))
+                    if k not in _NOT_VARIANT and f.get(k) != ref.get(k)]
+            out[v] = method + (f" ({', '.join(diff)})" if diff else "")
+    return out
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v

@@ -1,0 +1,92 @@
+"""Small, explicit statistics: t intervals, percentile bootstrap, ANOVA, Levene, paired tests, Holm."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.95
+BOOTSTRAP = 4000
+MIN_TEST = 3   # seeds per group a test needs: with 2, Levene is degenerate and a t-test has 1 dof
+
+
+def mean_ci(x, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """(mean, sample std, CI low, CI high) with a Student-t interval; std and CI are nan for n < 2."""
+    x = np.asarray(x, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    return mean, std, mean - half, mean + half
+
+
+def spread(groups: list) -> tuple[float, float]:
+    """Range and standard deviation of the group means (the spread a hyperparameter causes)."""
+    means = np.array([np.mean(g) for g in groups])
+    return float(means.max() - means.min()), float(means.std(ddof=1)) if len(means) > 1 else math.nan
+
+
+def bootstrap_spread(groups: list, seed: int = 0, n: int = BOOTSTRAP, level: float = LEVEL):
+    """Percentile-bootstrap CIs of (range, std) of group means, resampling seeds within each group."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    means = np.stack([a[rng.integers(0, len(a), size=(n, len(a)))].mean(axis=1) for a in arrays], axis=1)
+    ranges, stds = means.max(axis=1) - means.min(axis=1), means.std(axis=1, ddof=1)
+    q = [50 * (1 - level), 50 * (1 + level)]
+    return tuple(np.percentile(ranges, q)), tuple(np.percentile(stds, q))
+
+
+def pooled_std(groups: list) -> float:
+    """Within-group (seed) standard deviation pooled over the groups that have ≥ 2 seeds."""
+    ss = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups if len(g) > 1)
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(ss / dof) if dof else math.nan
+
+
+def anova_p(groups: list) -> float:
+    """One-way ANOVA p-value: does the group (hyperparameter value) explain more than seed noise?"""
+    if sum(len(g) - 1 for g in groups) < 1 or len(groups) < 2:
+        return math.nan
+    if all(np.ptp(g) == 0 for g in groups):   # no seed noise at all: any difference is the effect
+        return 0.0 if np.ptp([np.mean(g) for g in groups]) > 0 else 1.0
+    return float(stats.f_oneway(*groups).pvalue)
+
+
+def levene_p(groups: list) -> float:
+    """Brown–Forsythe (median-centred Levene) test that the groups' variances are equal."""
+    groups = [g for g in groups if len(g) >= MIN_TEST]
+    if len(groups) < 2:
+        return math.nan
+    if all(np.ptp(g) == 0 for g in groups):
+        return 1.0
+    return float(stats.levene(*groups, center="median").pvalue)
+
+
+def compare(a: dict, b: dict) -> tuple[float, float, str, int]:
+    """Is A better than B? ``a``/``b`` map seed -> value. Paired t over shared seeds when there are
+    ≥ MIN_TEST of them, else Welch's t (nan when either side has fewer). Returns (mean difference, two-sided p, test name, n)."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= MIN_TEST:
+        d = np.array([a[s] - b[s] for s in shared])
+        p = 1.0 if np.all(d == d[0]) and d[0] == 0 else \
+            (0.0 if np.ptp(d) == 0 else float(stats.ttest_rel([a[s] for s in shared], [b[s] for s in shared]).pvalue))
+        return float(d.mean()), p, "paired t", len(shared)
+    x, y = np.array(list(a.values())), np.array(list(b.values()))
+    if len(x) < MIN_TEST or len(y) < MIN_TEST:
+        return float(x.mean() - y.mean()), math.nan, "—", 0
+    p = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if (np.ptp(x) or np.ptp(y)) else \
+        (0.0 if x.mean() != y.mean() else 1.0)
+    return float(x.mean() - y.mean()), p, "Welch t", min(len(x), len(y))
+
+
+def holm(pvalues: list) -> list:
+    """Holm–Bonferroni adjusted p-values (nan stays nan), for the pairs compared at one density."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out, running = list(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        out[i] = running
+    return out

@@ -1,0 +1,207 @@
+"""`cts-ray analyze` / `cts-ray report`: statistics on tables with known answers, refusals when the
+data cannot answer, and a report from a real (small) digits sweep checked against the Parquet files."""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from matplotlib import image
+from scipy import stats as sps
+
+from cts_ray import cli, config
+from cts_ray.analysis import comparison, insensitivity, load as load_mod, plots, report, seeds, stats
+from cts_ray.analysis.load import AnalysisError
+from cts_ray.sweep import tables
+
+from conftest import REPO, _run
+
+
+def _trial(root, method="cts", density=0.1, seed=0, acc=0.9, temperature=2 / 3, sanity="none",
+           ticket_seconds=10.0, status="finished", trial_id=None, sweep=None, **extra):
+    """Write one trial's row of the trials table, as a sweep would (a real resolved config)."""
+    overrides = [f"search.method={method}", f"search.density={density}", f"seed={seed}",
+                 f"search.temperature={temperature}", f"search.sanity={sanity}"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    cfg = config.load(None, overrides)
+    trial_id = trial_id or f"{method}-{cfg.hash}"
+    common = {"sweep": sweep or Path(root).name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
+    row = {"status": status, "test_accuracy": acc if status == "finished" else None,
+           "best_test_accuracy": acc, "dense_test_accuracy": 0.95, "achieved_density": density,
+           "ticket_seconds": ticket_seconds, "search_seconds": 1.0, "epochs_equivalent": 10.0,
+           "started_at": 1.7e9, "ended_at": 1.7e9 + seed, "code_version": "test", "hostname": "here",
+           "node_id": "n0", "library_versions": json.dumps({"torch": "2.14.1"}), "config": json.dumps(cfg.to_dict())}
+    tables.write(root, "trials", method, trial_id, [row], common)
+    return trial_id
+
+
+NOISE = [-0.5, 0.0, 0.5]   # seed effect in points, the same for every setting (seed std 0.5)
+
+
+@pytest.fixture
+def known(tmp_path):
+    """Temperature has no effect at density 0.1 and a large one at 0.01; two methods at 0.1."""
+    root = tmp_path / "known"
+    for s, e in enumerate(NOISE):
+        for t in (0.25, 2 / 3, 1.0):
+            _trial(root, density=0.1, seed=s, temperature=t, acc=(90 + e) / 100)
+        for t, mean in ((0.25, 80), (2 / 3, 90), (1.0, 95)):
+            _trial(root, density=0.01, seed=s, temperature=t, acc=(mean + e) / 100)
+        _trial(root, method="random", density=0.1, seed=s, acc=(70 + 3 * e) / 100)
+    return root
+
+
+def test_insensitivity_no_effect_and_large_effect(known):
+    res = load_mod.load([known])
+    rows = insensitivity.analyse(res)
+    assert {(r["axis"], r["density"]) for r in rows} == {("temperature", 0.1), ("temperature", 0.01)}
+    flat, steep = sorted(rows, key=lambda r: -r["density"])
+    assert flat["range"] == pytest.approx(0, abs=1e-9) and flat["seed_std"] == pytest.approx(0.5)
+    assert flat["p"] == pytest.approx(1.0) and flat["verdict"].startswith("insensitive: within 0.00 points")
+    assert steep["range"] == pytest.approx(15) and steep["means"] == pytest.approx([80, 90, 95])
+    assert steep["std"] == pytest.approx(np.std([80, 90, 95], ddof=1))
+    assert steep["seed_std"] == pytest.approx(0.5) and steep["p"] < 1e-6
+    assert steep["best"] == 1.0 and steep["verdict"].startswith("sensitive: 15.00 points across 0.25–1")
+    lo, hi = steep["range_ci"]
+    assert lo <= 15 <= hi and hi - lo < 3   # resampling 3 seeds of ±0.5 moves the range by ≤ 2 points
+    assert "| cts | temperature | 1 |" in insensitivity.markdown(rows)
+
+
+def test_seed_statistics_and_significance(known):
+    res = load_mod.load([known])
+    out = seeds.analyse(res)
+    cell = next(c for c in out["cells"] if c["label"] == "random" and c["density"] == 0.1)
+    acc = [70 + 3 * e for e in NOISE]
+    half = sps.t.ppf(0.975, 2) * np.std(acc, ddof=1) / math.sqrt(3)
+    assert cell["mean"] == pytest.approx(70) and cell["std"] == pytest.approx(1.5)
+    assert cell["ci"] == pytest.approx((70 - half, 70 + half)) and (cell["min"], cell["max"]) == pytest.approx((68.5, 71.5))
+    # cts (primary setting: tau = 2/3) beats random by 20 points on every seed: significant, paired
+    pair = next(p for p in out["pairs"] if p["density"] == 0.1)
+    assert {pair["a"], pair["b"]} == {"cts", "random"} and pair["test"] == "paired t" and pair["significant"]
+    assert "| 10 | cts | random | 20.00 | paired t (3) |" in seeds.markdown(out)
+    # seed std 0.5 against 1.5, 3 seeds each: a variance test runs and reports both
+    (vt,) = out["variance_tests"]
+    assert vt["stds"] == pytest.approx({"cts": 0.5, "random": 1.5})
+
+
+def test_variance_test_and_holm_on_known_data():
+    rng = np.random.default_rng(0)
+    calm, wild = rng.normal(0, 0.1, 12), rng.normal(0, 5, 12)
+    assert stats.levene_p([calm, wild]) < 0.01 and stats.levene_p([calm, calm + 3]) > 0.5
+    assert stats.holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    # no pairwise test from two seeds
+    assert math.isnan(stats.compare({0: 1.0, 1: 2.0}, {0: 0.0, 1: 0.5})[1])
+
+
+def test_comparison_speedup_and_sanity_drop(tmp_path):
+    root = tmp_path / "cmp"
+    for s, e in enumerate(NOISE):
+        _trial(root, "cts", 0.01, s, (90 + e) / 100, ticket_seconds=10)
+        _trial(root, "ltr", 0.01, s, (91 + e) / 100, ticket_seconds=150)
+        _trial(root, "cts", 0.01, s, (60 + e) / 100, sanity="shuffle", ticket_seconds=10)
+        _trial(root, "snip", 0.01, s, (85 + e) / 100, search__examples_per_class=10)
+    res = load_mod.load([root])
+    out = comparison.analyse(res)
+    assert out["speedup"] == {0.01: pytest.approx(15.0)}
+    assert "| LTR / CTS time | 15.0× |" in comparison.compute_table(out)
+    table = comparison.accuracy_table(out)
+    assert "| cts | 90.00 ± 0.50 |" in table and "| ltr | 91.00 ± 0.50 |" in table
+    assert "| snip | 85.00 ± 0.50 |" in table and "dense network 95.00 ± 0.00 %" in table
+    (chk,) = out["sanity"]
+    assert chk["check"] == "shuffle" and chk["drop"] == pytest.approx(30) and chk["passes"]
+    files = comparison.plot(res, out, tmp_path)
+    assert [image.imread(f).shape[:2] for f in files] == [plots.PIXELS[::-1]] * 2
+
+
+def test_refusals_name_the_problem(tmp_path, known, capsys):
+    one_seed = tmp_path / "one"
+    _trial(one_seed, "cts", 0.1, 0, 0.9)
+    _trial(one_seed, "cts", 0.01, 0, 0.8)
+    with pytest.raises(AnalysisError, match=r"seed variance: every \(method, density\) has one seed"):
+        seeds.analyse(load_mod.load([one_seed]))
+    with pytest.raises(AnalysisError, match=r"temperature: 0.6667.*sweep one"):
+        insensitivity.analyse(load_mod.load([one_seed]))
+    with pytest.raises(AnalysisError, match="axis: 'tau'; allowed: temperature, mask_lr"):
+        insensitivity.analyse(load_mod.load([known]), axes=["tau"])
+    # a trial that has started (its run folder exists) but has no row yet: still running
+    (known / "trials" / "cts-running").mkdir(parents=True)
+    with pytest.raises(AnalysisError, match=r"1 trial\(s\) of known have started but not finished"):
+        load_mod.load([known])
+    assert load_mod.load([known], allow_incomplete=True).skipped["unfinished"] == 1
+    # a folder written by another schema version is refused, not misread
+    old = tmp_path / "old"
+    tid = _trial(old)
+    path = next((old / "tables" / "trials").rglob(f"{tid}.parquet"))
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(0, "schema_version", pa.array([0], pa.int32())), path)
+    for argv, message in ((["analyze", "seeds", str(old)], "schema_version [0]"),
+                          (["analyze", "seeds", str(one_seed)], "seed variance: every"),
+                          (["report", str(tmp_path / "missing")], "does not exist"),
+                          (["analyze", "comparison", str(known), "--where", "temperature"], "not COLUMN=VALUE"),
+                          (["analyze", "bogus", str(known)], "invalid choice")):
+        with pytest.raises(SystemExit) if argv[1] == "bogus" else _nothing():
+            assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_same_config_in_two_sweeps_counts_once(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _trial(a, seed=0, acc=0.9)
+    _trial(b, seed=0, acc=0.9)
+    _trial(b, seed=1, acc=0.8, status="diverged")
+    res = load_mod.load([a, b])
+    assert len(res.trials) == 1 and res.skipped["duplicate configs"] == 1 and res.skipped["diverged"] == 1
+    assert load_mod.load([tmp_path]).sweeps and len(load_mod.load([tmp_path]).trials) == 1   # a folder of sweeps
+
+
+def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
+    """Two real sweeps (methods x densities x 3 seeds; CTS temperatures) -> one report whose numbers
+    equal the ones computed here straight from the Parquet files."""
+    small = {"training.epochs": 4, "training.milestones": [3], "resources.cpus": 0.5}
+    base = str(REPO / "configs" / "digits.yaml")
+    grid = {"search.density": [0.1, 0.03], "seed": [0, 1, 2]}
+    for name, extra in (("methods", {"search.method": ["cts", "random"]}),
+                        ("temps", {"search.temperature": [0.4, 1.5]})):
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "sweeps"), "base": base,
+                                     "set": small, "grid": {**grid, **extra}}))
+        _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    sweeps = [tmp_path / "sweeps" / "methods", tmp_path / "sweeps" / "temps"]
+    out = tmp_path / "report"
+    assert cli.main(["report", *map(str, sweeps), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"accuracy_vs_density.png", "time_to_ticket.png", "seed_variance.png",
+                                      "insensitivity_cts_temperature.png"}
+    for p in pngs:
+        assert image.imread(p).shape[:2] == plots.PIXELS[::-1] and f"]({p.name})" in md
+
+    rows = [r for s in sweeps for f in (s / "tables" / "trials").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"finished"}
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["temperature"], r["target_density"]), []).append(100 * r["test_accuracy"])
+    for (method, temp, d), acc in by.items():
+        if abs(temp - 2 / 3) < 1e-9:   # the comparison table shows each method's main setting
+            cell = f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
+            assert re.search(rf"\| {method} \|.*{re.escape(cell)}", md), (method, d, cell)
+    for d in (0.1, 0.03):
+        means = [np.mean(by["cts", t, d]) for t in sorted(t for (m, t, dd) in by if m == "cts" and dd == d)]
+        assert f"| cts | temperature | {100 * d:.3g} |" in md
+        assert f"| {max(means) - min(means):.2f} [" in md
+    assert "24 finished trials from 2 sweep(s) (methods, temps)" in md
+    assert "## Provenance" in md and rows[0]["code_version"] in md and "config hashes" in md
