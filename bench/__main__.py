@@ -3,23 +3,52 @@ from __future__ import annotations
 
 import argparse
 
-from . import readme, steps, sweep_overhead
+from . import data_path, gpu, readme, steps, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
-BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run}
-DEFAULT = ["steps"]   # `readme` (the test suite) and `sweep` (two Ray Tune sweeps) take minutes: only when named
+BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
+           "ticket": ticket.run, "gpu": gpu.run}
+DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
+NOTES = {
+    "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
+    "ticket": "Single long runs (CTS, then LTR), not alternated; times are the runs' summary.json training "
+              "seconds (evaluation excluded).",
+    "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
+}
+
+
+def title(name: str, a: argparse.Namespace, repeats: int) -> str:
+    if name == "steps":
+        return f"steps (steps/epoch 10, repeats {repeats})"
+    if name == "sweep":
+        return (f"sweep (Ray Tune, {sweep_overhead.TRIALS} tiny + {sweep_overhead.LONG_TRIALS} × "
+                f"~{sweep_overhead.LONG_SECONDS:.0f} s trials, {sweep_overhead.CONCURRENCY} at a time)")
+    if name == "data":
+        return f"data (ResNet-20 b{data_path.BATCH}, {data_path.IMAGES} images, repeats {repeats})"
+    if name == "ticket":
+        epochs = f", {a.ticket_epochs} epochs" if a.ticket_epochs else ""
+        return f"ticket (MNIST LeNet-300-100, CTS vs LTR at density {ticket.DENSITY}{epochs}, repeats {a.repeats or 1})"
+    if name == "gpu":
+        return f"gpu (ResNet-20 b{gpu.FULL['batch']}, repeats {repeats})"
+    return name
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("names", nargs="*", metavar="NAME",
                    help=f"benchmarks to run: {', '.join(BENCHES)} (default: {' '.join(DEFAULT)})")
-    p.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 5; 2 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="alternating rounds (default 5; 2 with --quick; ticket: 1)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke check: 2 steps per epoch, 2 rounds; printed but not recorded in RESULTS.md")
+                   help="smoke check at tiny sizes (steps: 2 steps per epoch; data: 256 images; ticket: "
+                        "2 epochs on 2,000 images at density 0.5; gpu: 2 batches); printed, not recorded")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared 2-core machine 1 thread is far "
                         "steadier: with 2, a busy neighbour stalls every parallel region")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="data, gpu: compute device (gpu runs on CPU only with --quick)")
+    p.add_argument("--ticket-epochs", type=int, default=None,
+                   help="ticket: training.epochs for both runs (default: the config's 10)")
     a = p.parse_args(argv)
     for name in a.names:
         if name not in BENCHES:
@@ -30,16 +59,17 @@ def main(argv=None) -> None:
     repeats = a.repeats or (2 if a.quick else 5)
     for name in a.names or DEFAULT:
         print(f"[bench] {name}", flush=True)
-        kwargs = {"repeats": repeats, "steps": 2 if a.quick else 10} if name == "steps" else {}
-        if name == "sweep":
-            kwargs = {"quick": True} if a.quick else {}
+        kwargs = {"repeats": a.repeats, "quick": a.quick, "device": a.device, "ticket_epochs": a.ticket_epochs}
+        if name == "steps":
+            kwargs = {"repeats": repeats, "steps": 2 if a.quick else 10}
         rows = BENCHES[name](**kwargs)
+        if not rows:
+            continue
         print("\n".join(table(rows)))
+        if name in NOTES:
+            print(NOTES[name])
         if not a.quick:
-            title = {"steps": f" (steps/epoch {kwargs.get('steps')}, repeats {repeats})",
-                     "sweep": f" (Ray Tune, {sweep_overhead.TRIALS} tiny + {sweep_overhead.LONG_TRIALS} × "
-                              f"~{sweep_overhead.LONG_SECONDS:.0f} s trials, {sweep_overhead.CONCURRENCY} at a time)"}
-            append(name + title.get(name, ""), rows)
+            append(title(name, a, repeats), rows, NOTES.get(name, ""))
             print(f"[bench] appended to {RESULTS}")
 
 

@@ -17,7 +17,7 @@ from cts_ray.masking import Mask, kept_count, layer_shapes
 from cts_ray.methods import METHODS, SearchContext
 from cts_ray.train import train_epochs
 
-from .report import Row, summary
+from .report import Row, alternate, ratio, summary
 
 BATCH, DENSITY = 128, 0.05
 
@@ -30,7 +30,7 @@ def synthetic(steps: int) -> DeviceData:
     return DeviceData(x(n), y(n), x(BATCH), y(BATCH), 10, (3, 32, 32), augment=False)
 
 
-def run(steps: int = 10, repeats: int = 5) -> list[Row]:
+def run(steps: int = 10, repeats: int = 5, **_) -> list[Row]:
     cfg = config.load(None, ["model.name=resnet20", f"training.batch_size={BATCH}", "training.epochs=1",
                              "search.length=1.0", "search.point=init", "training.milestones=[]",
                              f"search.density={DENSITY}"])
@@ -54,22 +54,12 @@ def run(steps: int = 10, repeats: int = 5) -> list[Row]:
         return ticket.history[0]["seconds"]
 
     runs = {"dense": lambda: epoch(None), "masked": lambda: epoch(mask), "search": search}
-    names = list(runs)
-    for fn in runs.values():   # warm-up: allocator, oneDNN kernel selection, first-call overheads
-        fn()
-    ms = {n: [] for n in names}
-    for r in range(repeats):
-        # Rotate the order every round so no variant always runs first (or right after another).
-        for n in names[r % 3:] + names[:r % 3]:
-            ms[n].append(1000 * runs[n]() / steps)
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {ms[n][-1]:.1f} ms" for n in names), flush=True)
+    ms = alternate({n: (lambda fn=fn: 1000 * fn() / steps) for n, fn in runs.items()}, repeats, " ms")
 
-    med = {n: summary(ms[n]) for n in names}
+    med = {n: summary(ms[n]) for n in ms}
     rows = [Row("dense step", med["dense"][0], "ms", med["dense"][1], "1.00")]
     for n, target in (("masked", 1.10), ("search", 1.5)):
-        ratio = med[n][0] / med["dense"][0]
-        paired = [a / b for a, b in zip(ms[n], ms["dense"])]   # same-round ratios, for their spread
-        rows.append(Row(f"{n} step", med[n][0], "ms", med[n][1],
-                        f"{ratio:.2f} ({min(paired):.2f}–{max(paired):.2f})", f"{n}/dense ≤ {target}",
-                        "yes" if ratio <= target else "no"))
+        r, cell = ratio(ms[n], ms["dense"])
+        rows.append(Row(f"{n} step", med[n][0], "ms", med[n][1], cell, f"{n}/dense ≤ {target}",
+                        "yes" if r <= target else "no"))
     return rows

@@ -156,6 +156,8 @@ class ResourcesConfig:
     threads: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
                                 identity=False, help="torch CPU threads; null = torch's default")
     amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
+    compile: bool = _f(False, identity=False,
+                       help="torch.compile the training step of dense training and retraining (pays off on GPUs)")
     cpus: float = _f(1, check=_cpus, allowed="a number >= 0.0001", identity=False,
                      help="CPUs per trial in sweeps")
     gpus: float = _f(0, check=_gpus, allowed="0, a number in [0.0001, 1] or a whole number > 1",

@@ -93,7 +93,7 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
     model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
     snapshot = _cpu(model.state_dict())
     records, pretrain, seconds, acc = [], 0.0, 0.0, None
-    for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense",
+    for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense", compile=cfg.resources.compile,
                             order_seed=runtime.derive_seed(cfg.seed, "dense-order")):
         seconds += rec["seconds"]
         records.append(rec)
@@ -135,7 +135,7 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
                 progress.retrain = dict(epoch=rec["epoch"], model=_cpu(model.state_dict()),
                                         optimizer=opt.state_dict(), seconds=seconds, final=final, best=best)
 
-        for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase,
+        for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase, compile=cfg.resources.compile,
                                 order_seed=runtime.derive_seed(cfg.seed, "retrain-order"),
                                 optimizer_state=resume["optimizer"] if resume else None, on_epoch_end=keep):
             records.append(rec)

@@ -74,13 +74,15 @@ def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, mode: str = 
 
 def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start: int, end: int,
                  order_seed: int, mask: Optional[Mask] = None, amp: bool = False, phase: str = "train",
-                 optimizer_state: Optional[dict] = None,
+                 optimizer_state: Optional[dict] = None, compile: bool = False,
                  on_epoch_end: Optional[Callable[[dict, torch.optim.Optimizer], None]] = None) -> Iterator[dict]:
     """Train from epoch ``start`` to ``end`` (absolute epochs, so milestones continue after a
     rewind); yield one metrics record per epoch, after evaluating on the test set.
 
     Each epoch's data order comes from (order_seed, epoch) alone, so a run resumed at epoch e
     with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
+    ``compile``: run the training forward/backward through ``torch.compile`` (same parameters, so
+    masks, snapshots and state dicts are untouched; results equal up to float rounding).
     """
     device = data.train_x.device
     masked = MaskedParams(mask, model) if mask is not None else None
@@ -90,6 +92,7 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     params = [p for g in opt.param_groups for p in g["params"]]
+    forward = torch.compile(model, dynamic=False) if compile else model
     for epoch in range(start, end):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(derive_seed(order_seed, f"epoch:{epoch}"))
@@ -102,7 +105,7 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
         seen = 0
         for x, y in data.train_batches(t.batch_size, generator):
             with autocast(amp, device):
-                out = model(to_input(x, amp))
+                out = forward(to_input(x, amp))
                 loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -252,12 +252,18 @@ def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tm
     f = _sweep_file(tmp_path, "diverge", {"base": str(REPO / "configs" / "digits.yaml"),
                                           "set": {**SMALL, "resources.cpus": 1, "training.momentum": 0},
                                           "grid": {"training.lr": [0.1, 1.0e30]}})
-    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    p = _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
     rows = {t["config_hash"]: t for t in tables.read(tmp_path / "sweeps" / "diverge", "trials").to_pylist()}
     by_lr = {json.loads(t["config"])["training"]["lr"]: t for t in rows.values()}
     assert by_lr[0.1]["status"] == "finished"
     error = by_lr[1e30]["error"].lower()
     assert by_lr[1e30]["status"] == "diverged" and ("became nan" in error or "became inf" in error), error
+    # the summary the command prints names the trial and the reason
+    assert f"diverged: trial {by_lr[1e30]['trial_id']} (seed 0): {by_lr[1e30]['error']}" in p.stdout
+    # it stopped at once (in its first epoch), well before the healthy trial's full run ended
+    bad, good = by_lr[1e30], by_lr[0.1]
+    assert "epoch 1 " in bad["error"]
+    assert bad["ended_at"] - bad["started_at"] < good["ended_at"] - good["started_at"]
 
 
 def _trial_pids(root) -> dict:

@@ -136,9 +136,12 @@ def summarise(root) -> list[dict]:
         return []
     groups = defaultdict(list)
     status = defaultdict(lambda: defaultdict(int))
+    reasons = defaultdict(list)
     for r in t:
         key = (r["method"], r["target_density"])
         status[key][r["status"]] += 1
+        if r["status"] != "finished":
+            reasons[key].append(f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}")
         if r["status"] == "finished" and r["test_accuracy"] is not None:
             groups[key].append(r["test_accuracy"])
     rows = []
@@ -147,7 +150,8 @@ def summarise(root) -> list[dict]:
         rows.append({"method": key[0], "density": key[1], "trials": sum(status[key].values()),
                      "finished": len(accs), "mean": statistics.mean(accs) if accs else None,
                      "std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
-                     "other": {k: v for k, v in status[key].items() if k != "finished"}})
+                     "other": {k: v for k, v in status[key].items() if k != "finished"},
+                     "reasons": reasons.get(key, [])})
     return rows
 
 
@@ -157,4 +161,7 @@ def format_summary(rows: list[dict]) -> str:
         acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %"
         other = ", ".join(f"{v} {k}" for k, v in r["other"].items())
         lines.append(f"{r['method']:<12} {r['density']:>9.4g} {r['trials']:>6}  {acc:<38}{other}")
+    reasons = [why for r in rows for why in r.get("reasons", [])]
+    if reasons:
+        lines += ["", "not finished:"] + [f"  {why}" for why in reasons]
     return "\n".join(lines)

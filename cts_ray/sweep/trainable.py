@@ -96,7 +96,7 @@ def trial(params: dict, spec_state: dict) -> None:
         _write_trial_row(root, cfg, common, "error", f"{type(e).__name__}: {e}", None, run_dir, node_id,
                          started)
         raise
-    if summary is None:
+    if status == "error":   # a diverged trial keeps the epochs that show how it diverged
         records = []
     hit = any(r.get("cached") for r in records if r["phase"] == "dense")
     _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit)

@@ -1,0 +1,48 @@
+"""Smoke test of the benchmark suite: `python -m bench data gpu --quick --device cpu` (in-process,
+1 round, 1 thread) prints full tables and leaves bench/RESULTS.md as it was."""
+import math
+import sys
+
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))   # `bench` lives beside the package, not inside it
+from bench import __main__ as bench_main  # noqa: E402
+from bench.report import RESULTS  # noqa: E402
+
+
+def test_quick_data_and_gpu_benches_give_finite_rows_and_record_nothing(monkeypatch, capsys):
+    rows = {}
+
+    def keep(name, fn):
+        def wrapped(**kw):
+            rows[name] = fn(**kw)
+            return rows[name]
+        return wrapped
+
+    for name in ("data", "gpu"):
+        monkeypatch.setitem(bench_main.BENCHES, name, keep(name, bench_main.BENCHES[name]))
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
+    threads = torch.get_num_threads()
+    try:
+        bench_main.main(["data", "gpu", "--quick", "--device", "cpu", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before, "--quick must not touch RESULTS.md"
+
+    names = {k: [r.name for r in v] for k, v in rows.items()}
+    for kind in ("train epoch", "loader only"):
+        assert sum(kind in n for n in names["data"]) == 3
+        assert any(n.startswith("device-resident") and kind in n for n in names["data"])
+        assert any("num_workers=0" in n and kind in n for n in names["data"])
+        assert any("num_workers=2" in n and kind in n for n in names["data"])
+    for prefix, count in (("a: dense epoch", 3), ("a: torch.compile time", 1), ("b: CTS pipeline", 4),
+                          ("c: ", 2)):
+        assert sum(n.startswith(prefix) for n in names["gpu"]) == count, (prefix, names["gpu"])
+    assert all("extrapolated" in n for n in names["gpu"] if n.startswith("b:"))
+    assert not any(n.startswith("d:") for n in names["gpu"])   # GPU memory: CUDA only
+    for r in rows["data"] + rows["gpu"]:
+        assert math.isfinite(r.value) and r.value > 0, r
+    out = capsys.readouterr().out
+    assert "| name | value |" in out and "EXTRAPOLATED" in out and "appended" not in out
