@@ -1,8 +1,10 @@
 """Shared test setup. Real data only: digits (bundled with scikit-learn) and MNIST from the
 project's shared folder beside the checkout (as in CI)."""
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +51,39 @@ def ray_cluster(tmp_path_factory):
     subprocess.run([ray, "start", f"--address={address}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
                     *common[:2]], check=True, env=env, capture_output=True)
     yield address
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+    _stop_cluster(temp)
     os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def _stop_cluster(temp) -> None:
+    """Stop this test cluster only (not `ray stop`, which would also end any other Ray on the
+    machine): its daemons name its temp folder on their command lines; workers are their children."""
+    procs = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (ppid, str(temp) in cmd)
+    if not procs:   # no /proc (not Linux): fall back to stopping every Ray on the machine
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+        return
+    doomed = {pid for pid, (_, ours) in procs.items() if ours}
+    while True:   # and all their descendants
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while sig == signal.SIGTERM and time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in doomed):
+            time.sleep(0.2)
 
 
 def _sweep_file(tmp_path, name, body: dict) -> Path:
