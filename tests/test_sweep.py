@@ -216,6 +216,7 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     time.sleep(3)                       # let Tune snapshot its state after those trials
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    killed_at = time.time()
     before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
     assert 2 <= len(before) < 6, "the kill came too late to test resuming"
     _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
@@ -224,6 +225,13 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     assert sorted(t["seed"] for t in after.values()) == [0, 1, 2, 3, 4, 5]
     for tid, row in before.items():     # finished before the kill: not run again
         assert after[tid]["started_at"] == row["started_at"] and after[tid]["ended_at"] == row["ended_at"]
+    rerun = [t for t in after.values() if t["ended_at"] > killed_at]
+    assert len(rerun) == 6 - len(before)   # only the unfinished ones ran after the kill
+    # the same trials as an uninterrupted sweep: one per grid point, by config
+    from cts_ray.config import from_dict
+    spec = spec_mod.load(f)
+    assert sorted(t["config_hash"] for t in after.values()) == \
+        sorted(from_dict(spec.trial_raw(p)).hash for p in spec.grid_points())
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cts-ray")
