@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -62,10 +63,26 @@ class MLflowLogger(Callback):
                   file=sys.stderr)
             return None
 
-    def setup(self, **info):
+    def start(self) -> None:
+        """Open the store and the parent run in the background (a new sqlite store runs its
+        migrations, seconds), overlapping Ray's own start; ``setup`` waits for it."""
+        self._opening = threading.Thread(target=self._open, daemon=True)
+        self._opening.start()
+
+    def _open(self):
         from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = self._call("open store", MlflowClient, self.tracking_uri)
         self._call("parent run", self._parent)
+
+    def __getstate__(self):   # Tune pickles its run config (callbacks included) into the sweep state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_opening", "client")}
+
+    def setup(self, **info):
+        opening = getattr(self, "_opening", None)
+        if opening is None:
+            self._open()
+        else:
+            opening.join()
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)

@@ -86,15 +86,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                                                  "set": spec.set, "grid": spec.grid, "sample": spec.sample,
                                                  "searcher": spec.searcher}, indent=1, default=str))
 
+    logger = MLflowLogger(tracking_uri(spec), spec.mlflow["experiment"], spec.name,
+                          {"searcher": spec.searcher, "source": spec.source},
+                          resolve=lambda params: from_dict(spec.trial_raw(params)))
+    logger.start()   # overlaps ray.init
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=verbose > 1, include_dashboard=False,
                  **({} if address else {"configure_logging": False}))
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
     resources = {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(trial, spec_state=spec_state(spec)), resources)
-    logger = MLflowLogger(tracking_uri(spec), spec.mlflow["experiment"], spec.name,
-                          {"searcher": spec.searcher, "source": spec.source},
-                          resolve=lambda params: from_dict(spec.trial_raw(params)))
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                 # two kept: Tune's state snapshot may lag one checkpoint behind,
