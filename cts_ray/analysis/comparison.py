@@ -106,7 +106,7 @@ def sanity_table(result: dict) -> str:
            "| passes |", "|---|---:|---|---:|---:|---:|---|---:|---|"]
     for r in result["sanity"]:
         out.append(f"| {r['label']} | {100 * r['density']:.3g} | {r['check']} | {_f(r['unmodified'])} | {_f(r['checked'])} "
-                   f"| {_f(r['drop'])} | {r['test']} ({r['n']}) | {_f(r['p'], 3)} | {'yes' if r['passes'] else 'no'} |")
+                   f"| {_f(r['drop'])} | {r['test']} ({r['n']}) | {stats.p_text(r['p'])} | {'yes' if r['passes'] else 'no'} |")
     return "\n".join(out + ["", "A method passes a check when its ticket loses accuracy under it "
                                 f"(drop > 0, one-sided p < {ALPHA}): its mask carries information beyond per-layer density."])
 

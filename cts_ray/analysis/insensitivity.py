@@ -74,10 +74,15 @@ def _verdict(rng, seed_std, p, values, best, std) -> str:
         return f"within {rng:.2f} points across {span}; seed noise unknown (one seed per value)"
     if p >= ALPHA:
         return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
-                f"(seed std {seed_std:.2f}, p = {p:.2f})")
+                f"(seed std {seed_std:.2f}, p = {stats.p_text(p)})")
     return (f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; "
-            f"best at {best:.4g} (p = {p:.3f})" if isinstance(best, float) else
-            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p = {p:.3f})")
+            f"best at {best:.4g} (p {_p(p)})" if isinstance(best, float) else
+            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {_p(p)})")
+
+
+def _p(p) -> str:
+    text = stats.p_text(p)
+    return text if text.startswith("<") else f"= {text}"
 
 
 def _f(x, d=2):
@@ -95,7 +100,7 @@ def markdown(rows: list[dict]) -> str:
                    f"| {', '.join(_f(m) for m in r['means'])} "
                    f"| {_f(r['range'])} [{_f(r['range_ci'][0])}, {_f(r['range_ci'][1])}] "
                    f"| {_f(r['std'])} [{_f(r['std_ci'][0])}, {_f(r['std_ci'][1])}] | {_f(r['seed_std'])} "
-                   f"| {_f(r['ratio'], 1)} | {_f(r['p'], 3)} | {r['verdict']} |")
+                   f"| {_f(r['ratio'], 1)} | {stats.p_text(r['p'])} | {r['verdict']} |")
     return "\n".join(out)
 
 

@@ -62,7 +62,7 @@ def markdown(result: dict) -> str:
         for t in result["variance_tests"]:
             sds = ", ".join(f"{m} {s:.2f}" for m, s in sorted(t["stds"].items(), key=lambda kv: kv[1]))
             verdict = "variances differ" if t["p"] < ALPHA else "no detectable difference"
-            out.append(f"| {100 * t['density']:.3g} | {sds} | {_f(t['p'], 3)} | {verdict} |")
+            out.append(f"| {100 * t['density']:.3g} | {sds} | {stats.p_text(t['p'])} | {verdict} |")
     if not result["variance_tests"]:
         out += ["", f"Variance test: not run (needs ≥ {stats.MIN_TEST} seeds for at least two methods at a density)."]
     sig = [p for p in result["pairs"] if p["significant"]]
@@ -77,7 +77,7 @@ def markdown(result: dict) -> str:
         for p in sorted(sig, key=lambda p: (-p["density"], -abs(p["diff"]))):
             better, worse = (p["a"], p["b"]) if p["diff"] > 0 else (p["b"], p["a"])
             out.append(f"| {100 * p['density']:.3g} | {better} | {worse} | {abs(p['diff']):.2f} "
-                       f"| {p['test']} ({p['n']}) | {_f(p['p_holm'], 4)} |")
+                       f"| {p['test']} ({p['n']}) | {stats.p_text(p['p_holm'])} |")
     else:
         out.append("none")
     return "\n".join(out)

@@ -90,3 +90,10 @@ def holm(pvalues: list) -> list:
         running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
         out[i] = running
     return out
+
+
+def p_text(p: float) -> str:
+    """A p-value for a table: '< 0.001' rather than a row of zeros; '–' when no test ran."""
+    if p is None or math.isnan(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
