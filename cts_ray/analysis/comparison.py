@@ -155,9 +155,13 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
                 marker="o", color=f"C{i}", label=result["labels"][m])
     plots.density_axis(ax, result["densities"])
     ax.set_yscale("log")
+    secs = [c["ticket_s"] for c in result["cells"].values()]
+    ticks = [t * 10 ** e for e in range(-1, 6) for t in (1, 2, 5) if min(secs) / 1.5 <= t * 10 ** e <= max(secs) * 1.5]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_ylabel("seconds to a retrained ticket (log scale)")
     ax.set_title("Time to ticket")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")   # outside: lines span the plot
     files.append(plots.save(fig, out / "time_to_ticket.png"))
     return files
