@@ -17,7 +17,7 @@ project's trainable, per-epoch checkpoints, Parquet tables, MLflow (sqlite) on t
    pipeline), so the table adds "everything but compute": wall × concurrency less the
    pipeline's own pretrain + search + retrain seconds, per trial.
 2. Parallel efficiency: 4 trials of about 20 s each (full digits, many epochs; the epoch count is
-   calibrated by one trial run in the first sweep's Ray session), efficiency = Σ in-trial wall /
+   calibrated by two trials, of n and 4n epochs, in the first sweep's Ray session), efficiency = Σ in-trial wall /
    (wall × concurrency), the wall including Ray startup as a user sees it; also without it.
 
 Storage and MLflow live in a temporary folder that is removed afterwards.
@@ -135,13 +135,16 @@ def run(quick: bool = False, **_) -> list[Row]:
         print(f"    wall {a['wall']:.1f} s, ray.init {a['ray_init']:.1f} s, Σ in-trial {sum(dur):.1f} s, "
               f"overhead {overhead:.2f} s/trial", flush=True)
 
-        # ---- calibration: one trial of CALIBRATION_EPOCHS epochs in the still-running Ray
-        cal = sweep(storage, "calibrate", {**LONG, "training.epochs": CALIBRATION_EPOCHS}, [100])
-        d_cal = durations(cal["rows"])[0]
-        fixed = statistics.median(dur)        # a 1-epoch trial's in-trial time ≈ the fixed part
-        per_epoch = max((d_cal - fixed) / CALIBRATION_EPOCHS, 1e-3)
+        # ---- calibration: trials of n and 4n epochs in the still-running Ray; their difference is
+        # the per-epoch cost, free of the fixed part (loading full digits, first calls)
+        walls = {}
+        for n in (CALIBRATION_EPOCHS, 4 * CALIBRATION_EPOCHS):
+            cal = sweep(storage, f"calibrate{n}", {**LONG, "training.epochs": n}, [100])
+            walls[n] = durations(cal["rows"])[0]
+        per_epoch = max((walls[4 * CALIBRATION_EPOCHS] - walls[CALIBRATION_EPOCHS]) / (3 * CALIBRATION_EPOCHS), 1e-3)
+        fixed = max(walls[CALIBRATION_EPOCHS] - CALIBRATION_EPOCHS * per_epoch, 0.0)
         epochs = max(2, round((long_seconds - fixed) / per_epoch))
-        print(f"  calibration: {CALIBRATION_EPOCHS} epochs in {d_cal:.1f} s → {per_epoch * 1000:.0f} ms/epoch, "
+        print(f"  calibration: {per_epoch * 1000:.0f} ms/epoch + {fixed:.1f} s fixed → "
               f"{epochs} epochs for ~{long_seconds:.0f} s", flush=True)
 
         # ---- 2. parallel efficiency: 4 trials of ~20 s on a fresh Ray
