@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-# The quickstart sweep on the embedded default (digits): no network, no GPU. Run again, it
-# resumes (a finished sweep just prints its summary again).
+# The quickstart sweep on the embedded default (digits): no network, no GPU, then its report. Run
+# again, it resumes (a finished sweep just prints its summary again).
 QS := results/sweeps/quickstart
 quickstart: $(STAMP)
 	$(BIN)/cts-ray sweep tune_configs/quickstart.yaml $(if $(wildcard $(QS)/tune),--resume,)
+	$(BIN)/cts-ray report $(QS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
