@@ -57,6 +57,9 @@ def known(tmp_path):
 
 def test_insensitivity_no_effect_and_large_effect(known):
     res = load_mod.load([known])
+    # three temperatures tie on densities and trials: the default (2/3) is the main setting, "cts"
+    assert set(res.trials[res.trials["label"] == "cts"]["temperature"]) == {2 / 3}
+    assert "cts (temperature=0.25)" in set(res.trials["label"])
     rows = insensitivity.analyse(res)
     assert {(r["axis"], r["density"]) for r in rows} == {("temperature", 0.1), ("temperature", 0.01)}
     flat, steep = sorted(rows, key=lambda r: -r["density"])
@@ -190,7 +193,8 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
     for p in pngs:
         assert image.imread(p).shape[:2] == plots.PIXELS[::-1] and f"]({p.name})" in md
 
-    rows = [r for s in sweeps for f in (s / "tables" / "trials").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    rows = [{**r, "method": f.parent.name.removeprefix("method=")}   # the method is in the folder name
+            for s in sweeps for f in (s / "tables" / "trials").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert len(rows) == 24 and {r["status"] for r in rows} == {"finished"}
     by = {}
     for r in rows:

@@ -139,22 +139,33 @@ def context(flat: dict, drop=()) -> str:
     return stable_hash({k: v for k, v in flat.items() if k not in _NOT_VARIANT and k not in drop}, 10)
 
 
+def _ranked(g: pd.DataFrame) -> list:
+    """One method's settings, main one first: the most densities, then the most trials, then the
+    most keys at their defaults (so tau = 2/3 wins a tie with tau = 0.4), then the id."""
+    default = _flat(Config().to_dict())
+    score = {}
+    for v, rows in g.groupby("variant"):
+        f = rows["_flat"].iloc[0]
+        score[v] = (-rows["target_density"].nunique(), -len(rows), -sum(f.get(k) == x for k, x in default.items()), v)
+    return sorted(score, key=score.get)
+
+
 def primary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method, the variant with the most trials (ties: the first label): what a method table shows."""
+    """Per method, its main setting (see ``_ranked``): what a method table shows."""
     base = df[df["sanity"] == "none"]
-    counts = base.groupby(["method", "variant"]).size().reset_index(name="n")
-    counts = counts.sort_values(["method", "n", "variant"], ascending=[True, False, True])
-    keep = set(counts.drop_duplicates("method")["variant"])
+    keep = {_ranked(g)[0] for _, g in base.groupby("method")}
     return base[base["variant"].isin(keep)]
 
 
 def _labels(df: pd.DataFrame) -> dict:
-    """Name each variant by its method plus what differs from the method's most common variant."""
+    """Name each setting by its method plus what differs from the method's main setting."""
     out = {}
     for method, g in df.groupby("method"):
-        variants = g.groupby("variant").size().sort_values(ascending=False, kind="stable")
-        ref = g[g["variant"] == variants.index[0]]["_flat"].iloc[0]
-        for v in variants.index:
+        base = g[g["sanity"] == "none"]
+        order = _ranked(base if len(base) else g)
+        order += [v for v in _ranked(g) if v not in order]
+        ref = g[g["variant"] == order[0]]["_flat"].iloc[0]
+        for v in order:
             f = g[g["variant"] == v]["_flat"].iloc[0]
             diff = [f"{k.removeprefix('search.')}={_short(f.get(k))}" for k in sorted(set(f) | set(ref))
                     if k not in _NOT_VARIANT and f.get(k) != ref.get(k)]
