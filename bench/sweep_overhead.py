@@ -28,7 +28,6 @@ import contextlib
 import heapq
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid

@@ -16,7 +16,6 @@ from cts_ray import data as D
 from cts_ray import models, pipeline
 from cts_ray.masking import Mask, kept_count
 from cts_ray.methods import METHODS, SearchContext
-from cts_ray.models import prunable
 from cts_ray.train import evaluate
 
 

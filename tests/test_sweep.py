@@ -3,9 +3,7 @@ this machine), with real MLflow stores and real Parquet tables."""
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cts_ray.sweep import runner, spec as spec_mod, tables
+from cts_ray.sweep import spec as spec_mod, tables
 
 from conftest import BIN, REPO, _free_port, _run, _sweep_file
 

@@ -8,19 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from .load import AnalysisError, Results, primary
+from .load import AnalysisError, Results, method_key, primary
 
-ORDER = ["cts", "ltr", "snip", "grasp", "synflow", "magnitude", "random", "gates", "edge_popup"]
 ALPHA = 0.05
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel
 
-
-def _order(m):
-    return (ORDER.index(m) if m in ORDER else len(ORDER), m)
-
-
-def _f(x, d=2):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
 def _ms(x) -> str:
@@ -32,7 +24,7 @@ def analyse(res: Results) -> dict:
     main = primary(res.trials)
     if main.empty:
         raise AnalysisError("comparison: no trials without a sanity check here")
-    methods = sorted(set(main["method"]), key=_order)
+    methods = sorted(set(main["method"]), key=method_key)
     densities = sorted(set(main["target_density"]), reverse=True)
     cells = {}
     for (m, d), g in main.groupby(["method", "target_density"]):
@@ -61,7 +53,7 @@ def _sanity(res: Results) -> list[dict]:
                      "unmodified": float(base["accuracy"].mean()), "checked": float(g["accuracy"].mean()),
                      "drop": drop, "p": one_sided, "test": test, "n": n,
                      "passes": drop > 0 and not math.isnan(one_sided) and one_sided < ALPHA})
-    return sorted(rows, key=lambda r: (_order(r["method"]), -r["density"], r["check"]))
+    return sorted(rows, key=lambda r: (method_key(r["method"]), -r["density"], r["check"]))
 
 
 def accuracy_table(result: dict) -> str:
@@ -105,8 +97,8 @@ def sanity_table(result: dict) -> str:
     out = ["| method | density % | check | unmodified % | checked % | drop, points | test (seeds) | p (one-sided) "
            "| passes |", "|---|---:|---|---:|---:|---:|---|---:|---|"]
     for r in result["sanity"]:
-        out.append(f"| {r['label']} | {100 * r['density']:.3g} | {r['check']} | {_f(r['unmodified'])} | {_f(r['checked'])} "
-                   f"| {_f(r['drop'])} | {r['test']} ({r['n']}) | {stats.p_text(r['p'])} | {'yes' if r['passes'] else 'no'} |")
+        out.append(f"| {r['label']} | {100 * r['density']:.3g} | {r['check']} | {stats.fmt(r['unmodified'])} | {stats.fmt(r['checked'])} "
+                   f"| {stats.fmt(r['drop'])} | {r['test']} ({r['n']}) | {stats.p_text(r['p'])} | {'yes' if r['passes'] else 'no'} |")
     return "\n".join(out + ["", "A method passes a check when its ticket loses accuracy under it "
                                 f"(drop > 0, one-sided p < {ALPHA}): its mask carries information beyond per-layer density."])
 

@@ -85,9 +85,6 @@ def _p(p) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
-def _f(x, d=2):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
-
 
 def markdown(rows: list[dict]) -> str:
     out = ["| method | axis | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
@@ -97,10 +94,10 @@ def markdown(rows: list[dict]) -> str:
         vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
         ns = sorted(set(r["n"]))
         out.append(f"| {r['method']} | {r['axis']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
-                   f"| {', '.join(_f(m) for m in r['means'])} "
-                   f"| {_f(r['range'])} [{_f(r['range_ci'][0])}, {_f(r['range_ci'][1])}] "
-                   f"| {_f(r['std'])} [{_f(r['std_ci'][0])}, {_f(r['std_ci'][1])}] | {_f(r['seed_std'])} "
-                   f"| {_f(r['ratio'], 1)} | {stats.p_text(r['p'])} | {r['verdict']} |")
+                   f"| {', '.join(stats.fmt(m) for m in r['means'])} "
+                   f"| {stats.fmt(r['range'])} [{stats.fmt(r['range_ci'][0])}, {stats.fmt(r['range_ci'][1])}] "
+                   f"| {stats.fmt(r['std'])} [{stats.fmt(r['std_ci'][0])}, {stats.fmt(r['std_ci'][1])}] | {stats.fmt(r['seed_std'])} "
+                   f"| {stats.fmt(r['ratio'], 1)} | {stats.p_text(r['p'])} | {r['verdict']} |")
     return "\n".join(out)
 
 

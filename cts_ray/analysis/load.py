@@ -20,6 +20,8 @@ from ..sweep import tables
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
 METRICS = ("test_accuracy", "best_test_accuracy")
+# tables list methods in the registry's order (cts_ray.methods.METHODS; not imported: it needs torch)
+METHOD_ORDER = ("cts", "ltr", "snip", "grasp", "synflow", "magnitude", "random", "gates", "edge_popup")
 
 
 class AnalysisError(ValueError):
@@ -57,6 +59,10 @@ class Results:
         skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items() if n)
         return (f"{len(self.trials)} finished trials from {len(self.sweeps)} sweep(s) ({names})"
                 + (f"; not used: {skipped}" if skipped else ""))
+
+
+def method_key(method: str) -> tuple:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def sweep_folders(paths) -> list[Path]:

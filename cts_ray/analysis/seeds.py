@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from .load import AnalysisError, Results, primary
+from .load import AnalysisError, Results, method_key, primary
 
 ALPHA = 0.05
 
@@ -47,15 +47,12 @@ def analyse(res: Results) -> dict:
             "variance_tests": variance_tests, "pairs": pairs}
 
 
-def _f(x, d=2):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
-
 
 def markdown(result: dict) -> str:
     out = ["| method | density % | seeds | mean % | std | 95 % CI | min | max |", "|---|---:|---|---:|---:|---|---:|---:|"]
     for c in result["cells"]:
-        out.append(f"| {c['label']} | {100 * c['density']:.3g} | {','.join(map(str, c['seeds']))} | {_f(c['mean'])} "
-                   f"| {_f(c['std'])} | [{_f(c['ci'][0])}, {_f(c['ci'][1])}] | {_f(c['min'])} | {_f(c['max'])} |")
+        out.append(f"| {c['label']} | {100 * c['density']:.3g} | {','.join(map(str, c['seeds']))} | {stats.fmt(c['mean'])} "
+                   f"| {stats.fmt(c['std'])} | [{stats.fmt(c['ci'][0])}, {stats.fmt(c['ci'][1])}] | {stats.fmt(c['min'])} | {stats.fmt(c['max'])} |")
     if result["variance_tests"]:
         out += ["", "Do the methods' seed variances differ? (Brown–Forsythe test, per density)", "",
                 "| density % | seed std per method | p | verdict |", "|---:|---|---:|---|"]
@@ -87,8 +84,7 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
     """Per density: every seed as a dot, and the mean with its 95 % CI, per method."""
     main = primary(res.trials)
     densities = sorted(set(main["target_density"]), reverse=True)
-    from .comparison import _order
-    methods = sorted(set(main["method"]), key=_order)
+    methods = sorted(set(main["method"]), key=method_key)
     fig, axes = plots.figure(ncols=len(densities))
     for ax, d in zip(axes, densities):
         g = main[main["target_density"] == d]

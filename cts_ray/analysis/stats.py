@@ -69,16 +69,20 @@ def compare(a: dict, b: dict) -> tuple[float, float, str, int]:
     ≥ MIN_TEST of them, else Welch's t (nan when either side has fewer). Returns (mean difference, two-sided p, test name, n)."""
     shared = sorted(set(a) & set(b))
     if len(shared) >= MIN_TEST:
-        d = np.array([a[s] - b[s] for s in shared])
-        p = 1.0 if np.all(d == d[0]) and d[0] == 0 else \
-            (0.0 if np.ptp(d) == 0 else float(stats.ttest_rel([a[s] for s in shared], [b[s] for s in shared]).pvalue))
-        return float(d.mean()), p, "paired t", len(shared)
+        x, y = np.array([a[s] for s in shared]), np.array([b[s] for s in shared])
+        noise = np.ptp(x - y)
+        p = float(stats.ttest_rel(x, y).pvalue) if noise else _exact(x, y)
+        return float((x - y).mean()), p, "paired t", len(shared)
     x, y = np.array(list(a.values())), np.array(list(b.values()))
     if len(x) < MIN_TEST or len(y) < MIN_TEST:
         return float(x.mean() - y.mean()), math.nan, "—", 0
-    p = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if (np.ptp(x) or np.ptp(y)) else \
-        (0.0 if x.mean() != y.mean() else 1.0)
+    p = float(stats.ttest_ind(x, y, equal_var=False).pvalue) if (np.ptp(x) or np.ptp(y)) else _exact(x, y)
     return float(x.mean() - y.mean()), p, "Welch t", min(len(x), len(y))
+
+
+def _exact(x, y) -> float:
+    """The t-test's limit without noise: any difference is certain, none is no evidence."""
+    return 0.0 if x.mean() != y.mean() else 1.0
 
 
 def holm(pvalues: list) -> list:
@@ -97,3 +101,8 @@ def p_text(p: float) -> str:
     if p is None or math.isnan(p):
         return "–"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt(x, digits: int = 2) -> str:
+    """A table number; '–' for a missing value."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"

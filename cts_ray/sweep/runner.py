@@ -6,7 +6,6 @@ import json
 import os
 import statistics
 from collections import defaultdict
-from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, from_dict
