@@ -379,6 +379,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config mapping as {dotted key: value}, the keys ``--set`` takes."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def set_in(raw: dict, parts: list[str], value) -> None:
     top = {f.name for f in dataclasses.fields(Config)}
     if parts[0] not in top:

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
+from ..sweep.tables import AXIS_KEYS
 from .load import AXES, AnalysisError, Results, context
 
-# the config key each axis column comes from
-AXIS_KEYS = {"temperature": "search.temperature", "mask_lr": "search.lr", "search_length": "search.length",
-             "objective": "search.objective", "controller": "search.controller", "search_point": "search.point"}
 ALPHA = 0.05
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import pandas as pd
 
-from ..config import Config, stable_hash
+from ..config import Config, flatten, stable_hash
 from ..sweep import tables
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
@@ -36,14 +36,6 @@ def _non_identity_keys() -> set:
 
 # what does not make two trials different settings: where they ran, and the swept seed/density/check
 _NOT_VARIANT = _non_identity_keys() | {"seed", "search.density", "search.sanity"}
-
-
-def _flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 @dataclass
@@ -131,7 +123,7 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     if df.empty:
         raise AnalysisError(f"results: no finished trials with a {metric} in {', '.join(map(str, folders))}")
     df["accuracy"] = 100.0 * df[metric]          # percentage points everywhere in the analysis
-    flat = [_flat(json.loads(c)) for c in df["config"]]
+    flat = [flatten(json.loads(c)) for c in df["config"]]
     df["variant"] = [context(f) for f in flat]
     df["_flat"] = flat
     df = df.sort_values(["method", "variant", "target_density", "seed"]).reset_index(drop=True)
@@ -148,7 +140,7 @@ def context(flat: dict, drop=()) -> str:
 def _ranked(g: pd.DataFrame) -> list:
     """One method's settings, main one first: the most densities, then the most trials, then the
     most keys at their defaults (so tau = 2/3 wins a tie with tau = 0.4), then the id."""
-    default = _flat(Config().to_dict())
+    default = flatten(Config().to_dict())
     score = {}
     for v, rows in g.groupby("variant"):
         f = rows["_flat"].iloc[0]

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ray.tune import Callback
 
+from ..config import flatten
 from ..runtime import code_version
 
 PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "objective", "expected_density",
@@ -27,17 +28,6 @@ FINAL_METRICS = ("test_accuracy", "best_test_accuracy", "dense_test_accuracy", "
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).resolve().parent / 'mlflow.db'}"
-
-
-def _flatten(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return out
 
 
 class MLflowLogger(Callback):
@@ -120,8 +110,9 @@ class MLflowLogger(Callback):
                                                    "cts.seed": str(cfg.seed), "cts.code_version": code_version()})
                 run_id = run.info.run_id
                 from mlflow.entities import Param
-                self.client.log_batch(run_id, params=[Param(k, str(v)[:6000])
-                                                      for k, v in _flatten(cfg.to_dict()).items()])
+                params = [Param(k, (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000])
+                          for k, v in flatten(cfg.to_dict()).items()]
+                self.client.log_batch(run_id, params=params)
                 self.logged[run_id] = 0
             return run_id
 

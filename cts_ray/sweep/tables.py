@@ -59,13 +59,23 @@ SCHEMAS = {
 PARTITIONING = ds.partitioning(pa.schema([("method", pa.string())]), flavor="hive")
 
 
+# each axis column and the config key it comes from
+AXIS_KEYS = {"objective": "search.objective", "controller": "search.controller", "sanity": "search.sanity",
+             "target_density": "search.density", "temperature": "search.temperature", "seed": "seed",
+             "dataset": "data.name", "model": "model.name", "search_point": "search.point",
+             "search_length": "search.length", "mask_lr": "search.lr"}
+
+
 def axes(cfg) -> dict:
     """The swept axes of a trial, from its resolved Config."""
-    s = cfg.search
-    return {"objective": s.objective, "controller": s.controller, "sanity": s.sanity,
-            "target_density": s.density, "temperature": s.temperature, "seed": cfg.seed,
-            "dataset": cfg.data.name, "model": cfg.model.name, "search_point": s.point,
-            "search_length": s.length, "mask_lr": cfg.mask_lr}
+    out = {}
+    for column, key in AXIS_KEYS.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[column] = node
+    out["mask_lr"] = cfg.mask_lr   # resolved: search.lr, or training.lr when that is null
+    return out
 
 
 def epoch_row(record: dict) -> dict:
