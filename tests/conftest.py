@@ -28,10 +28,23 @@ def _threads():
     torch.set_num_threads(2)
 
 
+# Ports Ray takes by default for its own components (dashboard, its agent's HTTP server, Redis, Ray
+# Client, workers): a head started on one of these fails with "port … used by other components".
+_RAY_PORTS = {8265, 52365, 6379, 10001, *range(10002, 20000)}
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RAY_PORTS:
+            return port
+
+
+def _ray_start(args, env) -> None:
+    p = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, f"ray start {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +56,10 @@ def ray_cluster(tmp_path_factory):
     # token shared by all nodes and drivers).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    ray = str(BIN / "ray")
-    common = ["--num-cpus=2", "--disable-usage-stats", "--include-dashboard=false"]
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-gpus=1", f"--temp-dir={temp}",
-                    "--node-ip-address=127.0.0.1", *common[:2]], check=True, env=env, capture_output=True)
+    common = ["--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    _ray_start(["--head", f"--port={port}", "--num-gpus=1", f"--temp-dir={temp}", *common], env)
     address = f"127.0.0.1:{port}"
-    subprocess.run([ray, "start", f"--address={address}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-                    *common[:2]], check=True, env=env, capture_output=True)
+    _ray_start([f"--address={address}", "--num-gpus=0", *common], env)
     yield address
     _stop_cluster(temp)
     os.environ.pop("RAY_AUTH_MODE", None)
