@@ -31,6 +31,7 @@ class DatasetInfo:
     loader: Callable                   # (root, download) -> (train_x, train_y, test_x, test_y) on CPU
     mean: tuple[float, ...]            # per-channel normalisation constants
     std: tuple[float, ...]
+    files: Optional[Callable] = None   # root -> [(a needed file, or its alternatives), ...]
 
 
 # ---------------------------------------------------------------- loaders (CPU tensors)
@@ -81,6 +82,33 @@ def _mnist_like(cls_name: str):
     return loader
 
 
+def _mnist_files(cls_name: str):
+    """The raw files the loader reads, each either extracted or as the release's ``.gz``."""
+    def files(root):
+        import torchvision.datasets as tvd
+        raw = Path(root) / cls_name / "raw"
+        return [(raw / n.removesuffix(".gz"), raw / n) for n, _ in getattr(tvd, cls_name).resources]
+    return files
+
+
+def _cifar_files(cls_name: str):
+    def files(root):
+        import torchvision.datasets as tvd
+        cls = getattr(tvd, cls_name)
+        folder = Path(root) / cls.base_folder
+        return [(folder / n,) for n, _ in [*cls.train_list, *cls.test_list]] + [(folder / cls.meta["filename"],)]
+    return files
+
+
+def missing_file(name: str, root: str) -> Optional[Path]:
+    """The first file that data set's loader needs and ``root`` lacks (None: all there). A check of
+    names only, cheap enough to run before a sweep starts; the loader still verifies contents."""
+    for choices in DATASETS[name].files(Path(root).expanduser()):
+        if not any(p.is_file() for p in choices):
+            return choices[0]
+    return None
+
+
 def _cifar(cls_name: str):
     """CIFAR-10/100: torchvision's ``.data`` (uint8 N x 32 x 32 x 3 numpy) and ``.targets``."""
     def loader(root, download=False):
@@ -96,14 +124,16 @@ def _cifar(cls_name: str):
 DATASETS: dict[str, DatasetInfo] = {
     # digits mean/std: computed once from its (fixed) training split, pixels/16.
     "digits": DatasetInfo(10, (1, 8, 8), False, False, _digits, (0.3054,), (0.3761,)),
-    "mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("MNIST"), (0.1307,), (0.3081,)),
+    "mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("MNIST"), (0.1307,), (0.3081,),
+                         _mnist_files("MNIST")),
     "fashion_mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("FashionMNIST"),
-                                 (0.2860,), (0.3530,)),
-    "kmnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("KMNIST"), (0.1918,), (0.3483,)),
+                                 (0.2860,), (0.3530,), _mnist_files("FashionMNIST")),
+    "kmnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("KMNIST"), (0.1918,), (0.3483,),
+                          _mnist_files("KMNIST")),
     "cifar10": DatasetInfo(10, (3, 32, 32), True, True, _cifar("CIFAR10"),
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _cifar_files("CIFAR10")),
     "cifar100": DatasetInfo(100, (3, 32, 32), True, True, _cifar("CIFAR100"),
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _cifar_files("CIFAR100")),
 }
 
 

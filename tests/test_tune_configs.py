@@ -4,8 +4,8 @@ header claims. Nothing is run: validation only, a few seconds.
 
 Data roots: digits needs none; MNIST files are pointed at the project's shared copy (the
 ``mnist_root`` fixture), so the test does not depend on the working directory; CIFAR is not
-available here, so the paper file is validated with ``data.root`` set to an existing empty folder
-(the validator checks only that the folder exists).
+available here, so the paper file is validated with ``data.root`` set to a folder of empty files
+named as torchvision lays CIFAR out (the validator checks names; the loader, contents).
 """
 import re
 from pathlib import Path
@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cts_ray import config as C
+from cts_ray.data import DATASETS
 from cts_ray.sweep import spec
 
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
@@ -52,10 +53,12 @@ def load(mnist_root, tmp_path):
             root = []
         elif name in MNIST_LIKE:
             root = [f"data.root={mnist_root}"]
-        else:   # CIFAR and the rest: absent here; an empty existing folder passes validation
-            empty = tmp_path / "empty_data_root"
-            empty.mkdir(exist_ok=True)
-            root = [f"data.root={empty}"]
+        else:   # CIFAR: absent here; validation checks file names only, so empty files stand in
+            fake = tmp_path / "fake_data_root"
+            for choices in DATASETS[name].files(fake):
+                choices[0].parent.mkdir(parents=True, exist_ok=True)
+                choices[0].touch()
+            root = [f"data.root={fake}"]
         return spec.load(path, [*root, *overrides])
     return _load
 
