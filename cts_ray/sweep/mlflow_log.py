@@ -1,7 +1,9 @@
 """MLflow logging from the sweep driver: one parent run per sweep, one child run per trial.
 
 Logging happens on the driver (a Tune callback), so there is a single writer per store and a
-tracking server only needs to be reachable from the head. Runs are found again by tags
+tracking server only needs to be reachable from the head. The callbacks only queue their events;
+one background thread makes every MLflow call in order, so a slow store (a new sqlite file's
+migrations, a remote server) never holds up Tune starting trials. Runs are found again by tags
 (``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
 than starting a new one, and steps already logged are not logged twice. A failing tracking
 store is reported once and then skipped: the Parquet tables are written by the trials themselves.
@@ -9,6 +11,7 @@ store is reported once and then skipped: the Parquet tables are written by the t
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
@@ -53,11 +56,33 @@ class MLflowLogger(Callback):
                   file=sys.stderr)
             return None
 
+    # ---- the background thread: every MLflow call runs there, in the order the events came
     def start(self) -> None:
-        """Open the store and the parent run in the background (a new sqlite store runs its
-        migrations, seconds), overlapping Ray's own start; ``setup`` waits for it."""
-        self._opening = threading.Thread(target=self._open, daemon=True)
-        self._opening.start()
+        """Start the logging thread and open the store and the parent run on it (overlapping Ray's
+        own start when called before ``ray.init``)."""
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+        self._later(self._open)
+
+    def _work(self):
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception as e:   # a bug here must not kill the thread and hang flush()
+                self.failed = self.failed or f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {e}"
+            finally:
+                self._queue.task_done()
+
+    def _later(self, fn, *args):
+        if getattr(self, "_queue", None) is None:
+            self.start()
+        self._queue.put((fn, args))
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is logged (or logging has stopped)."""
+        if getattr(self, "_queue", None) is not None:
+            self._queue.join()
 
     def _open(self):
         from mlflow.tracking import MlflowClient
@@ -65,14 +90,11 @@ class MLflowLogger(Callback):
         self._call("parent run", self._parent)
 
     def __getstate__(self):   # Tune pickles its run config (callbacks included) into the sweep state
-        return {k: v for k, v in self.__dict__.items() if k not in ("_opening", "client")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "client")}
 
     def setup(self, **info):
-        opening = getattr(self, "_opening", None)
-        if opening is None:
-            self._open()
-        else:
-            opening.join()
+        if getattr(self, "_queue", None) is None:
+            self.start()
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -88,8 +110,7 @@ class MLflowLogger(Callback):
                                                                      **{f"cts.{k}": str(v) for k, v in self.meta.items()}})
         self.parent_id = run.info.run_id
 
-    def _child(self, trial) -> Optional[str]:
-        tid = trial.trial_id
+    def _child(self, tid: str, config: dict) -> Optional[str]:
         if tid in self.runs:
             return self.runs[tid]
 
@@ -102,7 +123,7 @@ class MLflowLogger(Callback):
                 self.logged[run_id] = int(max((m.value for m in history), default=0))
                 self.client.update_run(run_id, status="RUNNING")
             else:
-                cfg = self.resolve(trial.config)
+                cfg = self.resolve(config)
                 run = self.client.create_run(exp, run_name=f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
                                              tags={"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
                                                    "cts.trial_id": tid, "cts.role": "trial",
@@ -121,11 +142,27 @@ class MLflowLogger(Callback):
             self.runs[tid] = run_id
         return run_id
 
+    # ---- Tune's callbacks (on Tune's thread): copy what the event says and queue it
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._child(trial)
+        self._later(self._child, trial.trial_id, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._child(trial)
+        self._later(self._result, trial.trial_id, dict(trial.config), dict(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._later(self._end, trial.trial_id, dict(trial.config), "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._later(self._end, trial.trial_id, dict(trial.config), "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        status = "FINISHED" if all(t.status == "TERMINATED" for t in trials) else "FAILED"
+        self._later(self._end_parent, status)
+        self.flush()
+
+    # ---- what the thread does for each event
+    def _result(self, tid: str, config: dict, result: dict):
+        run_id = self._child(tid, config)
         step = int(result.get("step", 0))
         if run_id is None or step <= self.logged.get(run_id, 0):
             return
@@ -151,17 +188,11 @@ class MLflowLogger(Callback):
             if (run_dir / name).exists():
                 self._call("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
+    def _end(self, tid: str, config: dict, status: str):
+        run_id = self._child(tid, config)
         if run_id:
-            self._call("end run", self.client.set_terminated, run_id, "FINISHED")
+            self._call("end run", self.client.set_terminated, run_id, status)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
-        if run_id:
-            self._call("end run", self.client.set_terminated, run_id, "FAILED")
-
-    def on_experiment_end(self, trials, **info):
+    def _end_parent(self, status: str):
         if self.parent_id:
-            status = "FINISHED" if all(t.status == "TERMINATED" for t in trials) else "FAILED"
             self._call("end parent", self.client.set_terminated, self.parent_id, status)

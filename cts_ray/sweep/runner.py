@@ -112,7 +112,10 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                                                        # a worker keeps torch & data loaded between trials
                                                        reuse_actors=True),
                            run_config=run_config)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        logger.flush()   # what Tune reported is in MLflow before the summary (or the error) is shown
     return {"summary": summarise(root), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed}
 
