@@ -11,7 +11,7 @@ BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
-    "ticket": "Single long runs (CTS, then LTR), not alternated; times are the runs' summary.json training "
+    "ticket": "Single long runs (CTS, short-search CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
 }
