@@ -4,9 +4,10 @@ Everything a run writes goes to a staging folder beside ``out`` that is renamed 
 end, so an interrupted or failed run never leaves a half-written run folder, and an existing run
 is never touched unless ``overwrite`` is asked for.
 
-For sweeps the same function is resumable: ``on_record`` receives a ``Progress`` with every
-retraining epoch (the ticket plus the retraining state), and ``resume`` continues from one; the
-dense run to the search point can come from a shared ``DenseCache``.
+For sweeps the same function is resumable: ``on_record`` receives a ``Progress`` with every CTS
+search epoch (the search state) and every retraining epoch (the ticket plus the retraining state),
+and ``resume`` continues from one to the same result; the dense run to the search point can come
+from a shared ``DenseCache``.
 """
 from __future__ import annotations
 
@@ -169,17 +170,19 @@ def ticket_from_state(state: dict) -> Ticket:
 
 @dataclass
 class Progress:
-    """What a sweep trial checkpoints: the ticket once searched, then the retraining state."""
+    """What a sweep trial checkpoints: the search state after each search epoch (methods that can
+    continue one), the ticket once searched, then the retraining state."""
     records: list = field(default_factory=list)
     ticket: Optional[dict] = None
     retrain: Optional[dict] = None
+    search: Optional[dict] = None
 
     def to_state(self) -> dict:
-        return {"records": self.records, "ticket": self.ticket, "retrain": self.retrain}
+        return {"records": self.records, "ticket": self.ticket, "retrain": self.retrain, "search": self.search}
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
-        return cls(state["records"], state["ticket"], state["retrain"])
+        return cls(state["records"], state["ticket"], state["retrain"], state.get("search"))
 
 
 # ---------------------------------------------------------------- one experiment
@@ -188,7 +191,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         on_record: Optional[Callable[[dict, Optional[Progress]], None]] = None,
         cache: Optional[DenseCache] = None, resume: Optional[Progress] = None) -> dict:
     """Run one experiment into ``out``. ``on_record(record, progress)`` sees every metrics record;
-    ``progress`` is given with each retraining epoch and is what ``resume`` continues from."""
+    ``progress`` is given with each CTS search epoch and each retraining epoch, and is what
+    ``resume`` continues from."""
     out = Path(out) if out is not None else default_out(cfg)
     check_out(out, overwrite)
     device = runtime.configure(cfg.resources)
@@ -233,10 +237,18 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 
         # 2. ticket search on the search-point weights
         if prog.ticket is None:
-            ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=emit,
-                                trained_state=dense.trained, dense_seconds=dense.dense_seconds, retrain=retrain,
-                                cache=cache)
+            def on_search_epoch(record: dict, state: Optional[dict] = None) -> None:
+                if state is None:
+                    emit(record)
+                else:   # a search that can continue from here: checkpoint it with this record
+                    prog.search = state
+                    emit(record, prog)
+
+            ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=on_search_epoch,
+                                resume=prog.search, trained_state=dense.trained, dense_seconds=dense.dense_seconds,
+                                retrain=retrain, cache=cache)
             prog.ticket = ticket_to_state(method.search(ctx))   # checkpointed with the next record
+            prog.search = None
         ticket = ticket_from_state(prog.ticket)
         mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
 

@@ -59,6 +59,38 @@ def test_same_seed_same_mask_different_seed_different_mask(tmp_path):
     assert c["mask_sha256"] != a["mask_sha256"] and c["config_hash"] != a["config_hash"]
 
 
+@pytest.mark.parametrize("phase, epoch", [("search", 2), ("retrain", 3)])
+def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(tmp_path, phase, epoch):
+    """What a sweep trial checkpoints (``Progress`` after a CTS search epoch or a retraining epoch,
+    through torch.save / weights_only load) continues to the same mask and accuracy, with only the
+    remaining epochs run."""
+    import io
+    cfg = C.load(None, QUICK + ["training.dense_baseline=false"])
+    saved = {}
+
+    def on_record(record, progress):
+        if record["phase"] == phase and record["epoch"] == epoch:
+            assert progress is not None, f"no checkpoint with {phase} epoch {epoch}"
+            buf = io.BytesIO()
+            torch.save(progress.to_state(), buf)
+            saved["state"] = buf.getvalue()
+
+    full = pipeline.run(cfg, tmp_path / "full", progress=False, on_record=on_record)
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    assert (state["search"] is not None) == (phase == "search")
+    later = []
+    resumed = pipeline.run(cfg, tmp_path / "resumed", progress=False, resume=pipeline.Progress.from_state(state),
+                           on_record=lambda r, p: later.append((r["phase"], r["epoch"])))
+    assert resumed["mask_sha256"] == full["mask_sha256"]
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    at = next(i for i, r in enumerate(records) if (r["phase"], r["epoch"]) == (phase, epoch))
+    assert later == [(r["phase"], r["epoch"]) for r in records[at + 1:]]   # only what was left
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in again] == [drop(r) for r in records]
+
+
 def test_failed_run_leaves_nothing_behind(tmp_path):
     cfg = C.load(None, QUICK + ["training.lr=1e30", "training.momentum=0"])
     from cts_ray.train import DivergedError

@@ -285,50 +285,63 @@ def _trial_pids(root) -> dict:
     return out
 
 
-def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_cluster, tmp_path):
-    """SIGKILL the process running a trial mid-retraining: Tune retries it from its last checkpoint;
-    every trial ends up exactly once in Parquet and MLflow, and no epoch row is duplicated."""
+def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tmp_path):
+    """SIGKILL the process running one trial mid-search and the other's mid-retraining: Tune retries
+    each from its last checkpoint (search state or retraining state); every trial ends up exactly
+    once in Parquet and MLflow, and no epoch row is duplicated."""
     f = _sweep_file(tmp_path, "killed", {"base": str(REPO / "configs" / "digits.yaml"),
                                          "set": {**SMALL, "resources.cpus": 1, "training.epochs": 60,
-                                                 "training.milestones": [40]},
+                                                 "training.milestones": [40], "search.length": 1.0},
                                          "grid": {"seed": [0, 1]}, "max_failures": 2})
     root = tmp_path / "sweeps" / "killed"
     driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, deadline = None, time.time() + 240
-    while victim is None and time.time() < deadline:
+    victims, deadline = {}, time.time() + 240   # phase -> (trial id, pid, records of that phase so far)
+    while len(victims) < 2 and time.time() < deadline:
         for tid, results in (_trial_pids(root).items() if (root / "tune").exists() else []):
+            if tid in {v[0] for v in victims.values()}:
+                continue
+            search = [r for r in results if r.get("phase") == "search"]
             retrain = [r for r in results if r.get("phase") == "retrain"]
-            if len(retrain) >= 5:   # mid-retraining, with checkpoints behind it
-                victim = (tid, retrain[-1]["pid"], len(retrain))
-                break
-        time.sleep(0.05)
-    assert victim is not None, "no trial reached retraining"
-    os.kill(victim[1], signal.SIGKILL)
+            for phase, done in (("search", search if 5 <= len(search) and not retrain else []),
+                                ("retrain", retrain if len(retrain) >= 5 else [])):
+                if phase not in victims and done:   # mid-phase, with checkpoints behind it
+                    victims[phase] = (tid, done[-1]["pid"], len(done))
+                    os.kill(done[-1]["pid"], signal.SIGKILL)
+                    break
+        time.sleep(0.02)
+    assert len(victims) == 2, f"the trials were not caught mid-search and mid-retraining: {victims}"
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, out[-3000:]
 
-    results = _trial_pids(root)[victim[0]]
-    pids = {r["pid"] for r in results}
-    assert len(pids) == 2, "the trial was not retried in a new worker"
-    # the retry restored the checkpoint: it did not train the dense run and search again
-    after = [r for r in results if r["pid"] != victim[1]]
-    assert not any(r.get("phase") in ("dense", "search") for r in after)
-    assert [r["epoch"] for r in after if r.get("phase") == "retrain"][0] >= victim[2]
+    for phase, (tid, pid, count) in victims.items():
+        results = _trial_pids(root)[tid]
+        assert len({r["pid"] for r in results}) == 2, f"the {phase} victim was not retried in a new worker"
+        # the retry restored the checkpoint: no dense training again, and the phase went on from there
+        after = [r for r in results if r["pid"] != pid]
+        assert not any(r.get("phase") == "dense" for r in after)
+        if phase == "retrain":
+            assert not any(r.get("phase") == "search" for r in after)
+        assert [r["epoch"] for r in after if r.get("phase") == phase][0] >= count
 
     trials = tables.read(root, "trials").to_pylist()
     assert sorted(t["seed"] for t in trials) == [0, 1] and {t["status"] for t in trials} == {"finished"}
     epochs = tables.read(root, "epochs").to_pylist()
-    mine = [(r["phase"], r["epoch"]) for r in epochs if r["trial_id"] == victim[0]]
-    assert len(mine) == len(set(mine)) and sorted(e for p, e in mine if p == "retrain") == list(range(2, 61))
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cts-ray")
     runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'killed'")
     assert sorted(r.data.tags["cts.role"] for r in runs) == ["parent", "trial", "trial"]
-    child = next(r for r in runs if r.data.tags.get("cts.trial_id") == victim[0])
-    steps = [m.step for m in client.get_metric_history(child.info.run_id, "retrain/test_accuracy")]
-    assert len(steps) == len(set(steps)) == 59 and child.info.status == "FINISHED"
+    for tid, _, _ in victims.values():
+        mine = [(r["phase"], r["epoch"]) for r in epochs if r["trial_id"] == tid]
+        assert len(mine) == len(set(mine))
+        assert sorted(e for p, e in mine if p == "search") == list(range(1, 61))
+        assert sorted(e for p, e in mine if p == "retrain") == list(range(2, 61))
+        child = next(r for r in runs if r.data.tags.get("cts.trial_id") == tid)
+        for metric, n in (("search/objective", 60), ("retrain/test_accuracy", 59)):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+            assert len(steps) == len(set(steps)) == n, metric
+        assert child.info.status == "FINISHED"
 
 
 def test_mlflow_server_down_loses_no_parquet_results(ray_cluster, tmp_path):

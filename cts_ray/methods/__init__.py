@@ -24,7 +24,10 @@ class SearchContext:
     data: DeviceData
     device: torch.device
     amp: bool = False
-    on_epoch: Callable[[dict], None] = lambda record: None   # per-epoch metrics (search or retraining)
+    # per-epoch metrics (search or retraining); a method that can continue an interrupted search also
+    # passes its state (plain tensors and numbers, on the CPU), which comes back as ``resume``
+    on_epoch: Callable[..., None] = lambda record, state=None: None
+    resume: Optional[dict] = None
     trained_state: Optional[dict] = None   # dense weights at the end of training (methods with needs_trained)
     dense_seconds: float = 0.0             # seconds the dense training took
     # pipeline.make_retrain: retrain (mask, search-point weights) to the end, exactly as the pipeline

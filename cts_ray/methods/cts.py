@@ -91,6 +91,17 @@ def capture_features(model: nn.Module, store: list):
             h.remove()
 
 
+def _cpu_copy(x):
+    """A snapshot on the CPU that later in-place updates (θ, Adam's moments) cannot change."""
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu_copy(v) for v in x)
+    return x
+
+
 def search(ctx: SearchContext) -> Ticket:
     cfg, s, model, device = ctx.cfg, ctx.cfg.search, ctx.model, ctx.device
     t_start = time.perf_counter()
@@ -120,12 +131,22 @@ def search(ctx: SearchContext) -> Ticket:
     drop_step = int(s.lr_drop * epochs * steps_per_epoch)
     tau = s.temperature
 
-    history, step, prev_top = [], 0, None
+    history, step, prev_top, first_epoch, seconds_before = [], 0, None, 0, 0.0
+    if ctx.resume is not None:   # continue an interrupted search after its last finished epoch
+        r = ctx.resume
+        with torch.no_grad():
+            theta.copy_(r["theta"])
+        opt.load_state_dict(r["optimizer"])
+        controller.lam = None if r["lam"] is None else r["lam"].to(device)
+        noise.set_state(r["noise"])
+        order.set_state(r["order"])
+        prev_top = r["prev_top"].to(device)
+        history, step, first_epoch, seconds_before = list(r["history"]), r["step"], r["epoch"], r["seconds"]
     feats: list = []
     hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
     try:
         with batch_statistics(model), hooks:
-            for epoch in range(epochs):
+            for epoch in range(first_epoch, epochs):
                 t0 = time.perf_counter()
                 obj_sum = torch.zeros((), device=device)
                 n_batches = 0
@@ -172,12 +193,15 @@ def search(ctx: SearchContext) -> Ticket:
                     from ..train import DivergedError
                     raise DivergedError(f"search: objective became {record['objective']} in epoch {epoch + 1}")
                 history.append(record)
-                ctx.on_epoch(record)
+                ctx.on_epoch(record, _cpu_copy({
+                    "epoch": epoch + 1, "step": step, "theta": theta.detach(), "optimizer": opt.state_dict(),
+                    "noise": noise.get_state(), "order": order.get_state(), "prev_top": prev_top, "lam": lam,
+                    "history": list(history), "seconds": seconds_before + time.perf_counter() - t_start}))
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
 
     scores = theta.detach().cpu()
     mask = Mask.top_k(scores, k, shapes)
-    return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=scores, history=history,
+    return Ticket(mask=mask, seconds=seconds_before + time.perf_counter() - t_start, scores=scores, history=history,
                   extra={"search_epochs": epochs, "search_steps": step})
