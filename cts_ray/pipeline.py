@@ -92,7 +92,7 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
     k, until = cfg.search_epoch, dense_until(cfg)
     torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
     model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
-    snapshot = _cpu(model.state_dict())
+    snapshot = runtime.cpu_copy(model.state_dict())
     records, pretrain, seconds, acc = [], 0.0, 0.0, None
     for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense", compile=cfg.resources.compile,
                             order_seed=runtime.derive_seed(cfg.seed, "dense-order")):
@@ -100,14 +100,10 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
         records.append(rec)
         emit(rec)
         if rec["epoch"] == k:
-            snapshot, pretrain = _cpu(model.state_dict()), seconds
+            snapshot, pretrain = runtime.cpu_copy(model.state_dict()), seconds
         acc = rec["test_accuracy"]
-    trained = _cpu(model.state_dict()) if until == cfg.training.epochs and until > 0 else None
+    trained = runtime.cpu_copy(model.state_dict()) if until == cfg.training.epochs and until > 0 else None
     return Dense(snapshot, trained, records, pretrain, seconds, acc if until == cfg.training.epochs else None)
-
-
-def _cpu(state: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[..., None]):
@@ -120,7 +116,7 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
                 progress: Optional["Progress"] = None) -> dict:
         model.load_state_dict(snapshot if start_state is None else start_state)   # rewind
         mask.apply_(model)
-        start = _cpu(model.state_dict())
+        start = runtime.cpu_copy(model.state_dict())
         seconds, final, best, first, records = 0.0, None, 0.0, k, []
         resume = progress.retrain if progress is not None else None
         if resume is not None:
@@ -133,7 +129,7 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
             seconds += rec["seconds"]
             final, best = rec, max(best, rec["test_accuracy"])
             if progress is not None:
-                progress.retrain = dict(epoch=rec["epoch"], model=_cpu(model.state_dict()),
+                progress.retrain = dict(epoch=rec["epoch"], model=runtime.cpu_copy(model.state_dict()),
                                         optimizer=opt.state_dict(), seconds=seconds, final=final, best=best)
 
         for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase, compile=cfg.resources.compile,
@@ -145,7 +141,7 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
             final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
             best = final["test_accuracy"]
         return {"final": final, "best_test_accuracy": best, "seconds": seconds, "records": records,
-                "start": start, "state": _cpu(model.state_dict())}
+                "start": start, "state": runtime.cpu_copy(model.state_dict())}
 
     return retrain
 

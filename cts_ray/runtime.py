@@ -37,6 +37,18 @@ def configure(res: ResourcesConfig) -> torch.device:
     return device
 
 
+def cpu_copy(x):
+    """A snapshot on the CPU (tensors copied, in dicts, lists and tuples) that later in-place
+    updates of the originals (weights, θ, optimiser moments) cannot change."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(cpu_copy(v) for v in x)
+    return x
+
+
 def derive_seed(seed: int, tag: str) -> int:
     """Independent streams per purpose (init, data order, noise...) from one user seed."""
     digest = hashlib.sha256(f"{seed}:{tag}".encode()).digest()

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable, prunable_modules
 from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
+from ..runtime import cpu_copy
 from ..train import autocast, to_input
 from . import SearchContext, Ticket
 
@@ -89,17 +90,6 @@ def capture_features(model: nn.Module, store: list):
     finally:
         for h in hooks:
             h.remove()
-
-
-def _cpu_copy(x):
-    """A snapshot on the CPU that later in-place updates (θ, Adam's moments) cannot change."""
-    if isinstance(x, Tensor):
-        return x.detach().to("cpu", copy=True)
-    if isinstance(x, dict):
-        return {k: _cpu_copy(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_cpu_copy(v) for v in x)
-    return x
 
 
 def search(ctx: SearchContext) -> Ticket:
@@ -193,7 +183,7 @@ def search(ctx: SearchContext) -> Ticket:
                     from ..train import DivergedError
                     raise DivergedError(f"search: objective became {record['objective']} in epoch {epoch + 1}")
                 history.append(record)
-                ctx.on_epoch(record, _cpu_copy({
+                ctx.on_epoch(record, cpu_copy({
                     "epoch": epoch + 1, "step": step, "theta": theta.detach(), "optimizer": opt.state_dict(),
                     "noise": noise.get_state(), "order": order.get_state(), "prev_top": prev_top, "lam": lam,
                     "history": list(history), "seconds": seconds_before + time.perf_counter() - t_start}))
