@@ -362,9 +362,8 @@ def _check_cross(cfg: Config):
                               "folder in torchvision's layout (or data.download: true)")
         from .data import missing_file
         if not d.download and (gap := missing_file(d.name, d.root)):
-            raise ConfigError(f"data.root: {d.root!r} has no {d.name} in torchvision's layout (no "
-                              f"{gap.relative_to(Path(d.root).expanduser())}); expected the folder torchvision "
-                              "downloads into (or data.download: true)")
+            raise ConfigError(f"data.root: {d.root!r} has no {d.name} in torchvision's layout (no {gap}); "
+                              "expected the folder torchvision downloads into (or data.download: true)")
 
 
 # ---------------------------------------------------------------- loading and overrides

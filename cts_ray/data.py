@@ -69,9 +69,9 @@ def _mnist_like(cls_name: str):
         import torchvision.datasets as tvd
         from torchvision.datasets.utils import check_integrity
         cls = getattr(tvd, cls_name)
-        raw = Path(root) / cls_name / "raw"
-        gz = [raw / name for name, _ in cls.resources]
-        extracted = all((raw / name.removesuffix(".gz")).is_file() for name, _ in cls.resources)
+        files = _mnist_files(cls_name)(root)                  # (extracted, .gz) per resource
+        gz = [g for _, g in files]
+        extracted = all(e.is_file() for e, _ in files)
         if not extracted and all(check_integrity(str(p), md5) for p, (_, md5) in zip(gz, cls.resources)):
             x_tr, y_tr, x_te, y_te = (_read_idx_gz(p) for p in gz)  # resources order: train x, y, test x, y
         else:
@@ -101,11 +101,13 @@ def _cifar_files(cls_name: str):
 
 
 def missing_file(name: str, root: str) -> Optional[Path]:
-    """The first file that data set's loader needs and ``root`` lacks (None: all there). A check of
-    names only, cheap enough to run before a sweep starts; the loader still verifies contents."""
-    for choices in DATASETS[name].files(Path(root).expanduser()):
+    """The first file (relative to ``root``) that data set's loader needs and ``root`` lacks (None:
+    all there). A check of names only, cheap enough to run before a sweep starts; the loader still
+    verifies contents."""
+    folder = Path(root).expanduser()
+    for choices in DATASETS[name].files(folder):
         if not any(p.is_file() for p in choices):
-            return choices[0]
+            return choices[0].relative_to(folder)
     return None
 
 
