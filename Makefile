@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup quickstart test bench mlflow-ui clean
+.PHONY: setup setup-test quickstart test bench mlflow-ui clean
+
+setup-test: $(TEST_STAMP)
 
 setup: $(STAMP)
 
@@ -23,7 +26,12 @@ quickstart: $(STAMP)
 	$(BIN)/cts-ray sweep tune_configs/quickstart.yaml $(if $(wildcard $(QS)/tune),--resume,)
 	$(BIN)/cts-ray report $(QS)
 
-test: $(STAMP)
+# The test extras (pyproject's [test]) and the system packages the tests drive.
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -26,7 +26,11 @@ class ConfigError(ValueError):
 
 
 def _f(default, *, choices=None, check=None, allowed=None, identity=True, help=""):
-    """A config field. ``check(value) -> bool`` with ``allowed`` describing what passes."""
+    """A config field. ``check(value) -> bool`` with ``allowed`` describing what passes.
+
+    ``identity``: True = part of the config hash; False = never (where data lives, which device);
+    "non_default" = only when set to something other than its default. Fields added after results
+    existed use "non_default", so every earlier config keeps its hash (and its cached dense runs)."""
     meta = dict(choices=choices, check=check, allowed=allowed, identity=identity, help=help)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -232,6 +236,10 @@ def _identity(obj) -> dict:
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             out[f.name] = _identity(v)
+        elif f.metadata.get("identity", True) == "non_default":
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if v != default:
+                out[f.name] = v
         elif f.metadata.get("identity", True):
             out[f.name] = v
     return out
