@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -13,8 +14,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Version(argparse.Action):
+    """``--version``: the code version runs record (package version + git commit)."""
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the code version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .runtime import code_version
+        print(f"cts-ray {code_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cts-ray", description="Concrete Ticket Search and its baselines.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="one experiment: dense to search point -> search -> retrain -> evaluate")
@@ -140,6 +153,16 @@ def _sweep(args) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()   # inside the try: a reader that left (| head) is not an error
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 0
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from . import config as config_mod
     try:
@@ -170,6 +193,12 @@ def main(argv=None) -> int:
             raise
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # DivergedError: a result of the settings, not a bug; one line
+        if type(e).__name__ != "DivergedError":
+            raise
+        print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cts-ray: interrupted; nothing was written for the unfinished run", file=sys.stderr)
         return 130

@@ -158,7 +158,8 @@ class SearchConfig:
 class ResourcesConfig:
     device: str = _f("auto", choices=["auto", "cpu", "cuda"], identity=False, help="compute device")
     threads: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
-                                identity=False, help="torch CPU threads; null = torch's default")
+                                identity=False, help="torch CPU threads; null = 1 for models under 1 M parameters, "
+                                                     "else up to 4 (in sweeps: up to resources.cpus)")
     amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     compile: bool = _f(False, identity=False,
                        help="torch.compile the training step of dense training and retraining (pays off on GPUs)")
@@ -336,16 +337,25 @@ def from_dict(raw: dict) -> Config:
         kwargs["seed"] = _coerce("seed", raw["seed"], int)
     cfg = Config(**kwargs)
     _check_value("seed", cfg.seed, top["seed"])
-    _check_cross(cfg)
+    _check_cross(cfg, milestones_given="milestones" in (raw.get("training") or {}))
     return cfg
 
 
-def _check_cross(cfg: Config):
+def _check_cross(cfg: Config, milestones_given: bool = True):
     """Checks that involve more than one field."""
     t, s, d = cfg.training, cfg.search, cfg.data
     for m in t.milestones:
         if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             raise ConfigError(f"training.milestones: {t.milestones!r} must be a list of integers >= 0")
+    late = [m for m in t.milestones if m >= t.epochs]
+    if late and milestones_given:   # the default [15, 25] under a short --set training.epochs: warned below
+        raise ConfigError(f"training.milestones: {late} never reached with training.epochs={t.epochs} (epochs run "
+                          f"0..{t.epochs - 1}); expected milestones < {t.epochs}, e.g. [] or "
+                          f"[{max(0, t.epochs * 2 // 3)}]")
+    if late:
+        import warnings
+        warnings.warn(f"training.milestones: {late} of the default {t.milestones} never reached with "
+                      f"training.epochs={t.epochs}; set training.milestones", stacklevel=3)
     if s.point == "rewind" and s.rewind_epochs > t.epochs:
         raise ConfigError(f"search.rewind_epochs: {s.rewind_epochs} exceeds training.epochs "
                           f"({t.epochs}); expected 0..{t.epochs}")

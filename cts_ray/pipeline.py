@@ -196,6 +196,9 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     t, s = cfg.training, cfg.search
     method = METHODS[s.method]
     data = data_mod.load(cfg.data, device)           # ConfigError here still precedes any writing
+    if cfg.resources.threads is None and device.type == "cpu":
+        params = sum(p.numel() for p in models.build(cfg.model.name, data.input_shape, data.num_classes).parameters())
+        torch.set_num_threads(runtime.default_threads(params))
 
     for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
         shutil.rmtree(old, ignore_errors=True)
@@ -314,7 +317,8 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         "final_search_metrics": ticket.history[-1] if ticket.history else None,
         "levels": ticket.levels or None,
         "code_version": runtime.code_version(), "library_versions": runtime.library_versions(),
-        "device": runtime.device_name(device), "config": cfg.to_dict(),
+        "device": runtime.device_string(device), "device_name": runtime.device_name(device),
+        "threads": torch.get_num_threads(), "config": cfg.to_dict(),
     }
 
 
