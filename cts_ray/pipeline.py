@@ -27,7 +27,7 @@ from . import models, runtime, sanity
 from .cache import DenseCache
 from .config import Config, ConfigError, check_folder
 from .masking import Mask
-from .methods import METHODS, SearchContext, Ticket
+from .methods import METHODS, SearchContext, Ticket, applies
 from .train import evaluate, prepare, train_epochs
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt")
@@ -288,7 +288,6 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
              device) -> dict:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
-    is_cts = s.method == "cts"
     own_retrain = ticket.retrained is not None and s.sanity == "none"
     retrain_seconds = 0.0 if own_retrain else result["seconds"]
     # SPEC §1 compute accounting: time to a retrained ticket. LTR's own seconds already hold its
@@ -297,9 +296,8 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         + retrain_seconds
     retrained_epochs = t.epochs - k if (cfg.retrain and not own_retrain) else 0
     return {
-        "method": s.method, "objective": s.objective if is_cts else None,
-        "controller": s.controller if is_cts else None,
-        "temperature": s.temperature if is_cts else None,
+        "method": s.method, **{k: getattr(s, k) if applies(s.method, f"search.{k}") else None
+                               for k in ("objective", "controller", "temperature")},
         "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
         "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
         "search_point": s.point, "search_epoch": k,

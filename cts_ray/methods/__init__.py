@@ -61,6 +61,9 @@ class Method:
     needs_trained: bool = False   # needs the dense network trained to the end (ctx.trained_state)
     # epochs the method itself trains or searches for (progress bar, epochs-equivalent accounting)
     epochs: Callable[[Config], int] = lambda cfg: 0
+    # the method-specific config keys it reads; every other method's knobs do not apply to it
+    # (tables, summaries and MLflow show them as null for it)
+    knobs: tuple = ()
 
 
 from . import cts, ltr, saliency, simple, strong  # noqa: E402  (the registry below refers to them)
@@ -69,14 +72,24 @@ def _search_epochs(cfg: Config) -> int:
     return cfg.search_epochs
 
 
+_SEARCHED = ("search.length", "search.lr", "search.lr_drop")   # methods that train scores or logits
+
 METHODS: dict[str, Method] = {
-    "cts": Method(cts.search, epochs=_search_epochs),
-    "ltr": Method(ltr.search, needs_trained=True, epochs=ltr.epochs),
-    "snip": Method(saliency.snip),
-    "grasp": Method(saliency.grasp),
-    "synflow": Method(saliency.synflow),
+    "cts": Method(cts.search, epochs=_search_epochs,
+                  knobs=("search.objective", "search.controller", "search.temperature", "search.slack", *_SEARCHED)),
+    "ltr": Method(ltr.search, needs_trained=True, epochs=ltr.epochs,
+                  knobs=("search.ltr_fraction", "search.ltr_output_fraction")),
+    "snip": Method(saliency.snip, knobs=("search.examples_per_class",)),
+    "grasp": Method(saliency.grasp, knobs=("search.examples_per_class", "search.grasp_temperature")),
+    "synflow": Method(saliency.synflow, knobs=("search.synflow_rounds",)),
     "magnitude": Method(simple.magnitude),
     "random": Method(simple.random, scores=False),
-    "gates": Method(strong.gates, strong=True, epochs=_search_epochs),
-    "edge_popup": Method(strong.edge_popup, strong=True, epochs=_search_epochs),
+    "gates": Method(strong.gates, strong=True, epochs=_search_epochs, knobs=("search.gate_sigma", *_SEARCHED)),
+    "edge_popup": Method(strong.edge_popup, strong=True, epochs=_search_epochs, knobs=_SEARCHED),
 }
+KNOBS = frozenset(k for m in METHODS.values() for k in m.knobs)   # keys only some methods read
+
+
+def applies(method: str, key: str) -> bool:
+    """Whether config key ``key`` (dotted) can change what ``method`` does."""
+    return key not in KNOBS or key in METHODS[method].knobs

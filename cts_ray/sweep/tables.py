@@ -67,7 +67,9 @@ AXIS_KEYS = {"objective": "search.objective", "controller": "search.controller",
 
 
 def axes(cfg) -> dict:
-    """The swept axes of a trial, from its resolved Config."""
+    """The swept axes of a trial, from its resolved Config; null where the knob does not apply to
+    the trial's method (SNIP has no temperature)."""
+    from ..methods import applies
     out = {}
     for column, key in AXIS_KEYS.items():
         node = cfg
@@ -75,6 +77,9 @@ def axes(cfg) -> dict:
             node = getattr(node, part)
         out[column] = node
     out["mask_lr"] = cfg.mask_lr   # resolved: search.lr, or training.lr when that is null
+    for column, key in AXIS_KEYS.items():
+        if not applies(cfg.search.method, key):
+            out[column] = None
     return out
 
 
