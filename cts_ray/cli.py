@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(training.epochs=5); repeatable")
     w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--extend", action="store_true",
+                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
     w.add_argument("--quiet", action="store_true", help="no live progress table")
 
@@ -139,9 +141,12 @@ def _print_summary(summary: dict, out) -> None:
 def _sweep(args) -> int:
     from .sweep import runner, spec as spec_mod
     spec = spec_mod.load(args.file, args.overrides, name=args.name)   # validated before Ray starts
-    n = spec.trial_count()
-    print(f"sweep {spec.name!r}: {n} trials, searcher {spec.searcher}, folder {spec.root}", flush=True)
-    result = runner.run_sweep(spec, address=args.address, resume=args.resume, verbose=0 if args.quiet else 1)
+    points = runner.check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
+    n = spec.trial_count() if points is None else len(points) * spec.num_samples
+    print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
+          f"folder {spec.root}", flush=True)
+    result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
+                              verbose=0 if args.quiet else 1)
     print()
     print(runner.format_summary(result["summary"]))
     print()

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..config import ConfigError, from_dict
 from . import tables
-from .spec import SweepSpec
+from .spec import POINT, SweepSpec, changes
 
 TUNE_DIR = "tune"
 
@@ -22,8 +22,11 @@ def _domain(dist: dict):
             "randint": lambda: tune.randint(*args), "choice": lambda: tune.choice(args)}[kind]()
 
 
-def param_space(spec: SweepSpec) -> dict:
+def param_space(spec: SweepSpec, points: Optional[list] = None) -> dict:
+    """Tune's search space; ``points``: only these grid points (the trials `--extend` adds)."""
     from ray import tune
+    if points is not None:
+        return {POINT: tune.grid_search(points)}
     space = {k: _domain(d) for k, d in spec.sample.items()}
     for k, values in spec.grid.items():
         space[k] = tune.grid_search(values) if spec.searcher != "optuna" else tune.choice(values)
@@ -62,8 +65,50 @@ def tracking_uri(spec: SweepSpec) -> str:
     return spec.mlflow["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(spec.root)
 
 
-def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, verbose: int = 1) -> dict:
-    """Run (or resume) a sweep; returns {"summary": rows, "paths": {...}, "counts": {...}}."""
+def check(spec: SweepSpec, *, resume: bool = False, extend: bool = False) -> Optional[list]:
+    """Refuse, before Ray starts, a run that would not do what sweep.json says: a new sweep over an
+    existing one, a --resume with other settings. With ``extend``: the grid points to add."""
+    root, stored_path = spec.root, spec.root / "sweep.json"
+    exists = (root / TUNE_DIR).exists()
+    if not (resume or extend):
+        if exists:
+            raise ConfigError(f"name: sweep {spec.name!r} already exists at {str(root)!r}; pass --resume to continue "
+                              "it or --name to start another")
+        return None
+    if not exists:
+        flag = "--extend" if extend else "--resume"
+        raise ConfigError(f"{flag}: no sweep to continue at {str(root / TUNE_DIR)!r}; run it without {flag} first")
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    diff = changes(stored, spec.record())
+    if not extend:
+        if diff:
+            raise ConfigError(f"--resume: sweep {spec.name!r} ran with other settings ({'; '.join(diff)}); resume it "
+                              "unchanged, start a new sweep with --name NEW, or add grid values with --extend")
+        return None
+    others = [d for d in diff if not d.startswith("grid.")]
+    if others or spec.searcher != "grid" or set(stored.get("grid", {})) != set(spec.grid):
+        why = "; ".join(others) or "the grid's keys or the searcher changed"
+        raise ConfigError(f"--extend: only adds values to an existing grid key of a grid sweep; {why}; "
+                          "start a new sweep with --name NEW")
+    old = SweepSpec(name=spec.name, base=spec.base, grid=stored["grid"])
+    done = {json.dumps(p, sort_keys=True) for p in old.grid_points()}
+    gone = done - {json.dumps(p, sort_keys=True) for p in spec.grid_points()}
+    if gone:
+        raise ConfigError(f"--extend: only adds grid values; {'; '.join(diff)} drops trials that ran; "
+                          "keep every value")
+    points = [p for p in spec.grid_points() if json.dumps(p, sort_keys=True) not in done]
+    if not points:
+        raise ConfigError(f"--extend: the grid adds no trials to sweep {spec.name!r}; add values to a grid key")
+    rows = len(tables.read(root, "trials", ["trial_id"])) if (root / "tables" / "trials").is_dir() else 0
+    if rows < len(done) * spec.num_samples:
+        raise ConfigError(f"--extend: sweep {spec.name!r} has unfinished trials ({rows} of "
+                          f"{len(done) * spec.num_samples} done); finish them first with --resume")
+    return points
+
+
+def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
+              verbose: int = 1) -> dict:
+    """Run, resume or extend a sweep; returns {"summary": rows, "paths": {...}, "counts": {...}}."""
     import ray
     from ray import tune
 
@@ -74,16 +119,20 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     root = spec.root
     tune_path = root / TUNE_DIR
-    if resume:
-        if not tune.Tuner.can_restore(str(tune_path)):
-            raise ConfigError(f"--resume: no sweep to resume at {str(tune_path)!r}; run it without --resume first")
-    elif tune_path.exists():
-        raise ConfigError(f"name: sweep {spec.name!r} already exists at {str(root)!r}; pass --resume to continue "
-                          "it or --name to start another")
+    points = check(spec, resume=resume, extend=extend)
+    resume = resume and not extend
+    if resume and not tune.Tuner.can_restore(str(tune_path)):
+        raise ConfigError(f"--resume: no sweep to resume at {str(tune_path)!r}; run it without --resume first")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps({"name": spec.name, "source": spec.source, "base": spec.base,
-                                                 "set": spec.set, "grid": spec.grid, "sample": spec.sample,
-                                                 "searcher": spec.searcher}, indent=1, default=str))
+    record = spec.record()
+    if extend:   # the finished experiment is kept aside; a new one runs only the added trials
+        stored = json.loads((root / "sweep.json").read_text())
+        record["extended"] = stored.get("extended", []) + [{"grid": stored["grid"], "added": len(points)}]
+        n = 1 + sum(1 for p in root.glob(f"{TUNE_DIR}.*"))
+        tune_path.rename(root / f"{TUNE_DIR}.{n}")
+    elif resume and (root / "sweep.json").exists():
+        record["extended"] = json.loads((root / "sweep.json").read_text()).get("extended", [])
+    (root / "sweep.json").write_text(json.dumps(record, indent=1))
 
     logger = MLflowLogger(tracking_uri(spec), spec.mlflow["experiment"], spec.name,
                           {"searcher": spec.searcher, "source": spec.source},
@@ -105,7 +154,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
         tuner._local_tuner.get_run_config().callbacks = [logger]   # restore drops callbacks (ECOSYSTEM.md)
     else:
-        tuner = tune.Tuner(trainable, param_space=param_space(spec),
+        tuner = tune.Tuner(trainable, param_space=param_space(spec, points),
                            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
                                                        num_samples=spec.num_samples,
                                                        max_concurrent_trials=spec.max_concurrent,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ SEARCHERS = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 TOP_KEYS = ("name", "base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed",
             "scheduler", "max_concurrent", "max_failures", "storage", "mlflow")
+# what decides which trials a sweep runs and what they do: compared on --resume (sweep.json)
+RECORD_KEYS = ("base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed", "scheduler")
+POINT = "grid_point"   # a trial's values as one dict: the trials `--extend` adds (runner.py)
 # what trials report and a searcher may optimise
 METRICS = ("test_accuracy", "best_test_accuracy", "ticket_seconds", "achieved_density")
 
@@ -68,6 +72,7 @@ class SweepSpec:
 
     def trial_raw(self, values: dict) -> dict:
         """The raw run config of a trial: base, then `set`, then the trial's sampled values."""
+        values = {**values.get(POINT, {}), **{k: v for k, v in values.items() if k != POINT}}
         raw = copy.deepcopy(self.base)
         for key, value in {**self.set, **values}.items():
             C.set_in(raw, key.split("."), copy.deepcopy(value))
@@ -80,10 +85,28 @@ class SweepSpec:
         keys = list(self.grid)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
 
+    def record(self) -> dict:
+        """What sweep.json stores: the settings that decide the trials (as JSON gives them back)."""
+        out = {"name": self.name, "source": self.source, **{k: getattr(self, k) for k in RECORD_KEYS}}
+        return json.loads(json.dumps(out, default=str))
+
     def trial_count(self) -> Optional[int]:
         if self.searcher == "grid":
             return len(self.grid_points()) * self.num_samples
         return self.num_samples
+
+
+def changes(stored: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every setting that differs between two sweep records (keys an
+    older sweep.json lacks are not compared)."""
+    old = C.flatten({k: stored[k] for k in RECORD_KEYS if k in stored})
+    now = C.flatten({k: new[k] for k in RECORD_KEYS if k in stored})
+    return [f"{k}: {_text(old.get(k))} -> {_text(now.get(k))}" for k in sorted(set(old) | set(now))
+            if old.get(k) != now.get(k)]
+
+
+def _text(v) -> str:
+    return "unset" if v is None else json.dumps(v)
 
 
 def _err(msg: str):

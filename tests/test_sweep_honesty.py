@@ -1,0 +1,51 @@
+"""Sweeps whose numbers say what happened: exact resumes (or a one-line refusal), grids extended
+with trials that really run, schedulers that judge tickets, stopped trials that keep their rows,
+summaries that never pool settings. Real `cts-ray sweep` on the two-raylet test cluster."""
+import json
+import subprocess
+
+from cts_ray.sweep import tables
+
+from conftest import BIN, REPO, _run, _sweep_file
+
+TINY = {"training.epochs": 2, "training.milestones": [1], "resources.cpus": 1}
+
+
+def _sweep(args, tmp_path):
+    return subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+
+
+def test_resume_with_other_settings_is_refused_and_extend_runs_the_new_trials(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "grow", {"base": str(REPO / "configs" / "digits.yaml"), "set": TINY,
+                                       "grid": {"search.density": [0.1], "seed": [0, 1]}})
+    root = tmp_path / "sweeps" / "grow"
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    stored = (root / "sweep.json").read_text()
+
+    p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume", "--set", "training.epochs=3",
+                "--set", "grid.seed=[0,1,2]"], tmp_path)
+    assert p.returncode == 2 and p.stdout.count("\n") == 0, p.stdout
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("cts-ray: error: --resume: sweep 'grow' ran with "
+                                                            "other settings"), p.stderr
+    assert "grid.seed: [0, 1] -> [0, 1, 2]" in p.stderr and "set.training.epochs: 2 -> 3" in p.stderr
+    assert "--name" in p.stderr and "--extend" in p.stderr
+    assert (root / "sweep.json").read_text() == stored              # still what ran
+    # --extend changes only the grid: the one new seed's trial runs, the others are kept
+    p = _sweep([f, "--address", ray_cluster, "--quiet", "--extend", "--set", "training.epochs=3",
+                "--set", "grid.seed=[0,1,2]"], tmp_path)
+    assert p.returncode == 2 and "--extend: only adds values" in p.stderr and "set.training.epochs" in p.stderr
+    before = {t["trial_id"]: t["ended_at"] for t in tables.read(root, "trials").to_pylist()}
+    p = _run([f, "--address", ray_cluster, "--quiet", "--extend", "--set", "grid.seed=[0,1,2]"], tmp_path)
+    assert "1 new trials" in p.stdout
+    trials = tables.read(root, "trials").to_pylist()
+    assert sorted(t["seed"] for t in trials) == [0, 1, 2] and {t["status"] for t in trials} == {"finished"}
+    assert {t["trial_id"]: t["ended_at"] for t in trials if t["trial_id"] in before} == before
+    meta = json.loads((root / "sweep.json").read_text())
+    assert meta["grid"]["seed"] == [0, 1, 2] and meta["extended"] == [{"grid": {"search.density": [0.1],
+                                                                               "seed": [0, 1]}, "added": 1}]
+    # the extended sweep now resumes as it stands (nothing left to run), and refuses the old grid
+    _run([f, "--address", ray_cluster, "--quiet", "--resume", "--set", "grid.seed=[0,1,2]"], tmp_path)
+    assert len(tables.read(root, "trials")) == 3
+    p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
+    assert p.returncode == 2 and "grid.seed: [0, 1, 2] -> [0, 1]" in p.stderr
