@@ -49,3 +49,35 @@ def test_resume_with_other_settings_is_refused_and_extend_runs_the_new_trials(ra
     assert len(tables.read(root, "trials")) == 3
     p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
     assert p.returncode == 2 and "grid.seed: [0, 1, 2] -> [0, 1]" in p.stderr
+
+
+def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_its_rows(ray_cluster, tmp_path):
+    # two trials share one dense run (one seed); the sparse one is the worse ticket. Run in grid
+    # order, one at a time, so ASHA's first rung (ticket iteration 3 = the first retraining epoch
+    # after 2 search epochs) has the 10 % ticket recorded when the 0.5 % ticket reaches it.
+    f = _sweep_file(tmp_path, "asha", {"base": str(REPO / "configs" / "digits.yaml"),
+                                       "set": {**TINY, "training.epochs": 4, "training.milestones": [3]},
+                                       "grid": {"search.density": [0.1, 0.005]}, "max_concurrent": 1,
+                                       "scheduler": {"asha": {"grace_period": 3}}})
+    p = _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    root = tmp_path / "sweeps" / "asha"
+    rows = {t["target_density"]: t for t in tables.read(root, "trials").to_pylist()}
+    good, bad = rows[0.1], rows[0.005]
+    assert good["status"] == "finished" and good["last_phase"] == "retrain" and good["last_epoch"] == 4
+    assert bad["status"] == "stopped" and bad["last_phase"] == "retrain" and bad["last_epoch"] == 2, bad
+    assert bad["error"] == "stopped by asha at retrain epoch 2, ticket iteration 3"
+    assert 0 < bad["test_accuracy"] < good["test_accuracy"] and bad["mask_path"] is None
+    assert bad["config_hash"] and bad["seed"] == 0 and bad["temperature"] == good["temperature"]
+    # its epochs are kept: the whole shared dense run, its search, the one retraining epoch
+    phases = [r["phase"] for r in tables.read(root, "epochs").to_pylist() if r["trial_id"] == bad["trial_id"]]
+    assert phases == ["dense"] * 4 + ["search"] * 2 + ["retrain"]
+    assert not list((root / "trials").glob(".*partial*"))
+    # the summary counts it and says why
+    assert f"stopped: trial {bad['trial_id']} (seed 0): {bad['error']}" in p.stdout
+    # MLflow keeps its run, marked stopped
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cts-ray")
+    run = client.search_runs([exp.experiment_id], f"tags.`cts.trial_id` = '{bad['trial_id']}'")[0]
+    assert run.data.tags["cts.status"] == "stopped" and run.info.status == "KILLED"
+    assert run.data.tags["cts.stopped_at"] == "retrain epoch 2"

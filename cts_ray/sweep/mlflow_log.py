@@ -150,6 +150,10 @@ class MLflowLogger(Callback):
         self._later(self._result, trial.trial_id, dict(trial.config), dict(result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if last.get("phase", "final") != "final":   # a scheduler stopped it: the run stays, marked so
+            self._later(self._stopped, trial.trial_id, dict(trial.config), last.get("phase"), last.get("epoch"))
+            return
         self._later(self._end, trial.trial_id, dict(trial.config), "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -192,6 +196,13 @@ class MLflowLogger(Callback):
         run_id = self._child(tid, config)
         if run_id:
             self._call("end run", self.client.set_terminated, run_id, status)
+
+    def _stopped(self, tid: str, config: dict, phase, epoch):
+        run_id = self._child(tid, config)
+        if run_id:
+            self._call("tags", self.client.set_tag, run_id, "cts.status", "stopped")
+            self._call("tags", self.client.set_tag, run_id, "cts.stopped_at", f"{phase} epoch {epoch}")
+            self._call("end run", self.client.set_terminated, run_id, "KILLED")
 
     def _end_parent(self, status: str):
         if self.parent_id:

@@ -55,7 +55,8 @@ def _scheduler(spec: SweepSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
     opts = spec.scheduler["asha"]
-    return ASHAScheduler(metric=spec.metric, mode=spec.mode, time_attr="training_iteration",
+    # ticket_iteration: reported only beside a trial's own ticket metrics (trainable.py)
+    return ASHAScheduler(metric=spec.metric, mode=spec.mode, time_attr="ticket_iteration",
                          grace_period=opts.get("grace_period", 1), reduction_factor=opts.get("reduction_factor", 2),
                          max_t=opts.get("max_t", 10_000))
 
@@ -113,7 +114,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     from ray import tune
 
     from .mlflow_log import MLflowLogger
-    from .trainable import spec_state, trial
+    from .trainable import spec_state, trial, write_stopped
 
     # trials checkpoint every retraining epoch by design; Tune's warning about it is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -165,6 +166,9 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         grid = tuner.fit()
     finally:
         logger.flush()   # what Tune reported is in MLflow before the summary (or the error) is shown
+    for result in grid:   # no error and no final report: a scheduler stopped it
+        if result.error is None and result.metrics and result.metrics.get("phase") != "final":
+            write_stopped(root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
     return {"summary": summarise(root), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed}
 

@@ -30,7 +30,8 @@ _AXES = [("objective", pa.string()), ("controller", pa.string()), ("sanity", pa.
 
 SCHEMAS = {
     "trials": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES,
-                         ("status", pa.string()), ("error", pa.string()), ("strong_ticket", pa.bool_()),
+                         ("status", pa.string()), ("error", pa.string()),
+                         ("last_phase", pa.string()), ("last_epoch", pa.int64()), ("strong_ticket", pa.bool_()),
                          ("achieved_density", pa.float64()), ("kept_weights", pa.int64()),
                          ("prunable_weights", pa.int64()),
                          ("test_accuracy", pa.float64()), ("best_test_accuracy", pa.float64()),

@@ -1,7 +1,12 @@
 """The Ray Tune trainable: one trial = one pipeline run (dense → search → retrain → evaluate).
 
 Every metrics record is reported to Tune; retraining epochs carry a checkpoint (the ticket plus
-the retraining state), so a retried trial continues after its last finished epoch. The dense run
+the retraining state), so a retried trial continues after its last finished epoch. Schedulers see
+only the ticket: ``ticket_iteration`` (the time axis they use) counts the method's own epochs
+(search, LTR rounds) and the ticket's retraining, and is reported only with records whose metrics
+are this trial's final ticket (its retraining epochs, its evaluation) — never with the dense phase
+that trials share, so an early stop compares tickets. A trial a scheduler stops gets its row from
+the driver (``write_stopped``), from what it reported. The dense run
 comes from the sweep's shared cache. At the end the trial writes its rows of the three Parquet
 tables; MLflow is logged from the driver (see mlflow_log.py), so a tracking-server failure cannot
 lose these rows.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import tempfile
 import time
@@ -41,10 +47,14 @@ def trial(params: dict, spec_state: dict) -> None:
     run_dir = root / "trials" / trial_id
     node_id = _node_id()
     started = time.time()
-    # every report carries these (as known so far), so schedulers and searchers find their metric
+    # every report carries these (the ticket's, as known so far), so Tune finds the metric in each
     running = {"test_accuracy": 0.0, "best_test_accuracy": 0.0, "ticket_seconds": 0.0,
                "achieved_density": cfg.search.density}
-    step = [0]
+    step, ticket_iteration = [0], [0]
+    final_round = None
+    if cfg.search.method == "ltr":   # LTR's last round retrains the ticket itself
+        from ..methods.ltr import rounds_for
+        final_round = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
 
     done = _finished_row(root, cfg.search.method, trial_id)
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
@@ -60,6 +70,7 @@ def trial(params: dict, spec_state: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = pipeline.Progress.from_state(torch.load(Path(d) / "progress.pt", weights_only=True))
         step[0] = len(resume.records)
+        ticket_iteration[0] = sum(1 for r in resume.records if r["phase"] != "dense")
         started = resume.records[0].get("started_at", started) if resume.records else started
 
     records = list(resume.records) if resume is not None else []
@@ -67,14 +78,19 @@ def trial(params: dict, spec_state: dict) -> None:
     def on_record(record: dict, progress) -> None:
         records.append(record)
         step[0] += 1
-        if record.get("test_accuracy") is not None:
+        ticket = record["phase"] in ("retrain", "evaluate") and record.get("round", final_round) == final_round
+        if ticket and record.get("test_accuracy") is not None:
             running["test_accuracy"] = record["test_accuracy"]
-            if record["phase"] in ("retrain", "evaluate"):
-                running["best_test_accuracy"] = max(running["best_test_accuracy"], record["test_accuracy"])
+            running["best_test_accuracy"] = max(running["best_test_accuracy"], record["test_accuracy"])
         running["ticket_seconds"] += record.get("seconds", 0.0) if not record.get("cached") else 0.0
         if step[0] == 1:
             record["started_at"] = started
-        metrics = {**_numeric(record), **running, "phase": record["phase"], "step": step[0], "node_id": node_id}
+        metrics = {**running, **_numeric(record), "phase": record["phase"], "step": step[0], "node_id": node_id,
+                   "row": json.dumps(tables.epoch_row(record))}   # what the driver keeps of a stopped trial
+        if record["phase"] != "dense":
+            ticket_iteration[0] += 1
+        if ticket:   # the scheduler's time axis: only beside this trial's own ticket metrics
+            metrics["ticket_iteration"] = ticket_iteration[0]
         if progress is None:
             tune.report(metrics)
             return
@@ -99,7 +115,8 @@ def trial(params: dict, spec_state: dict) -> None:
     if status == "error":   # a diverged trial keeps the epochs that show how it diverged
         records = []
     hit = any(r.get("cached") for r in records if r["phase"] == "dense")
-    _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit)
+    _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit,
+                     last={k: records[-1].get(k) for k in ("phase", "epoch")} if records else None)
     method = cfg.search.method
     tables.write(root, "epochs", method, trial_id, [tables.epoch_row(r) for r in records],
                  {**common, "node_id": node_id})
@@ -108,7 +125,7 @@ def trial(params: dict, spec_state: dict) -> None:
         tables.write(root, "layers", method, trial_id,
                      [{k: r[k] for k in ("layer", "numel", "kept", "density")} for r in layers], common)
     final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id,
-             "run_dir": str(run_dir), **running}
+             "run_dir": str(run_dir), "ticket_iteration": ticket_iteration[0] + 1, **running}
     if summary is not None:
         final.update({k: summary[k] for k in ("test_accuracy", "best_test_accuracy", "achieved_density",
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
@@ -123,12 +140,41 @@ def _finished_row(root: Path, method: str, trial_id: str):
     return row if row["status"] in ("finished", "diverged") else None
 
 
-def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False):
+def write_stopped(root: Path, spec, result, scheduler: str) -> None:
+    """The row of a trial a scheduler stopped (its thread never returns): from its Tune results.
+    ``result``: the trial's ``ray.tune.Result``."""
+    history = [json.loads(line) for line in (Path(result.path) / "result.json").read_text().splitlines() if line]
+    last = history[-1]
+    tid = last["trial_id"]
+    cfg = from_dict(spec.trial_raw(result.config))
+    common = {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
+    rows = {}
+    for r in history:   # a retried trial reports some epochs twice: keep the last
+        if r.get("row"):
+            row = json.loads(r["row"])
+            rows[(row["phase"], row["round"], row["epoch"])] = row
+    where = f"{last['phase']} epoch {last.get('epoch')}, ticket iteration {last.get('ticket_iteration')}"
+    summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
+               "best_test_accuracy": last.get("best_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
+    started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
+    _write_trial_row(root, cfg, common, "stopped", f"stopped by {scheduler} at {where}", summary, None,
+                     last.get("node_id"), started, last=last)
+    tables.write(root, "epochs", cfg.search.method, tid, list(rows.values()), {**common, "node_id": last.get("node_id")})
+    for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False,
+                     last=None):
+    """``last``: the last record (or, for a stopped trial, Tune result) the trial reached."""
     s = summary or {}
+    done = summary is not None and status != "stopped"
     row = {"status": status, "error": error, "strong_ticket": s.get("strong_ticket"),
-           "dense_cache_hit": hit, "run_dir": str(run_dir),
-           "mask_path": str(run_dir / "mask.pt") if summary else None, "node_id": node_id,
-           "hostname": socket.gethostname(), "started_at": started, "ended_at": time.time(),
+           "dense_cache_hit": hit, "run_dir": str(run_dir) if run_dir else None,
+           "mask_path": str(run_dir / "mask.pt") if done else None, "node_id": node_id,
+           "hostname": (last or {}).get("hostname") or socket.gethostname(), "started_at": started,
+           "ended_at": (last or {}).get("timestamp") or time.time(),
+           "last_phase": (last or {}).get("phase"), "last_epoch": (last or {}).get("epoch"),
            "code_version": runtime.code_version(), "library_versions": tables.json_text(runtime.library_versions()),
            "levels": tables.json_text(s.get("levels")), "config": tables.json_text(cfg.to_dict())}
     for k in ("achieved_density", "kept_weights", "prunable_weights", "test_accuracy", "best_test_accuracy",
