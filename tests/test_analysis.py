@@ -83,12 +83,13 @@ def test_seed_statistics_and_significance(known):
     assert cell["mean"] == pytest.approx(70) and cell["std"] == pytest.approx(1.5)
     assert cell["ci"] == pytest.approx((70 - half, 70 + half)) and (cell["min"], cell["max"]) == pytest.approx((68.5, 71.5))
     # cts (primary setting: tau = 2/3) beats random by 20 points on every seed: significant, paired
-    pair = next(p for p in out["pairs"] if p["density"] == 0.1)
+    pair = next(p for p in out["pairs"] if p["density"] == 0.1 and {p["a"], p["b"]} == {"cts", "random"})
     assert {pair["a"], pair["b"]} == {"cts", "random"} and pair["test"] == "paired t" and pair["significant"]
     assert "| 10 | cts | random | 20.00 | paired t (3) |" in seeds.markdown(out)
     # seed std 0.5 against 1.5, 3 seeds each: a variance test runs and reports both
-    (vt,) = out["variance_tests"]
-    assert vt["stds"] == pytest.approx({"cts": 0.5, "random": 1.5})
+    vt = next(v for v in out["variance_tests"] if v["density"] == 0.1)   # every setting takes part
+    assert vt["stds"] == pytest.approx({"cts": 0.5, "cts (temperature=0.25)": 0.5, "cts (temperature=1)": 0.5,
+                                        "random": 1.5})
 
 
 def test_variance_test_and_holm_on_known_data():
@@ -109,8 +110,8 @@ def test_comparison_speedup_and_sanity_drop(tmp_path):
         _trial(root, "snip", 0.01, s, (85 + e) / 100, search__examples_per_class=10)
     res = load_mod.load([root])
     out = comparison.analyse(res)
-    assert out["speedup"] == {0.01: pytest.approx(15.0)}
-    assert "| LTR / CTS time | 15.0× |" in comparison.compute_table(out)
+    assert out["speedup"] == {("ltr", "cts"): {0.01: pytest.approx(15.0)}}
+    assert "| ltr / cts time | 15.0× |" in comparison.compute_table(out)
     table = comparison.accuracy_table(out)
     assert "| cts | 90.00 ± 0.50 |" in table and "| ltr | 91.00 ± 0.50 |" in table
     assert "| snip | 85.00 ± 0.50 |" in table and "dense network 95.00 ± 0.00 %" in table
@@ -199,10 +200,10 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
     by = {}
     for r in rows:
         by.setdefault((r["method"], r["temperature"], r["target_density"]), []).append(100 * r["test_accuracy"])
-    for (method, temp, d), acc in by.items():
-        if abs(temp - 2 / 3) < 1e-9:   # the comparison table shows each method's main setting
-            cell = f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
-            assert re.search(rf"\| {method} \|.*{re.escape(cell)}", md), (method, d, cell)
+    for (method, temp, d), acc in by.items():   # every setting is a row, named by what is not default
+        label = method if temp is None or abs(temp - 2 / 3) < 1e-9 else f"{method} (temperature={temp:.4g})"
+        cell = f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
+        assert re.search(rf"\| {re.escape(label)} \|.*{re.escape(cell)}", md), (label, d, cell)
     for d in (0.1, 0.03):
         means = [np.mean(by["cts", t, d]) for t in sorted(t for (m, t, dd) in by if m == "cts" and dd == d)]
         assert f"| cts | temperature | {100 * d:.3g} |" in md

@@ -81,3 +81,58 @@ def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_
     run = client.search_runs([exp.experiment_id], f"tags.`cts.trial_id` = '{bad['trial_id']}'")[0]
     assert run.data.tags["cts.status"] == "stopped" and run.info.status == "KILLED"
     assert run.data.tags["cts.stopped_at"] == "retrain epoch 2"
+
+
+def _mixed(root):
+    """CTS at two temperatures and SNIP (which has none) over two seeds: one CTS trial diverged,
+    one SNIP trial stopped, and SNIP run twice under temperatures it does not read."""
+    from test_analysis import _trial
+    _trial(root, "cts", 0.1, 0, 0.90, temperature=0.5)
+    _trial(root, "cts", 0.1, 1, 0.92, temperature=0.5)
+    _trial(root, "cts", 0.1, 0, 0.80, temperature=1.0)
+    _trial(root, "cts", 0.1, 1, None, temperature=1.0, status="diverged")
+    _trial(root, "snip", 0.1, 0, 0.85, temperature=0.5)
+    _trial(root, "snip", 0.1, 0, 0.85, temperature=1.0)
+    _trial(root, "snip", 0.1, 1, 0.5, temperature=0.5, status="stopped")
+
+
+def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_one_value(tmp_path):
+    from cts_ray.sweep import runner
+    from cts_ray.sweep.spec import SweepSpec
+    spec = SweepSpec(name="mixed", base={}, storage=str(tmp_path),
+                     grid={"search.method": ["cts", "snip"], "search.temperature": [0.5, 1.0], "seed": [0, 1]})
+    _mixed(spec.root)
+    summary = runner.summarise(spec)
+    rows = {(r["method"], r["values"]["search.temperature"]): r for r in summary["rows"]}
+    assert set(rows) == {("cts", 0.5), ("cts", 1.0), ("snip", None)}     # τ is not SNIP's: one row
+    assert rows["cts", 0.5]["n"] == 2 and rows["cts", 0.5]["std"] is not None
+    assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0}
+    assert rows["cts", 1.0]["std"] is None                                # one value: no std
+    assert rows["snip", None]["counts"]["stopped"] == 1 and rows["snip", None]["n"] == 1   # the repeat counts once
+    text = runner.format_summary(summary)
+    lines = text.splitlines()
+    assert lines[0].split()[:9] == ["method", "density", "temperature", "finished", "stopped", "diverged", "failed",
+                                    "seeds", "test"] and "over seeds" not in text
+    assert any(line.startswith("cts") and " 0.5 " in line and "91.00 ± 1.41 %" in line for line in lines)
+    assert any(line.startswith("cts") and " 1 " in line and "80.00 %  (one trial: no std)" in line for line in lines)
+    assert any(line.startswith("snip") and " – " in line and "85.00 %  (one trial: no std)" in line for line in lines)
+    assert "counted once: snip at density 0.1: 1 trial(s) repeat an identical experiment" in text
+    assert "diverged: trial" in text and "stopped: trial" in text
+    # a random search (every trial its own setting) also lists its best trials
+    spec.searcher, spec.grid = "random", {"search.method": ["cts", "snip"], "seed": [0, 1]}
+    spec.sample = {"search.temperature": {"uniform": [0.5, 1.0]}}
+    text = runner.format_summary(runner.summarise(spec))
+    best = text.split("best trials by test_accuracy (max):\n")[1].splitlines()
+    assert "92" in best[0] and "cts density 0.1 seed 1  temperature=0.5" in best[0]
+
+
+def test_the_report_shows_every_setting_and_says_what_it_left_out(tmp_path):
+    from cts_ray.analysis import comparison, load as load_mod
+    _mixed(tmp_path / "mixed")
+    out = comparison.analyse(load_mod.load([tmp_path / "mixed"]))
+    assert out["labels"] == ["cts (temperature=0.5)", "cts (temperature=1)", "snip"]
+    table = comparison.accuracy_table(out)
+    assert "| cts (temperature=0.5) | 91.00 ± 1.41 (n=2) |" in table and "| snip | 85.00 (n=1) |" in table
+    assert "| cts (temperature=1) | 80.00 (n=1) |" in table
+    assert ("Not in this table: 1 diverged trial(s); 1 stopped trial(s); 1 repeat(s) of a config or experiment "
+            "already counted. Only finished trials count.") in table

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from .load import AnalysisError, Results, method_key, primary
+from .load import AnalysisError, Results, settings
 
 ALPHA = 0.05
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel
@@ -21,22 +21,39 @@ def _ms(x) -> str:
 
 
 def analyse(res: Results) -> dict:
-    main = primary(res.trials)
+    """Every setting present is a row (labelled by what differs from the defaults)."""
+    main = res.trials[res.trials["sanity"] == "none"]
     if main.empty:
         raise AnalysisError("comparison: no trials without a sanity check here")
-    methods = sorted(set(main["method"]), key=method_key)
+    labels = settings(main)
     densities = sorted(set(main["target_density"]), reverse=True)
     cells = {}
-    for (m, d), g in main.groupby(["method", "target_density"]):
-        cells[m, d] = {"acc": g["accuracy"].to_numpy(), "achieved": float(g["achieved_density"].mean()),
-                       "ticket_s": float(g["ticket_seconds"].mean()), "search_s": float(g["search_seconds"].mean()),
-                       "epochs": float(g["epochs_equivalent"].mean()), "n": len(g)}
+    for (lb, d), g in main.groupby(["label", "target_density"]):
+        cells[lb, d] = {"acc": g["accuracy"].to_numpy(), "achieved": float(g["achieved_density"].mean()),
+                        "ticket_s": float(g["ticket_seconds"].mean()), "search_s": float(g["search_seconds"].mean()),
+                        "epochs": float(g["epochs_equivalent"].mean()), "n": len(g)}
     dense = main.drop_duplicates("seed")["dense_test_accuracy"].dropna().to_numpy() * 100
-    speedup = {d: cells["ltr", d]["ticket_s"] / cells["cts", d]["ticket_s"]
-               for d in densities if ("ltr", d) in cells and ("cts", d) in cells}
-    labels = {m: main[main["method"] == m]["label"].iloc[0] for m in methods}
-    return {"methods": methods, "densities": densities, "cells": cells, "dense": dense, "speedup": speedup,
-            "labels": labels, "sanity": _sanity(res)}
+    method = dict(zip(main["label"], main["method"]))
+    speedup = {(lt, ct): {d: cells[lt, d]["ticket_s"] / cells[ct, d]["ticket_s"]
+                          for d in densities if (lt, d) in cells and (ct, d) in cells}
+               for lt in labels if method[lt] == "ltr" for ct in labels if method[ct] == "cts"}
+    return {"labels": labels, "densities": densities, "cells": cells, "dense": dense,
+            "speedup": {k: v for k, v in speedup.items() if v}, "sanity": _sanity(res),
+            "left_out": _left_out(res)}
+
+
+def _left_out(res: Results) -> str:
+    """What the tables do not show, and why (one line)."""
+    parts = [f"{n} {why} trial(s)" for why, n in res.skipped.items() if n and not why.startswith("repeats")
+             and not why.startswith("duplicate")]
+    checks = int((res.trials["sanity"] != "none").sum())
+    if checks:
+        parts.append(f"{checks} sanity-check trial(s) (in Sanity checks)")
+    repeats = sum(n for why, n in res.skipped.items() if why.startswith(("repeats", "duplicate")))
+    if repeats:
+        parts.append(f"{repeats} repeat(s) of a config or experiment already counted")
+    return ("Not in this table: " + "; ".join(parts) + ". Only finished trials count.") if parts else \
+        "Every finished trial is in this table."
 
 
 def _sanity(res: Results) -> list[dict]:
@@ -53,40 +70,45 @@ def _sanity(res: Results) -> list[dict]:
                      "unmodified": float(base["accuracy"].mean()), "checked": float(g["accuracy"].mean()),
                      "drop": drop, "p": one_sided, "test": test, "n": n,
                      "passes": drop > 0 and not math.isnan(one_sided) and one_sided < ALPHA})
-    return sorted(rows, key=lambda r: (method_key(r["method"]), -r["density"], r["check"]))
+    order = settings(df)
+    return sorted(rows, key=lambda r: (order.index(r["label"]) if r["label"] in order else len(order), -r["density"],
+                                       r["check"]))
 
 
 def accuracy_table(result: dict) -> str:
     ds = result["densities"]
     out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
     ns = {c["n"] for c in result["cells"].values()}
-    for m in result["methods"]:
+    for m in result["labels"]:
         row = [(_ms(result["cells"][m, d]["acc"]) + ("" if len(ns) == 1 else f" (n={result['cells'][m, d]['n']})"))
                if (m, d) in result["cells"] else "–" for d in ds]
-        out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
+        out.append(f"| {m} | " + " | ".join(row) + " |")
     n = next(iter(ns))
     foot = f"Test accuracy %, mean ± std over {n} seeds" if len(ns) == 1 else "Test accuracy %, mean ± std (n seeds)"
     if len(result["dense"]):
         foot += f"; dense network {_ms(result['dense'])} % ({len(result['dense'])} seeds)"
-    return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept)."])
+    return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
+                             "present, named by what differs from the defaults (the plain method name is the "
+                             "setting at the defaults). " + result["left_out"]])
 
 
 def compute_table(result: dict) -> str:
     ds = result["densities"]
     out = ["| method | " + " | ".join(f"{100 * d:.3g} %: ticket s (epochs) | method s" for d in ds) + " |",
            "|---|" + "---:|---:|" * len(ds)]
-    for m in result["methods"]:
+    for m in result["labels"]:
         row = []
         for d in ds:
             c = result["cells"].get((m, d))
             row += [f"{c['ticket_s']:.1f} ({c['epochs']:.1f})", f"{c['search_s']:.2f}"] if c else ["–", "–"]
-        out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
+        out.append(f"| {m} | " + " | ".join(row) + " |")
     out += ["", "Mean seconds to a retrained ticket (SPEC §1: dense to the search point + method + retraining; "
                 "LTR: every round up to that density), with epochs-equivalent; `method s` is the search alone."]
     if result["speedup"]:
-        out += ["", "| density % | " + " | ".join(f"{100 * d:.3g}" for d in result["speedup"]) + " |",
-                "|---|" + "---:|" * len(result["speedup"]),
-                "| LTR / CTS time | " + " | ".join(f"{s:.1f}×" for s in result["speedup"].values()) + " |"]
+        sd = sorted({d for v in result["speedup"].values() for d in v}, reverse=True)
+        out += ["", "| density % | " + " | ".join(f"{100 * d:.3g}" for d in sd) + " |", "|---|" + "---:|" * len(sd)]
+        for (lt, ct), v in result["speedup"].items():
+            out.append(f"| {lt} / {ct} time | " + " | ".join(f"{v[d]:.1f}×" if d in v else "–" for d in sd) + " |")
     return "\n".join(out)
 
 
@@ -118,14 +140,14 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
     fig, axes = plots.figure(ncols=2)
     top = max(a.mean() for a in (c["acc"] for c in result["cells"].values()))
     for ax, zoom in zip(axes, (False, True)):
-        for i, m in enumerate(result["methods"]):
+        for i, m in enumerate(result["labels"]):
             ds = [d for d in result["densities"] if (m, d) in result["cells"]]
             x = [result["cells"][m, d]["achieved"] for d in ds]
             acc = [result["cells"][m, d]["acc"] for d in ds]
             mean = np.array([a.mean() for a in acc])
             sd = np.array([a.std(ddof=1) if len(a) > 1 else 0.0 for a in acc])
-            ax.plot(x, mean, marker="o", color=f"C{i}", label=result["labels"][m])
-            ax.fill_between(x, mean - sd, mean + sd, color=f"C{i}", alpha=0.15, linewidth=0)
+            ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=m)
+            ax.fill_between(x, mean - sd, mean + sd, color=f"C{i % 10}", alpha=0.15, linewidth=0)
         if len(result["dense"]):
             ax.axhline(result["dense"].mean(), color="k", linestyle="--", linewidth=1, label="dense")
         plots.density_axis(ax, result["densities"])
@@ -141,10 +163,10 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
     files = [plots.save(fig, out / "accuracy_vs_density.png")]
 
     fig, (ax,) = plots.figure()
-    for i, m in enumerate(result["methods"]):
+    for i, m in enumerate(result["labels"]):
         ds = [d for d in result["densities"] if (m, d) in result["cells"]]
         ax.plot([result["cells"][m, d]["achieved"] for d in ds], [result["cells"][m, d]["ticket_s"] for d in ds],
-                marker="o", color=f"C{i}", label=result["labels"][m])
+                marker="o", color=f"C{i % 10}", label=m)
     plots.density_axis(ax, result["densities"])
     ax.set_yscale("log")
     secs = [c["ticket_s"] for c in result["cells"].values()]

@@ -20,8 +20,6 @@ from ..sweep import tables
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
 METRICS = ("test_accuracy", "best_test_accuracy")
-# tables list methods in the registry's order (cts_ray.methods.METHODS; not imported: it needs torch)
-METHOD_ORDER = ("cts", "ltr", "snip", "grasp", "synflow", "magnitude", "random", "gates", "edge_popup")
 
 
 class AnalysisError(ValueError):
@@ -35,7 +33,8 @@ def _non_identity_keys() -> set:
 
 
 # what does not make two trials different settings: where they ran, and the swept seed/density/check
-_NOT_VARIANT = _non_identity_keys() | {"seed", "search.density", "search.sanity"}
+_NON_IDENTITY = _non_identity_keys()
+_NOT_VARIANT = _NON_IDENTITY | {"seed", "search.density", "search.sanity"}
 
 
 @dataclass
@@ -54,7 +53,10 @@ class Results:
 
 
 def method_key(method: str) -> tuple:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Tables list methods in the registry's order."""
+    from ..methods import METHODS
+    order = list(METHODS)
+    return (order.index(method) if method in order else len(order), method)
 
 
 def sweep_folders(paths) -> list[Path]:
@@ -89,7 +91,8 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
             df = pd.DataFrame(columns=tables.SCHEMAS["trials"].names + ["method"])
         meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
         sweeps.append((str(folder), meta))
-        started = {p.name for p in (folder / "trials").iterdir() if p.is_dir()} if (folder / "trials").is_dir() else set()
+        started = {p.name for p in (folder / "trials").iterdir() if p.is_dir() and not p.name.startswith(".")} \
+            if (folder / "trials").is_dir() else set()
         unfinished = sorted(started - set(df["trial_id"]))
         if unfinished and not allow_incomplete:
             raise AnalysisError(
@@ -123,9 +126,16 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     if df.empty:
         raise AnalysisError(f"results: no finished trials with a {metric} in {', '.join(map(str, folders))}")
     df["accuracy"] = 100.0 * df[metric]          # percentage points everywhere in the analysis
-    flat = [flatten(json.loads(c)) for c in df["config"]]
-    df["variant"] = [context(f) for f in flat]
+    from ..methods import effective   # knobs a method does not read make no setting of it
+    flat = [effective(flatten(json.loads(c))) for c in df["config"]]
     df["_flat"] = flat
+    # one experiment run twice (SNIP under two CTS temperatures): counted once
+    df["_experiment"] = [stable_hash({k: v for k, v in f.items() if k not in _NON_IDENTITY}) for f in flat]
+    before = len(df)
+    df = df.drop_duplicates("_experiment", keep="last")
+    skipped["repeats of one experiment (a swept knob that does not apply)"] = before - len(df)
+    flat = list(df["_flat"])
+    df["variant"] = [context(f) for f in flat]
     df = df.sort_values(["method", "variant", "target_density", "seed"]).reset_index(drop=True)
     labels = _labels(df)
     df["label"] = df["variant"].map(labels)
@@ -137,39 +147,24 @@ def context(flat: dict, drop=()) -> str:
     return stable_hash({k: v for k, v in flat.items() if k not in _NOT_VARIANT and k not in drop}, 10)
 
 
-def _ranked(g: pd.DataFrame) -> list:
-    """One method's settings, main one first: the most densities, then the most trials, then the
-    most keys at their defaults (so tau = 2/3 wins a tie with tau = 0.4), then the id."""
-    default = flatten(Config().to_dict())
-    score = {}
-    for v, rows in g.groupby("variant"):
-        f = rows["_flat"].iloc[0]
-        score[v] = (-rows["target_density"].nunique(), -len(rows), -sum(f.get(k) == x for k, x in default.items()), v)
-    return sorted(score, key=score.get)
-
-
-def primary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method, its main setting (see ``_ranked``): what a method table shows."""
-    base = df[df["sanity"] == "none"]
-    keep = {_ranked(g)[0] for _, g in base.groupby("method")}
-    return base[base["variant"].isin(keep)]
-
-
 def _labels(df: pd.DataFrame) -> dict:
-    """Name each setting by its method plus what differs from the method's main setting."""
+    """Name each setting by its method plus its values, where they differ from the defaults, of
+    the keys that vary between the settings here; the setting at the defaults is the plain row."""
+    default = flatten(Config().to_dict())
+    flats = df.drop_duplicates("variant").set_index("variant")["_flat"]
+    keys = sorted({k for f in flats for k in f if k not in _NOT_VARIANT and k != "search.method"
+                   and len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
     out = {}
-    for method, g in df.groupby("method"):
-        base = g[g["sanity"] == "none"]
-        order = _ranked(base if len(base) else g)
-        order += [v for v in _ranked(g) if v not in order]
-        ref = g[g["variant"] == order[0]]["_flat"].iloc[0]
-        for v in order:
-            f = g[g["variant"] == v]["_flat"].iloc[0]
-            diff = [f"{k.removeprefix('search.')}={_short(f.get(k))}" for k in sorted(set(f) | set(ref))
-                    if k not in _NOT_VARIANT and f.get(k) != ref.get(k)]
-            out[v] = method + (f" ({', '.join(diff)})" if diff else "")
+    for variant, f in flats.items():
+        diff = [f"{k.removeprefix('search.')}={_short(f[k])}" for k in keys if k in f and f[k] != default.get(k)]
+        out[variant] = f["search.method"] + (f" ({', '.join(diff)})" if diff else "")
     return out
 
 
 def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def settings(df: pd.DataFrame) -> list:
+    """Every setting's label in table order: by method, the plain (default) row first."""
+    return sorted(set(df["label"]), key=lambda lb: (method_key(lb.split(" ")[0]), "(" in lb, lb))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from .load import AnalysisError, Results, method_key, primary
+from .load import AnalysisError, Results, settings
 
 ALPHA = 0.05
 
@@ -26,10 +26,9 @@ def analyse(res: Results) -> dict:
     if max(c["n"] for c in cells) < 2:
         raise AnalysisError(f"seed variance: every (method, density) has one seed here "
                             f"(seeds: {sorted(set(df['seed']))}); sweep ≥ 2, e.g. grid: {{seed: [0, 1, 2]}}")
-    main = primary(df)
     variance_tests, pairs = [], []
-    for density, g in main.groupby("target_density", sort=True):
-        by = {m: dict(zip(x["seed"], x["accuracy"])) for m, x in g.groupby("method")}
+    for density, g in df.groupby("target_density", sort=True):   # every setting, named by its label
+        by = {m: dict(zip(x["seed"], x["accuracy"])) for m, x in g.groupby("label")}
         multi = {m: v for m, v in by.items() if len(v) >= stats.MIN_TEST}
         if len(multi) >= 2:
             sds = {m: float(np.std(list(v.values()), ddof=1)) for m, v in multi.items()}
@@ -82,14 +81,14 @@ def markdown(result: dict) -> str:
 
 def plot(res: Results, result: dict, out: Path) -> list[str]:
     """Per density: every seed as a dot, and the mean with its 95 % CI, per method."""
-    main = primary(res.trials)
+    main = res.trials[res.trials["sanity"] == "none"]
     densities = sorted(set(main["target_density"]), reverse=True)
-    methods = sorted(set(main["method"]), key=method_key)
+    methods = settings(main)
     fig, axes = plots.figure(ncols=len(densities))
     for ax, d in zip(axes, densities):
         g = main[main["target_density"] == d]
         for i, m in enumerate(methods):
-            acc = g[g["method"] == m]["accuracy"].to_numpy()
+            acc = g[g["label"] == m]["accuracy"].to_numpy()
             if not len(acc):
                 continue
             mean, _, lo, hi = stats.mean_ci(acc)

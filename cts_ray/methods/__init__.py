@@ -93,3 +93,9 @@ KNOBS = frozenset(k for m in METHODS.values() for k in m.knobs)   # keys only so
 def applies(method: str, key: str) -> bool:
     """Whether config key ``key`` (dotted) can change what ``method`` does."""
     return key not in KNOBS or key in METHODS[method].knobs
+
+
+def effective(flat: dict) -> dict:
+    """A flattened config less the knobs its method does not read: two trials with equal
+    ``effective`` configs are the same experiment (SNIP at two CTS temperatures)."""
+    return {k: v for k, v in flat.items() if applies(flat["search.method"], k)}

@@ -169,7 +169,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     for result in grid:   # no error and no final report: a scheduler stopped it
         if result.error is None and result.metrics and result.metrics.get("phase") != "final":
             write_stopped(root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
-    return {"summary": summarise(root), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
+    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed}
 
 
@@ -184,40 +184,84 @@ def paths(spec: SweepSpec) -> dict:
     return out
 
 
-def summarise(root) -> list[dict]:
-    """method × density: accuracy mean ± std over seeds (finished trials), with counts."""
+STATUSES = ("finished", "stopped", "diverged", "error")
+
+
+def summarise(spec: SweepSpec) -> dict:
+    """One row per setting: the swept values other than the seed (a knob that does not apply to a
+    method is '–' for it), with trial counts per status and the accuracy of its finished trials.
+    Random and Optuna sweeps (every trial its own setting) also get their best trials."""
+    from ..config import flatten, stable_hash
+    from ..methods import applies, effective
     try:
-        t = tables.read(root, "trials").to_pylist()
+        t = tables.read(spec.root, "trials").to_pylist()
     except FileNotFoundError:
-        return []
+        return {"keys": [], "rows": [], "best": None, "reasons": []}
+    keys = [k for k in {**spec.grid, **spec.sample} if k not in ("seed", "search.method", "search.density")]
     groups = defaultdict(list)
-    status = defaultdict(lambda: defaultdict(int))
-    reasons = defaultdict(list)
     for r in t:
-        key = (r["method"], r["target_density"])
-        status[key][r["status"]] += 1
-        if r["status"] != "finished":
-            reasons[key].append(f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}")
-        if r["status"] == "finished" and r["test_accuracy"] is not None:
-            groups[key].append(r["test_accuracy"])
+        flat = flatten(json.loads(r["config"]))
+        r["values"] = {k: flat.get(k) if applies(r["method"], k) else None for k in keys}
+        r["experiment"] = stable_hash(effective(flat))
+        groups[(r["method"], r["target_density"], json.dumps([r["values"][k] for k in keys]))].append(r)
     rows = []
-    for key in sorted(status, key=lambda k: (k[0], -k[1])):
-        accs = groups.get(key, [])
-        rows.append({"method": key[0], "density": key[1], "trials": sum(status[key].values()),
-                     "finished": len(accs), "mean": statistics.mean(accs) if accs else None,
-                     "std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
-                     "other": {k: v for k, v in status[key].items() if k != "finished"},
-                     "reasons": reasons.get(key, [])})
-    return rows
+    for (method, density, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+        # the same experiment twice (a knob that does not apply, swept) counts once
+        done = {r["experiment"]: r for r in g if r["status"] == "finished" and r["test_accuracy"] is not None}
+        accs = [r["test_accuracy"] for r in done.values()]
+        rows.append({"method": method, "density": density, "values": g[0]["values"],
+                     "counts": {st: sum(r["status"] == st for r in g) for st in STATUSES},
+                     "seeds": sorted({r["seed"] for r in g if r["status"] == "finished"}), "n": len(accs),
+                     "repeats": sum(r["status"] == "finished" for r in g) - len(done),
+                     "mean": statistics.mean(accs) if accs else None,
+                     "std": statistics.stdev(accs) if len(accs) > 1 else None})
+    best = None
+    if spec.searcher != "grid":
+        metric, mode = (spec.metric, spec.mode) if isinstance(spec.metric, str) else (spec.metric[0], spec.mode[0])
+        metric = METRIC_COLUMNS.get(metric, metric)
+        done = [r for r in t if r["status"] == "finished" and r[metric] is not None]
+        best = {"metric": metric, "mode": mode, "trials": sorted(done, key=lambda r: r[metric],
+                                                                 reverse=mode == "max")[:5]}
+    reasons = [f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}"
+               for r in sorted(t, key=lambda r: r["trial_id"]) if r["status"] != "finished"]
+    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons}
 
 
-def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'method':<12} {'density':>9} {'trials':>6}  {'test accuracy (mean ± std over seeds)':<38}"]
-    for r in rows:
-        acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %"
-        other = ", ".join(f"{v} {k}" for k, v in r["other"].items())
-        lines.append(f"{r['method']:<12} {r['density']:>9.4g} {r['trials']:>6}  {acc:<38}{other}")
-    reasons = [why for r in rows for why in r.get("reasons", [])]
-    if reasons:
-        lines += ["", "not finished:"] + [f"  {why}" for why in reasons]
+METRIC_COLUMNS = {}   # a spec metric whose trials-table column has another name
+
+
+def _value(v) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_summary(summary: dict) -> str:
+    keys = summary["keys"]
+    short = [k.removeprefix("search.") for k in keys]
+    head = ["method", "density", *short, "finished", "stopped", "diverged", "failed", "seeds",
+            "test accuracy (mean ± std of finished trials)"]
+    table = [head]
+    for r in summary["rows"]:
+        acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f}" + \
+            (f" ± {100 * r['std']:.2f} %" if r["std"] is not None else " %  (one trial: no std)")
+        c = r["counts"]
+        table.append([r["method"], _value(r["density"]), *(_value(r["values"][k]) for k in keys),
+                      str(c["finished"]), str(c["stopped"]), str(c["diverged"]), str(c["error"]),
+                      ",".join(map(str, r["seeds"])) or "-", acc])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
+    repeats = [r for r in summary["rows"] if r["repeats"]]
+    if repeats:
+        lines += ["", "counted once: " + "; ".join(
+            f"{r['method']} at density {_value(r['density'])}: {r['repeats']} trial(s) repeat an identical experiment "
+            f"(a swept knob that does not apply to {r['method']})" for r in repeats)]
+    if summary["best"]:
+        b = summary["best"]
+        lines += ["", f"best trials by {b['metric']} ({b['mode']}):"]
+        for r in b["trials"]:
+            values = ", ".join(f"{k.removeprefix('search.')}={_value(r['values'][k])}" for k in keys)
+            lines.append(f"  {r['trial_id']}  {100 * r[b['metric']] if 'accuracy' in b['metric'] else r[b['metric']]:.4g}"
+                         f"  {r['method']} density {_value(r['target_density'])} seed {r['seed']}"
+                         + (f"  {values}" if values else ""))
+    if summary["reasons"]:
+        lines += ["", "not finished:"] + [f"  {why}" for why in summary["reasons"]]
     return "\n".join(lines)
