@@ -136,3 +136,26 @@ def test_the_report_shows_every_setting_and_says_what_it_left_out(tmp_path):
     assert "| cts (temperature=1) | 80.00 (n=1) |" in table
     assert ("Not in this table: 1 diverged trial(s); 1 stopped trial(s); 1 repeat(s) of a config or experiment "
             "already counted. Only finished trials count.") in table
+
+
+def test_statistics_follow_one_seed_threshold_and_stay_within_0_100(tmp_path):
+    import math
+    from test_analysis import _trial
+    from cts_ray.analysis import insensitivity, load as load_mod, seeds, stats
+    mean, std, lo, hi = stats.mean_ci([90.0, 99.0])            # two seeds: a std, no interval
+    assert std > 0 and math.isnan(lo) and math.isnan(hi)
+    assert stats.mean_ci([97.0, 99.5, 100.0])[3] == 100.0       # clipped, not 101.9
+    assert math.isnan(stats.anova_p([[1, 2], [3, 4]])) and math.isnan(stats.bootstrap_spread([[1, 2], [3, 4]])[0][0])
+    # two temperatures x two seeds: the insensitivity row is indicative, with no test and no intervals
+    root = tmp_path / "two"
+    for seed, e in enumerate((-1, 1)):
+        for t, base in ((0.5, 90), (1.0, 80)):
+            _trial(root, "cts", 0.1, seed, (base + e) / 100, temperature=t)
+    res = load_mod.load([root])
+    (row,) = insensitivity.analyse(res, axes=["temperature"])
+    assert math.isnan(row["p"]) and all(math.isnan(x) for x in (*row["range_ci"], *row["std_ci"]))
+    assert row["verdict"] == "indicative: 10.00 points across 0.5–1; no test (needs ≥ 3 seeds per value, has 2)"
+    md = insensitivity.markdown([row])
+    assert "std across values / seed std" in md and "*ANOVA p* one-way ANOVA" in md and stats.RULE in md
+    cell = seeds.analyse(res)["cells"][0]
+    assert cell["n"] == 2 and math.isnan(cell["ci"][0]) and stats.RULE in seeds.markdown(seeds.analyse(res))

@@ -89,7 +89,7 @@ def accuracy_table(result: dict) -> str:
         foot += f"; dense network {_ms(result['dense'])} % ({len(result['dense'])} seeds)"
     return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
                              "present, named by what differs from the defaults (the plain method name is the "
-                             "setting at the defaults). " + result["left_out"]])
+                             "setting at the defaults). " + result["left_out"] + " " + stats.RULE])
 
 
 def compute_table(result: dict) -> str:
@@ -145,9 +145,10 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
             x = [result["cells"][m, d]["achieved"] for d in ds]
             acc = [result["cells"][m, d]["acc"] for d in ds]
             mean = np.array([a.mean() for a in acc])
-            sd = np.array([a.std(ddof=1) if len(a) > 1 else 0.0 for a in acc])
+            sd = np.array([a.std(ddof=1) if len(a) > 1 else np.nan for a in acc])   # no band from one seed
             ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=m)
-            ax.fill_between(x, mean - sd, mean + sd, color=f"C{i % 10}", alpha=0.15, linewidth=0)
+            lo, hi = np.clip(mean - sd, *stats.BOUNDS), np.clip(mean + sd, *stats.BOUNDS)
+            ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.15, linewidth=0)
         if len(result["dense"]):
             ax.axhline(result["dense"].mean(), color="k", linestyle="--", linewidth=1, label="dense")
         plots.density_axis(ax, result["densities"])

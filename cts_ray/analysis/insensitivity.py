@@ -53,10 +53,12 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
             best = values[int(np.argmax(means))]
             rows.append({"method": m, "axis": axis, "density": density, "values": values,
                          "n": [len(x) for x in groups], "means": means,
-                         "stds": [float(x.std(ddof=1)) if len(x) > 1 else 0.0 for x in groups], "range": rng, "range_ci": (rlo, rhi),
+                         "stds": [float(x.std(ddof=1)) if len(x) > 1 else math.nan for x in groups],
+                         "range": rng, "range_ci": (rlo, rhi),
                          "std": std, "std_ci": (slo, shi), "seed_std": seed_std,
                          "ratio": std / seed_std if seed_std and not math.isnan(seed_std) else math.nan,
-                         "p": p, "best": best, "verdict": _verdict(rng, seed_std, p, values, best, std)})
+                         "p": p, "best": best,
+                         "verdict": _verdict(rng, seed_std, p, values, best, std, min(len(x) for x in groups))})
     if not rows:
         held = "; ".join(f"{a}: {', '.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in sorted(vs))}"
                          for a, vs in seen.items() if vs)
@@ -66,10 +68,11 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["method"], AXES.index(r["axis"]), -r["density"]))
 
 
-def _verdict(rng, seed_std, p, values, best, std) -> str:
+def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
     span = _span(values)
-    if math.isnan(p) or math.isnan(seed_std):
-        return f"within {rng:.2f} points across {span}; seed noise unknown (one seed per value)"
+    if seeds < stats.MIN_TEST:
+        return (f"indicative: {rng:.2f} points across {span}; no test (needs ≥ {stats.MIN_TEST} seeds per value, "
+                f"has {seeds})")
     if p >= ALPHA:
         return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
                 f"(seed std {seed_std:.2f}, p = {stats.p_text(p)})")
@@ -86,7 +89,7 @@ def _p(p) -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = ["| method | axis | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
-           "| std across values [95 % CI] | seed std | ratio | ANOVA p | verdict |",
+           "| std across values [95 % CI] | seed std | std across values / seed std | ANOVA p | verdict |",
            "|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
@@ -96,7 +99,15 @@ def markdown(rows: list[dict]) -> str:
                    f"| {stats.fmt(r['range'])} [{stats.fmt(r['range_ci'][0])}, {stats.fmt(r['range_ci'][1])}] "
                    f"| {stats.fmt(r['std'])} [{stats.fmt(r['std_ci'][0])}, {stats.fmt(r['std_ci'][1])}] | {stats.fmt(r['seed_std'])} "
                    f"| {stats.fmt(r['ratio'], 1)} | {stats.p_text(r['p'])} | {r['verdict']} |")
-    return "\n".join(out)
+    return "\n".join(out + ["", COLUMNS, "", stats.RULE])
+
+
+COLUMNS = ("Columns: *values (seeds each)* the axis values compared, everything else equal, and the seeds per "
+           "value; *mean accuracy* per value, over its seeds; *range* max − min of those means; *std across values* "
+           "the std of those means; [95 % CI] percentile bootstrap over seeds resampled within each value; *seed std* "
+           "the within-value std pooled over values; *std across values / seed std* how many seed-noise units the "
+           "axis moves accuracy; *ANOVA p* one-way ANOVA of accuracy on the value; *verdict* insensitive when "
+           f"p ≥ {ALPHA}, sensitive below.")
 
 
 def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
@@ -109,7 +120,10 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
         cats = sorted({v for r in sel for v in r["values"]}, key=str)
         for r in sel:
             x = r["values"] if numeric else [cats.index(v) for v in r["values"]]
-            ax.errorbar(x, r["means"], yerr=r["stds"], marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %")
+            # ± seed std, clipped to [0, 100] %; none from a single seed (nan)
+            means, sd = np.array(r["means"]), np.array(r["stds"])
+            yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
+            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %")
         if numeric:
             vals = [v for r in sel for v in r["values"]]
             if min(vals) > 0 and max(vals) / min(vals) >= 4:

@@ -52,6 +52,8 @@ def markdown(result: dict) -> str:
     for c in result["cells"]:
         out.append(f"| {c['label']} | {100 * c['density']:.3g} | {','.join(map(str, c['seeds']))} | {stats.fmt(c['mean'])} "
                    f"| {stats.fmt(c['std'])} | [{stats.fmt(c['ci'][0])}, {stats.fmt(c['ci'][1])}] | {stats.fmt(c['min'])} | {stats.fmt(c['max'])} |")
+    out += ["", "Columns: *seeds* the seeds of the setting; *mean*, *std* (sample, ≥ 2 seeds), *95 % CI* "
+                "(Student t on the mean), *min*, *max* of its test accuracy in %. " + stats.RULE]
     if result["variance_tests"]:
         out += ["", "Do the methods' seed variances differ? (Brown–Forsythe test, per density)", "",
                 "| density % | seed std per method | p | verdict |", "|---:|---|---:|---|"]

@@ -1,4 +1,8 @@
-"""Small, explicit statistics: t intervals, percentile bootstrap, ANOVA, Levene, paired tests, Holm."""
+"""Small, explicit statistics: t intervals, percentile bootstrap, ANOVA, Levene, paired tests, Holm.
+
+One rule for every analysis: a test or an interval needs ``MIN_TEST`` seeds in each group it uses;
+below that it is not computed (nan, shown as '–') and the tables say so. A std needs 2 values.
+Intervals of accuracies are clipped to [0, 100] %."""
 from __future__ import annotations
 
 import math
@@ -8,18 +12,30 @@ from scipy import stats
 
 LEVEL = 0.95
 BOOTSTRAP = 4000
-MIN_TEST = 3   # seeds per group a test needs: with 2, Levene is degenerate and a t-test has 1 dof
+MIN_TEST = 3   # seeds per group a test or interval needs: with 2, a t interval is ±12.7 std, Levene is
+               # degenerate and a t-test has 1 dof
+BOUNDS = (0.0, 100.0)   # accuracy in percent
+RULE = (f"Tests and 95 % intervals need ≥ {MIN_TEST} seeds per group; below that they are not computed (–) "
+        "and what is shown is indicative. A std needs ≥ 2 values; intervals are clipped to [0, 100] %.")
 
 
 def mean_ci(x, level: float = LEVEL) -> tuple[float, float, float, float]:
-    """(mean, sample std, CI low, CI high) with a Student-t interval; std and CI are nan for n < 2."""
+    """(mean, sample std, CI low, CI high) with a Student-t interval clipped to BOUNDS; std is nan
+    for n < 2, the CI for n < MIN_TEST."""
     x = np.asarray(x, dtype=float)
     mean = float(x.mean())
     if len(x) < 2:
         return mean, math.nan, math.nan, math.nan
     std = float(x.std(ddof=1))
+    if len(x) < MIN_TEST:
+        return mean, std, math.nan, math.nan
     half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * std / math.sqrt(len(x))
-    return mean, std, mean - half, mean + half
+    return mean, std, max(BOUNDS[0], mean - half), min(BOUNDS[1], mean + half)
+
+
+def enough(groups: list) -> bool:
+    """Whether every group has the seeds a test or an interval needs."""
+    return len(groups) > 0 and all(len(g) >= MIN_TEST for g in groups)
 
 
 def spread(groups: list) -> tuple[float, float]:
@@ -29,7 +45,10 @@ def spread(groups: list) -> tuple[float, float]:
 
 
 def bootstrap_spread(groups: list, seed: int = 0, n: int = BOOTSTRAP, level: float = LEVEL):
-    """Percentile-bootstrap CIs of (range, std) of group means, resampling seeds within each group."""
+    """Percentile-bootstrap CIs of (range, std) of group means, resampling seeds within each group;
+    nan unless every group has MIN_TEST seeds."""
+    if not enough(groups):
+        return (math.nan, math.nan), (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(g, dtype=float) for g in groups]
     means = np.stack([a[rng.integers(0, len(a), size=(n, len(a)))].mean(axis=1) for a in arrays], axis=1)
@@ -46,8 +65,9 @@ def pooled_std(groups: list) -> float:
 
 
 def anova_p(groups: list) -> float:
-    """One-way ANOVA p-value: does the group (hyperparameter value) explain more than seed noise?"""
-    if sum(len(g) - 1 for g in groups) < 1 or len(groups) < 2:
+    """One-way ANOVA p-value: does the group (hyperparameter value) explain more than seed noise?
+    nan unless every group has MIN_TEST seeds."""
+    if len(groups) < 2 or not enough(groups):
         return math.nan
     if all(np.ptp(g) == 0 for g in groups):   # no seed noise at all: any difference is the effect
         return 0.0 if np.ptp([np.mean(g) for g in groups]) > 0 else 1.0
