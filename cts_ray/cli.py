@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
+
     w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
     w.add_argument("file", help="sweep YAML (see tune_configs/)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -74,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 def _results_args(p) -> None:
     p.add_argument("results", nargs="+", metavar="RESULTS",
                    help="sweep folder(s), e.g. results/sweeps/quickstart, or a folder of sweeps")
-    p.add_argument("--metric", default="test_accuracy", help="test_accuracy (final epoch, default) or best_test_accuracy")
+    p.add_argument("--metric", default="test_accuracy", help="test_accuracy (final epoch, default) or peak_test_accuracy "
+                                                                "(max over epochs on the test set: not a selected result)")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                    help="only trials with this trials-table value, e.g. --where dataset=mnist (repeatable)")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -117,7 +121,8 @@ def _print_summary(summary: dict, out) -> None:
         ("seed / config hash", f"{summary['seed']} / {summary['config_hash']}"),
         ("density target / achieved", f"{summary['target_density']:.4g} / {summary['achieved_density']:.4g}"
                                       f"  ({summary['kept_weights']} of {summary['prunable_weights']} weights)"),
-        ("ticket test accuracy", f"{pct(summary['test_accuracy'])}  (best epoch {pct(summary['best_test_accuracy'])})"),
+        ("ticket test accuracy", f"{pct(summary['test_accuracy'])}  (final epoch; the curve's peak "
+                                 f"{pct(summary['peak_test_accuracy'])} is not a selected result)"),
         ("dense test accuracy", pct(summary["dense_test_accuracy"])),
         ("seconds: pretrain / search / retrain",
          f"{summary['pretrain_seconds']:.1f} / {summary['search_seconds']:.1f} / {summary['retrain_seconds']:.1f}"),
@@ -184,6 +189,13 @@ def _main(argv=None) -> int:
             return _sweep(args)
         if args.command in ("analyze", "report"):
             return _analysis(args)
+        if args.command == "eval":
+            from . import pipeline
+            r = pipeline.evaluate_run(args.run_dir)
+            same = "equal to" if r["test_accuracy"] == r["recorded"] else "differs from"
+            print(f"test accuracy {100 * r['test_accuracy']:.2f} %  (loss {r['test_loss']:.4f}); {same} the "
+                  f"recorded {100 * r['recorded']:.2f} %")
+            return 0
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out

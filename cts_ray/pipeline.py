@@ -30,7 +30,7 @@ from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
 from .train import evaluate, prepare, train_epochs
 
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt")
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt", "ticket.pt")
 # LTR runs add level_masks.pt: the mask of every pruning level, in order.
 
 
@@ -140,17 +140,44 @@ def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Call
         if final is None:  # search point at the end of training: nothing left to train
             final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
             best = final["test_accuracy"]
-        return {"final": final, "best_test_accuracy": best, "seconds": seconds, "records": records,
+        return {"final": final, "peak_test_accuracy": best, "seconds": seconds, "records": records,
                 "start": start, "state": runtime.cpu_copy(model.state_dict())}
 
     return retrain
+
+
+def ticket_weights(state: dict, mask: Mask) -> dict:
+    """The final ticket's state dict with every masked weight exactly zero (sparse-friendly)."""
+    out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    for name, keep in mask.layers.items():
+        out[name] = torch.where(keep.cpu(), out[name], torch.zeros((), dtype=out[name].dtype))
+    return out
+
+
+def evaluate_run(run_dir) -> dict:
+    """Re-evaluate a run folder's ticket (ticket.pt) on its config's test set:
+    {"test_accuracy", "test_loss", "recorded": the run's summary test_accuracy}."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "summary.json", "ticket.pt"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
+                              "(or a sweep's trials/<trial>)")
+    from .config import load as load_config
+    cfg = load_config(run_dir / "config.yaml")
+    device = runtime.configure(cfg.resources)
+    amp = runtime.use_amp(cfg.resources, device)
+    data = data_mod.load(cfg.data, device)
+    model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
+    model.load_state_dict(torch.load(run_dir / "ticket.pt", weights_only=True))
+    recorded = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+    return {**evaluate(model, data, amp), "recorded": recorded}
 
 
 def ticket_to_state(ticket: Ticket) -> dict:
     """A ticket as plain tensors and lists (checkpointable with weights_only loading)."""
     retrained = None
     if ticket.retrained is not None:
-        retrained = {k: ticket.retrained[k] for k in ("final", "best_test_accuracy", "seconds")}
+        retrained = {k: ticket.retrained.get(k) for k in ("final", "peak_test_accuracy", "seconds", "state")}
     return {"mask": ticket.mask.layers, "seconds": ticket.seconds, "scores": ticket.scores,
             "history": ticket.history, "weights": ticket.weights, "levels": ticket.levels,
             "level_masks": [m.layers for m in ticket.level_masks], "retrained": retrained,
@@ -264,10 +291,13 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             model.load_state_dict(start)
             mask.apply_(model)
             final = {"phase": "evaluate", **evaluate(model, data, amp)}
-            result = {"final": final, "best_test_accuracy": final["test_accuracy"], "seconds": 0.0}
+            result = {"final": final, "peak_test_accuracy": final["test_accuracy"], "seconds": 0.0,
+                      "state": runtime.cpu_copy(model.state_dict())}
         final = result["final"]
 
         mask.save(staging / "mask.pt")
+        if result.get("state") is not None:   # the ticket as evaluated (absent only from old LTR caches)
+            torch.save(ticket_weights(result["state"], mask), staging / "ticket.pt")
         if ticket.level_masks:
             torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
         layers = mask.report()
@@ -304,7 +334,9 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         "target_density": s.density, "achieved_density": mask.density,
         "kept_weights": mask.kept, "prunable_weights": mask.numel,
         "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
-        "test_accuracy": result["final"]["test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
+        "test_accuracy": result["final"]["test_accuracy"],
+        # max over retraining epochs of the test accuracy: a curve's peak, not a result selected on data
+        "peak_test_accuracy": result["peak_test_accuracy"],
         "dense_test_accuracy": dense.test_accuracy if t.dense_baseline else None,
         "pretrain_seconds": dense.pretrain_seconds, "dense_seconds": dense.dense_seconds,
         "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,

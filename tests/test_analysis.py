@@ -31,7 +31,7 @@ def _trial(root, method="cts", density=0.1, seed=0, acc=0.9, temperature=2 / 3, 
     trial_id = trial_id or f"{method}-{cfg.hash}"
     common = {"sweep": sweep or Path(root).name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
     row = {"status": status, "test_accuracy": acc if status == "finished" else None,
-           "best_test_accuracy": acc, "dense_test_accuracy": 0.95, "achieved_density": density,
+           "peak_test_accuracy": acc, "dense_test_accuracy": 0.95, "achieved_density": density,
            "ticket_seconds": ticket_seconds, "search_seconds": 1.0, "epochs_equivalent": 10.0,
            "started_at": 1.7e9, "ended_at": 1.7e9 + seed, "code_version": "test", "hostname": "here",
            "node_id": "n0", "library_versions": json.dumps({"torch": "2.14.1"}), "config": json.dumps(cfg.to_dict())}

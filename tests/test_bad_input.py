@@ -99,7 +99,7 @@ CASES = [
     Case("searcher-unknown", sweep({"searcher": "hyperband"}), "searcher", "grid, random, optuna"),
     Case("sanity-unknown", sweep({"set": {**SMALL, "search.sanity": "flip"}}), "search.sanity",
          "none, shuffle, invert, reinit"),
-    Case("metric-unknown", sweep({"metric": "loss"}), "metric", "test_accuracy, best_test_accuracy"),
+    Case("metric-unknown", sweep({"metric": "loss"}), "metric", "test_accuracy, peak_test_accuracy"),
     Case("mode-unknown", sweep({"mode": "maximize"}), "mode", "max, min"),
     # ---- wrong types
     Case("epochs-ten", sweep({"set": {**SMALL, "training.epochs": "ten"}}), "training.epochs", "an integer"),

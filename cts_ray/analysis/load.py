@@ -19,7 +19,7 @@ from ..sweep import tables
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
-METRICS = ("test_accuracy", "best_test_accuracy")
+METRICS = ("test_accuracy", "peak_test_accuracy")
 
 
 class AnalysisError(ValueError):

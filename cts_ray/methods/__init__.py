@@ -31,7 +31,7 @@ class SearchContext:
     trained_state: Optional[dict] = None   # dense weights at the end of training (methods with needs_trained)
     dense_seconds: float = 0.0             # seconds the dense training took
     # pipeline.make_retrain: retrain (mask, search-point weights) to the end, exactly as the pipeline
-    # does; returns {"final": last epoch record, "best_test_accuracy", "seconds", "start", "state"}.
+    # does; returns {"final": last epoch record, "peak_test_accuracy", "seconds", "start", "state"}.
     retrain: Optional[Callable[..., dict]] = None
     cache: Optional[object] = None         # the sweep's DenseCache, for work shared across trials (LTR rounds)
 

@@ -25,7 +25,7 @@ from ..runtime import code_version
 
 PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "objective", "expected_density",
                  "hard_density", "lambda", "topk_changed", "lr", "seconds")
-FINAL_METRICS = ("test_accuracy", "best_test_accuracy", "dense_test_accuracy", "achieved_density",
+FINAL_METRICS = ("test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "achieved_density",
                  "ticket_seconds")
 
 

@@ -43,7 +43,7 @@ TOP_KEYS = ("name", "base", "set", "grid", "sample", "searcher", "num_samples", 
 RECORD_KEYS = ("base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed", "scheduler")
 POINT = "grid_point"   # a trial's values as one dict: the trials `--extend` adds (runner.py)
 # what trials report and a searcher may optimise
-METRICS = ("test_accuracy", "best_test_accuracy", "ticket_seconds", "achieved_density")
+METRICS = ("test_accuracy", "peak_test_accuracy", "ticket_seconds", "achieved_density")
 
 
 @dataclass

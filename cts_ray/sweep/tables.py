@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -34,7 +35,7 @@ SCHEMAS = {
                          ("last_phase", pa.string()), ("last_epoch", pa.int64()), ("strong_ticket", pa.bool_()),
                          ("achieved_density", pa.float64()), ("kept_weights", pa.int64()),
                          ("prunable_weights", pa.int64()),
-                         ("test_accuracy", pa.float64()), ("best_test_accuracy", pa.float64()),
+                         ("test_accuracy", pa.float64()), ("peak_test_accuracy", pa.float64()),
                          ("dense_test_accuracy", pa.float64()),
                          ("pretrain_seconds", pa.float64()), ("search_seconds", pa.float64()),
                          ("retrain_seconds", pa.float64()), ("ticket_seconds", pa.float64()),
@@ -56,6 +57,8 @@ SCHEMAS = {
                          ("layer", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()),
                          ("density", pa.float64())]),
 }
+# columns renamed since version 1 (old name -> new): files written before are read under the new name
+RENAMED = {"trials": {"best_test_accuracy": "peak_test_accuracy"}}
 # every table is partitioned by method; the column comes back from the folder names
 PARTITIONING = ds.partitioning(pa.schema([("method", pa.string())]), flavor="hive")
 
@@ -120,10 +123,16 @@ def read(root, table: str, columns: Optional[list] = None) -> pa.Table:
     if not folders or not any(f.rglob("*.parquet") for f in folders):
         raise FileNotFoundError(f"{root}: no {table} table (expected tables/{table}/method=*/*.parquet)")
     schema = SCHEMAS[table].append(pa.field("method", pa.string()))
+    renamed = RENAMED.get(table, {})
+    for old in renamed:
+        schema = schema.append(pa.field(old, SCHEMAS[table].field(renamed[old]).type))
     # hidden names (the .tmp files of writers in progress) are ignored by pyarrow's discovery
     parts = [ds.dataset(str(f), schema=schema, format="parquet", partitioning=PARTITIONING).to_table()
              for f in folders]
     out = pa.concat_tables(parts)
+    for old, new in renamed.items():
+        i = out.schema.get_field_index(new)
+        out = out.set_column(i, new, pc.coalesce(out.column(new), out.column(old))).drop_columns([old])
     versions = set(out.column("schema_version").to_pylist())
     if versions - {SCHEMA_VERSION}:
         raise SchemaError(f"{root}: {table} rows have schema_version {sorted(versions - {SCHEMA_VERSION})}; "

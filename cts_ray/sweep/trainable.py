@@ -48,7 +48,7 @@ def trial(params: dict, spec_state: dict) -> None:
     node_id = _node_id()
     started = time.time()
     # every report carries these (the ticket's, as known so far), so Tune finds the metric in each
-    running = {"test_accuracy": 0.0, "best_test_accuracy": 0.0, "ticket_seconds": 0.0,
+    running = {"test_accuracy": 0.0, "peak_test_accuracy": 0.0, "ticket_seconds": 0.0,
                "achieved_density": cfg.search.density}
     step, ticket_iteration = [0], [0]
     final_round = None
@@ -60,7 +60,7 @@ def trial(params: dict, spec_state: dict) -> None:
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
         tune.report({"phase": "final", "status": done["status"], "step": 1, "node_id": done["node_id"],
                      "run_dir": done["run_dir"], "already_finished": 1,
-                     **{k: done[k] for k in ("test_accuracy", "best_test_accuracy", "achieved_density",
+                     **{k: done[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
                                              "ticket_seconds") if done[k] is not None}})
         return
 
@@ -81,7 +81,7 @@ def trial(params: dict, spec_state: dict) -> None:
         ticket = record["phase"] in ("retrain", "evaluate") and record.get("round", final_round) == final_round
         if ticket and record.get("test_accuracy") is not None:
             running["test_accuracy"] = record["test_accuracy"]
-            running["best_test_accuracy"] = max(running["best_test_accuracy"], record["test_accuracy"])
+            running["peak_test_accuracy"] = max(running["peak_test_accuracy"], record["test_accuracy"])
         running["ticket_seconds"] += record.get("seconds", 0.0) if not record.get("cached") else 0.0
         if step[0] == 1:
             record["started_at"] = started
@@ -127,7 +127,7 @@ def trial(params: dict, spec_state: dict) -> None:
     final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id,
              "run_dir": str(run_dir), "ticket_iteration": ticket_iteration[0] + 1, **running}
     if summary is not None:
-        final.update({k: summary[k] for k in ("test_accuracy", "best_test_accuracy", "achieved_density",
+        final.update({k: summary[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
     tune.report(final)
 
@@ -155,7 +155,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
             rows[(row["phase"], row["round"], row["epoch"])] = row
     where = f"{last['phase']} epoch {last.get('epoch')}, ticket iteration {last.get('ticket_iteration')}"
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
-               "best_test_accuracy": last.get("best_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
+               "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
     _write_trial_row(root, cfg, common, "stopped", f"stopped by {scheduler} at {where}", summary, None,
                      last.get("node_id"), started, last=last)
@@ -177,7 +177,7 @@ def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id
            "last_phase": (last or {}).get("phase"), "last_epoch": (last or {}).get("epoch"),
            "code_version": runtime.code_version(), "library_versions": tables.json_text(runtime.library_versions()),
            "levels": tables.json_text(s.get("levels")), "config": tables.json_text(cfg.to_dict())}
-    for k in ("achieved_density", "kept_weights", "prunable_weights", "test_accuracy", "best_test_accuracy",
+    for k in ("achieved_density", "kept_weights", "prunable_weights", "test_accuracy", "peak_test_accuracy",
               "dense_test_accuracy", "pretrain_seconds", "search_seconds", "retrain_seconds", "ticket_seconds",
               "epochs_equivalent", "mask_sha256"):
         row[k] = s.get(k)
