@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the trials of new grid values to a finished sweep (other settings unchanged)")
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
     w.add_argument("--quiet", action="store_true", help="no live progress table")
+    w.add_argument("--dry-run", action="store_true",
+                   help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
+                        "start nothing")
 
     a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
     a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
@@ -146,6 +149,9 @@ def _print_summary(summary: dict, out) -> None:
 def _sweep(args) -> int:
     from .sweep import runner, spec as spec_mod
     spec = spec_mod.load(args.file, args.overrides, name=args.name)   # validated before Ray starts
+    if args.dry_run:
+        print(runner.preview(spec))
+        return 0
     points = runner.check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
     n = spec.trial_count() if points is None else len(points) * spec.num_samples
     print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "

@@ -159,3 +159,31 @@ def test_statistics_follow_one_seed_threshold_and_stay_within_0_100(tmp_path):
     assert "std across values / seed std" in md and "*ANOVA p* one-way ANOVA" in md and stats.RULE in md
     cell = seeds.analyse(res)["cells"][0]
     assert cell["n"] == 2 and math.isnan(cell["ci"][0]) and stats.RULE in seeds.markdown(seeds.analyse(res))
+
+
+def test_dry_run_previews_the_sweep_and_starts_nothing(tmp_path):
+    f = _sweep_file(tmp_path, "preview", {"base": str(REPO / "configs" / "digits.yaml"),
+                                          "set": {"training.epochs": 10, "training.milestones": [5]},
+                                          "grid": {"search.method": ["cts", "ltr", "snip"],
+                                                   "search.density": [0.5, 0.2], "seed": [0, 1]}})
+    before = sorted(tmp_path.rglob("*"))
+    code = ("import sys; from cts_ray import cli; rc = cli.main(['sweep', sys.argv[1], '--dry-run']); "
+            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)")
+    p = subprocess.run([str(BIN / "python"), "-c", code, str(f)], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert sorted(tmp_path.rglob("*")) == before and out.rstrip().endswith("no ray")   # nothing written or started
+    assert "12 trials (search.density × 2, search.method × 3, seed × 2), searcher grid" in out   # file order
+    assert "    1  search.density=0.5 search.method=cts seed=0" in out and "   12  " in out
+    assert "dense runs: 2 shared by 12 trials" in out
+    # LTR: 0.8^3 ≈ 0.5 and 0.8^7 ≈ 0.2: one chain of 7 rounds per seed serves both densities
+    assert "LTR levels: 7 rounds shared by 2 trial(s); 7 rounds shared by 2 trial(s)" in out
+    # per seed: 10 dense epochs; LTR 7 rounds x 9 epochs; CTS (5 search + 9 retrain) and SNIP (9) at 2 densities
+    shared = 2 * (10 + 7 * 9 + 2 * (5 + 9) + 2 * 9)
+    alone = 2 * (6 * 10 + (3 + 7) * 9 + 2 * (5 + 9) + 2 * 9)
+    assert f"compute: about {shared:,} epochs ({alone:,} without the shared dense runs and LTR rounds)" in out
+    # a bad value is still refused first, in one line
+    p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f), "--dry-run", "--set", "training.lr=-1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("cts-ray: error: training.lr: -1.0 is out of range")
