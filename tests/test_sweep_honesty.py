@@ -81,6 +81,13 @@ def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_
     run = client.search_runs([exp.experiment_id], f"tags.`cts.trial_id` = '{bad['trial_id']}'")[0]
     assert run.data.tags["cts.status"] == "stopped" and run.info.status == "KILLED"
     assert run.data.tags["cts.stopped_at"] == "retrain epoch 2"
+    # and logs each phase's own numbers: a search epoch has no test accuracy, a dense epoch the dense one
+    good_run = client.search_runs([exp.experiment_id], f"tags.`cts.trial_id` = '{good['trial_id']}'")[0].info.run_id
+    assert client.get_metric_history(good_run, "search/test_accuracy") == []
+    dense = {m.step: m.value for m in client.get_metric_history(good_run, "dense/test_accuracy")}
+    epochs = tables.read(root, "epochs").to_pylist()
+    assert sorted(dense.values()) == sorted(r["test_accuracy"] for r in epochs
+                                            if r["trial_id"] == good["trial_id"] and r["phase"] == "dense")
 
 
 def _mixed(root):

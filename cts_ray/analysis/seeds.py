@@ -102,6 +102,7 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
         ax.set_title(f"density {100 * d:.3g} %", fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"{res.metric.replace('_', ' ')} (%), one dot per seed")
-    axes[0].legend(loc="lower left", fontsize="small")
+    if axes[0].get_legend_handles_labels()[0]:   # no intervals (too few seeds): nothing to explain
+        axes[0].legend(loc="lower left", fontsize="small")
     fig.suptitle("Seed variance per method and density")
     return [plots.save(fig, out / "seed_variance.png")]

@@ -177,7 +177,10 @@ class MLflowLogger(Callback):
             if result.get("run_dir"):
                 self._artifacts(run_id, Path(result["run_dir"]))
         else:
-            metrics = {f"{phase}/{k}": result[k] for k in PHASE_METRICS if isinstance(result.get(k), (int, float))}
+            # the record's own values (the result also carries the ticket's, for Tune's schedulers)
+            own = json.loads(result["row"]) if result.get("row") else result
+            own = {**own, "objective": own.get("search_objective", own.get("objective"))}
+            metrics = {f"{phase}/{k}": own[k] for k in PHASE_METRICS if isinstance(own.get(k), (int, float))}
             if "epoch" in result:
                 metrics[f"{phase}/epoch"] = result["epoch"]
         metrics["step"] = step

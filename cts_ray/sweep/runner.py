@@ -218,16 +218,12 @@ def summarise(spec: SweepSpec) -> dict:
     best = None
     if spec.searcher != "grid":
         metric, mode = (spec.metric, spec.mode) if isinstance(spec.metric, str) else (spec.metric[0], spec.mode[0])
-        metric = METRIC_COLUMNS.get(metric, metric)
         done = [r for r in t if r["status"] == "finished" and r[metric] is not None]
         best = {"metric": metric, "mode": mode, "trials": sorted(done, key=lambda r: r[metric],
                                                                  reverse=mode == "max")[:5]}
     reasons = [f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}"
                for r in sorted(t, key=lambda r: r["trial_id"]) if r["status"] != "finished"]
     return {"keys": keys, "rows": rows, "best": best, "reasons": reasons}
-
-
-METRIC_COLUMNS = {}   # a spec metric whose trials-table column has another name
 
 
 def _value(v) -> str:
