@@ -38,9 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
-
     w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
     w.add_argument("file", help="sweep YAML (see tune_configs/)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--dry-run", action="store_true",
                    help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
                         "start nothing")
+
+    e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
 
     a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
     a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
