@@ -24,6 +24,7 @@ import torch
 
 from . import data as data_mod
 from . import models, runtime, sanity
+from .anatomy import anatomy
 from .cache import DenseCache
 from .config import Config, ConfigError, check_folder
 from .masking import Mask
@@ -267,11 +268,12 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         mask.save(staging / "mask.pt")
         if ticket.level_masks:
             torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
-        layers = mask.report()
+        anat = anatomy(model, mask, data.input_shape)
+        layers = anat.report()
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
         with open(staging / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in prog.records)
-        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device)
+        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device, anat)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         bar.close()
         _publish(staging, out)
@@ -283,7 +285,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 
 
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
-             device) -> dict:
+             device, anat) -> dict:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
     is_cts = s.method == "cts"
     own_retrain = ticket.retrained is not None and s.sanity == "none"
@@ -303,6 +305,8 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         "target_density": s.density, "achieved_density": mask.density,
         "kept_weights": mask.kept, "prunable_weights": mask.numel,
         "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
+        **anat.summary(),   # kept weights on an input→output path, and the layers with none
+        "layer_alive_units": {r["layer"]: r["alive_units"] for r in layers[:-1]},
         "test_accuracy": result["final"]["test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
         "dense_test_accuracy": dense.test_accuracy if t.dense_baseline else None,
         "pretrain_seconds": dense.pretrain_seconds, "dense_seconds": dense.dense_seconds,

@@ -132,7 +132,8 @@ def paths(spec: SweepSpec) -> dict:
 
 
 def summarise(root) -> list[dict]:
-    """method × density: accuracy mean ± std over seeds (finished trials), with counts."""
+    """method × density: accuracy mean ± std over seeds (finished trials), with counts; the mean
+    effective density (kept weights on an input→output path) and how many tickets collapsed."""
     try:
         t = tables.read(root, "trials").to_pylist()
     except FileNotFoundError:
@@ -140,6 +141,7 @@ def summarise(root) -> list[dict]:
     groups = defaultdict(list)
     status = defaultdict(lambda: defaultdict(int))
     reasons = defaultdict(list)
+    anatomy = defaultdict(list)   # (effective density, collapsed layers) of finished trials
     for r in t:
         key = (r["method"], r["target_density"])
         status[key][r["status"]] += 1
@@ -147,6 +149,8 @@ def summarise(root) -> list[dict]:
             reasons[key].append(f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}")
         if r["status"] == "finished" and r["test_accuracy"] is not None:
             groups[key].append(r["test_accuracy"])
+        if r["status"] == "finished" and r.get("effective_density") is not None:
+            anatomy[key].append((r["effective_density"], r["collapsed"]))
     rows = []
     for key in sorted(status, key=lambda k: (k[0], -k[1])):
         accs = groups.get(key, [])
@@ -154,16 +158,22 @@ def summarise(root) -> list[dict]:
                      "finished": len(accs), "mean": statistics.mean(accs) if accs else None,
                      "std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
                      "other": {k: v for k, v in status[key].items() if k != "finished"},
-                     "reasons": reasons.get(key, [])})
+                     "reasons": reasons.get(key, []),
+                     "effective": statistics.mean(e for e, _ in anatomy[key]) if anatomy.get(key) else None,
+                     "collapsed": sum(1 for _, c in anatomy.get(key, []) if c)})
     return rows
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'method':<12} {'density':>9} {'trials':>6}  {'test accuracy (mean ± std over seeds)':<38}"]
+    lines = [f"{'method':<12} {'density':>9} {'trials':>6}  {'test accuracy (mean ± std over seeds)':<38}"
+             f"{'effective':>10}"]
     for r in rows:
         acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %"
         other = ", ".join(f"{v} {k}" for k, v in r["other"].items())
-        lines.append(f"{r['method']:<12} {r['density']:>9.4g} {r['trials']:>6}  {acc:<38}{other}")
+        eff = "-" if r.get("effective") is None else f"{r['effective']:.4g}"
+        if r.get("collapsed"):
+            other = ", ".join(x for x in (other, f"{r['collapsed']} collapsed (no input→output path)") if x)
+        lines.append(f"{r['method']:<12} {r['density']:>9.4g} {r['trials']:>6}  {acc:<38}{eff:>10}  {other}".rstrip())
     reasons = [why for r in rows for why in r.get("reasons", [])]
     if reasons:
         lines += ["", "not finished:"] + [f"  {why}" for why in reasons]
