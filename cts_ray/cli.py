@@ -128,8 +128,10 @@ def _print_summary(summary: dict, out) -> None:
 def _effective(summary: dict) -> str:
     """Effective density: kept weights on an input→output path (anatomy.py), and collapsed layers."""
     text = f"{summary['effective_density']:.4g}  ({summary['effective_kept']} of {summary['kept_weights']} kept weights on a path)"
-    if summary["collapsed_layers"]:
-        text += f"; COLLAPSED (no path): {', '.join(summary['collapsed_layers'])}"
+    if summary["effective_kept"] == 0:
+        text += "; DISCONNECTED: no path from input to output"
+    elif summary["collapsed_layers"]:
+        text += f"; layers with no weight on a path: {', '.join(summary['collapsed_layers'])}"
     return text
 
 

@@ -134,7 +134,7 @@ def test_nominal_vs_effective_density_and_off_target_notes(tmp_path):
     out = comparison.analyse(res)
     table = comparison.anatomy_table(out)
     assert "| cts | 1 → 0.95 (95%) |" in table and "| ltr | 1.05 → 1.04 (99%) |" in table
-    assert "| snip | 1 → 0.5 (50%), 1 of 3 collapsed |" in table
+    assert "| snip | 1 → 0.5 (50%), 1 of 3 with a collapsed layer |" in table
     notes = comparison.off_target_notes(out)
     assert "ltr at 1 % keeps 1.05 % (+5.0%)" in notes and "cts" not in notes and "snip" not in notes
     md = comparison.markdown(out)

@@ -85,7 +85,8 @@ def off_target_notes(result: dict) -> str:
 
 
 def anatomy_table(result: dict) -> str:
-    """Nominal (achieved) vs effective density per method and density, with collapsed tickets."""
+    """Nominal (achieved) vs effective density per method and density, with tickets that have a
+    collapsed layer."""
     ds = result["densities"]
     if all(math.isnan(c["effective"]) for c in result["cells"].values()):
         raise AnalysisError("anatomy: these trials predate effective density (no effective_density column)")
@@ -98,11 +99,11 @@ def anatomy_table(result: dict) -> str:
                 row.append("–")
                 continue
             row.append(f"{100 * c['achieved']:.3g} → {100 * c['effective']:.3g} ({c['effective'] / c['achieved']:.0%})"
-                       + (f", {c['collapsed']} of {c['n']} collapsed" if c["collapsed"] else ""))
+                       + (f", {c['collapsed']} of {c['n']} with a collapsed layer" if c["collapsed"] else ""))
         out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
     return "\n".join(out + ["", "Nominal → effective density (% of prunable weights, mean over seeds) and the share of "
-                                "kept weights that lie on a path from input to output; a collapsed ticket has a "
-                                "layer with no such weight (disconnected: chance accuracy)."])
+                                "kept weights that lie on a path from input to output. A collapsed layer has no such "
+                                "weight (without a shortcut around it the ticket is disconnected: chance accuracy)."])
 
 
 def compute_table(result: dict) -> str:

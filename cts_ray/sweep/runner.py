@@ -133,7 +133,8 @@ def paths(spec: SweepSpec) -> dict:
 
 def summarise(root) -> list[dict]:
     """method × density: accuracy mean ± std over seeds (finished trials), with counts; the mean
-    effective density (kept weights on an input→output path) and how many tickets collapsed."""
+    effective density (kept weights on an input→output path) and how many tickets have a layer
+    with no such weight."""
     try:
         t = tables.read(root, "trials").to_pylist()
     except FileNotFoundError:
@@ -172,7 +173,7 @@ def format_summary(rows: list[dict]) -> str:
         other = ", ".join(f"{v} {k}" for k, v in r["other"].items())
         eff = "-" if r.get("effective") is None else f"{r['effective']:.4g}"
         if r.get("collapsed"):
-            other = ", ".join(x for x in (other, f"{r['collapsed']} collapsed (no input→output path)") if x)
+            other = ", ".join(x for x in (other, f"{r['collapsed']} with a collapsed layer") if x)
         lines.append(f"{r['method']:<12} {r['density']:>9.4g} {r['trials']:>6}  {acc:<38}{eff:>10}  {other}".rstrip())
     reasons = [why for r in rows for why in r.get("reasons", [])]
     if reasons:
