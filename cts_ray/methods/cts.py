@@ -157,6 +157,9 @@ def search(ctx: SearchContext) -> Ticket:
                     u = torch.rand(d, device=device, generator=noise).clamp_(min=1e-10)
                     m = torch.sigmoid(theta + torch.logit(u).div_(tau))
                     masked = {n: w * mi.view_as(w) for n, w, mi in zip(names, weights, m.split(sizes))}
+                    if s.rescale:   # inverted-dropout scaling per layer (a constant: not a gradient path)
+                        masked = {n: w * (w.numel() / mi.sum().detach().clamp_min(1e-12))
+                                  for (n, w), mi in zip(masked.items(), m.split(sizes))}
                     with autocast(ctx.amp, device):
                         sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
                     loss = objective(sparse, dense, y)
