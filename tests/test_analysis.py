@@ -126,8 +126,11 @@ def test_nominal_vs_effective_density_and_off_target_notes(tmp_path):
     root = tmp_path / "anat"
     for s, e in enumerate(NOISE):
         _trial(root, "cts", 0.01, s, (90 + e) / 100, anatomy={"effective_density": 0.0095, "collapsed": 0})
-        _trial(root, "ltr", 0.01, s, (91 + e) / 100,
-               anatomy={"achieved_density": 0.0105, "effective_density": 0.0104, "collapsed": 0})
+        tid = _trial(root, "ltr", 0.01, s, (91 + e) / 100,
+                     anatomy={"achieved_density": 0.0105, "effective_density": 0.0104, "collapsed": 0})
+        layers = [{"layer": "1.weight", "units": 300, "alive_units": 250 + 10 * s},
+                  {"layer": "3.weight", "units": 100, "alive_units": 100}]
+        tables.write(root, "layers", "ltr", tid, layers, {"sweep": root.name, "trial_id": tid})
         _trial(root, "snip", 0.01, s, (85 + e) / 100,
                anatomy={"effective_density": 0.005 + 0.001 * e, "collapsed": 2 if s == 0 else 0})
     res = load_mod.load([root])
@@ -135,6 +138,8 @@ def test_nominal_vs_effective_density_and_off_target_notes(tmp_path):
     table = comparison.anatomy_table(out)
     assert "| cts | 1 → 0.95 (95%) |" in table and "| ltr | 1.05 → 1.04 (99%) |" in table
     assert "| snip | 1 → 0.5 (50%), 1 of 3 with a collapsed layer |" in table
+    alive = comparison.alive_table(out)   # the layers table has ltr's rows only
+    assert "| ltr | 260 / 100 |" in alive and "| cts | – |" in alive and "1.weight (300) / 3.weight (100)" in alive
     notes = comparison.off_target_notes(out)
     assert "ltr at 1 % keeps 1.05 % (+5.0%)" in notes and "cts" not in notes and "snip" not in notes
     md = comparison.markdown(out)
@@ -246,5 +251,6 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
         main = [r for r in rows if r["method"] == method and abs(r["temperature"] - 2 / 3) < 1e-9 and r["target_density"] == 0.03]
         nominal, effective = (100 * np.mean([r[k] for r in main]) for k in ("achieved_density", "effective_density"))
         assert f"| {method} | " in md and f"{nominal:.3g} → {effective:.3g} (" in md, method
+    assert "Alive units per layer, mean over seeds; layers (units): 1.weight (256) / 3.weight (128) / 5.weight (10)" in md
     assert "24 finished trials from 2 sweep(s) (methods, temps)" in md
     assert "## Provenance" in md and rows[0]["code_version"] in md and "config hashes" in md

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
+from ..sweep import tables
 from .load import AnalysisError, Results, method_key, primary
 
 ALPHA = 0.05
@@ -40,7 +41,30 @@ def analyse(res: Results) -> dict:
                for d in densities if ("ltr", d) in cells and ("cts", d) in cells}
     labels = {m: main[main["method"] == m]["label"].iloc[0] for m in methods}
     return {"methods": methods, "densities": densities, "cells": cells, "dense": dense, "speedup": speedup,
-            "labels": labels, "sanity": _sanity(res)}
+            "labels": labels, "sanity": _sanity(res), "alive": _alive_units(res, main)}
+
+
+def _alive_units(res: Results, main) -> dict:
+    """Mean alive units per layer of each (method, density) cell, from the sweeps' layers tables:
+    {"layers": [(layer, units)], "cells": {(method, density): [mean alive units per layer]}}."""
+    import pandas as pd
+    frames = []
+    for folder, _ in res.sweeps:
+        try:
+            frames.append(tables.read(folder, "layers", ["sweep", "trial_id", "layer", "units", "alive_units"]).to_pandas())
+        except FileNotFoundError:
+            continue
+    if not frames:
+        return {}
+    rows = pd.concat(frames).dropna(subset=["alive_units"])
+    rows = rows.merge(main[["sweep", "trial_id", "method", "target_density"]], on=["sweep", "trial_id"])
+    if rows.empty:
+        return {}
+    order = list(dict.fromkeys(rows["layer"]))
+    units = rows.groupby("layer")["units"].first()
+    cells = {k: [float(g[g["layer"] == n]["alive_units"].mean()) for n in order]
+             for k, g in rows.groupby(["method", "target_density"])}
+    return {"layers": [(n, int(units[n])) for n in order], "cells": cells}
 
 
 def _sanity(res: Results) -> list[dict]:
@@ -106,6 +130,31 @@ def anatomy_table(result: dict) -> str:
                                 "weight (without a shortcut around it the ticket is disconnected: chance accuracy)."])
 
 
+def alive_table(result: dict, most: int = 6) -> str:
+    """Alive units (output units with an effective incoming weight) per layer, mean over seeds."""
+    alive = result.get("alive")
+    if not alive:
+        raise AnalysisError("alive units: no layers table with alive_units for these trials")
+    ds, layers = result["densities"], alive["layers"]
+    out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
+    for m in result["methods"]:
+        row = []
+        for d in ds:
+            a = alive["cells"].get((m, d))
+            if a is None:
+                row.append("–")
+            elif len(layers) <= most:
+                row.append(" / ".join(f"{x:.0f}" for x in a))
+            else:   # deep nets: how many layers lost units, and the worst one
+                frac = [x / u for x, (_, u) in zip(a, layers)]
+                worst = min(range(len(a)), key=frac.__getitem__)
+                row.append(f"{sum(f < 1 for f in frac)} layers lose units; fewest: {layers[worst][0]} "
+                           f"{a[worst]:.0f}/{layers[worst][1]}")
+        out.append(f"| {result['labels'][m]} | " + " | ".join(row) + " |")
+    what = " / ".join(f"{n} ({u})" for n, u in layers) if len(layers) <= most else f"{len(layers)} prunable layers"
+    return "\n".join(out + ["", f"Alive units per layer, mean over seeds; layers (units): {what}."])
+
+
 def compute_table(result: dict) -> str:
     ds = result["densities"]
     out = ["| method | " + " | ".join(f"{100 * d:.3g} %: ticket s (epochs) | method s" for d in ds) + " |",
@@ -143,6 +192,7 @@ def markdown(result: dict) -> str:
              "### Nominal vs effective density", ""]
     try:
         parts.append(anatomy_table(result))
+        parts += ["", alive_table(result)]
     except AnalysisError as e:
         parts.append(f"_Not answerable: {e}_")
     parts += ["", "### Compute", "", compute_table(result), "", "### Sanity checks", ""]
