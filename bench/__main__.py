@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import data_path, gpu, readme, steps, sweep_overhead, ticket
+from . import anatomy, data_path, gpu, readme, steps, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
 BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
-           "ticket": ticket.run, "gpu": gpu.run}
+           "ticket": ticket.run, "gpu": gpu.run, "anatomy": anatomy.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
@@ -28,6 +28,8 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
     if name == "ticket":
         epochs = f", {a.ticket_epochs} epochs" if a.ticket_epochs else ""
         return f"ticket (MNIST LeNet-300-100, CTS vs LTR at density {ticket.DENSITY}{epochs}, repeats {a.repeats or 1})"
+    if name == "anatomy":
+        return f"anatomy (density {anatomy.DENSITY}, random masks, repeats {repeats})"
     if name == "gpu":
         return f"gpu (ResNet-20 b{gpu.FULL['batch']}, repeats {repeats})"
     return name

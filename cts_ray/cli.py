@@ -124,6 +124,8 @@ def _print_summary(summary: dict, out) -> None:
         ("seed / config hash", f"{summary['seed']} / {summary['config_hash']}"),
         ("density target / achieved", f"{summary['target_density']:.4g} / {summary['achieved_density']:.4g}"
                                       f"  ({summary['kept_weights']} of {summary['prunable_weights']} weights)"),
+        ("effective density", _effective(summary)),
+        ("alive units per layer", ", ".join(f"{n} {a}" for n, a in summary["layer_alive_units"].items())),
         ("ticket test accuracy", f"{pct(summary['test_accuracy'])}  (final epoch; the curve's peak "
                                  f"{pct(summary['peak_test_accuracy'])} is not a selected result)"),
         ("dense test accuracy", pct(summary["dense_test_accuracy"])),
@@ -140,10 +142,20 @@ def _print_summary(summary: dict, out) -> None:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if summary.get("levels"):
-        print("\nLTR levels: round  density  test accuracy  cumulative seconds")
+        print("\nLTR levels: round  density  effective  test accuracy  cumulative seconds")
         for lv in summary["levels"]:
-            print(f"            {lv['round']:>5}  {lv['density']:.5f}  {pct(lv['test_accuracy']):>13}"
-                  f"  {lv['cumulative_seconds']:>18.1f}")
+            print(f"            {lv['round']:>5}  {lv['density']:.5f}  {lv['effective_density']:>9.5f}"
+                  f"  {pct(lv['test_accuracy']):>13}  {lv['cumulative_seconds']:>18.1f}")
+
+
+def _effective(summary: dict) -> str:
+    """Effective density: kept weights on an input→output path (anatomy.py), and collapsed layers."""
+    text = f"{summary['effective_density']:.4g}  ({summary['effective_kept']} of {summary['kept_weights']} kept weights on a path)"
+    if summary["effective_kept"] == 0:
+        text += "; DISCONNECTED: no path from input to output"
+    elif summary["collapsed_layers"]:
+        text += f"; layers with no weight on a path: {', '.join(summary['collapsed_layers'])}"
+    return text
 
 
 def _sweep(args) -> int:

@@ -135,6 +135,10 @@ class SearchConfig:
                         help="fraction of the search after which the mask LR is multiplied by 0.1")
     slack: float = _f(0.1, check=_non_negative, allowed="a number >= 0",
                       help="GradBalance budget slack over kappa*d")
+    rescale: str = _f("none", choices=["none", "layer", "global"], identity="non_default",
+                      help="cts: during the search, scale the soft-masked weights by numel / sum(mask) of each "
+                           "layer (layer) or of the whole net (global), so the masked net keeps about the dense "
+                           "activation scale (an experiment; off by default)")
     sanity: str = _f("none", choices=["none", "shuffle", "invert", "reinit"],
                      help="sanity-check change applied to the ticket before retraining")
     # method-specific knobs (SPEC §2 defaults)

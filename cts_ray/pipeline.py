@@ -24,6 +24,7 @@ import torch
 
 from . import data as data_mod
 from . import models, runtime, sanity
+from .anatomy import anatomy
 from .cache import DenseCache
 from .config import Config, ConfigError, check_folder
 from .masking import Mask
@@ -300,11 +301,12 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             torch.save(ticket_weights(result["state"], mask), staging / "ticket.pt")
         if ticket.level_masks:
             torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
-        layers = mask.report()
+        anat = anatomy(model, mask, data.input_shape)
+        layers = anat.report()
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
         with open(staging / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in prog.records)
-        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device)
+        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device, anat)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         bar.close()
         _publish(staging, out)
@@ -316,7 +318,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 
 
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
-             device) -> dict:
+             device, anat) -> dict:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
     own_retrain = ticket.retrained is not None and s.sanity == "none"
     retrain_seconds = 0.0 if own_retrain else result["seconds"]
@@ -334,6 +336,8 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         "target_density": s.density, "achieved_density": mask.density,
         "kept_weights": mask.kept, "prunable_weights": mask.numel,
         "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
+        **anat.summary(),   # kept weights on an input→output path, and the layers with none
+        "layer_alive_units": {r["layer"]: r["alive_units"] for r in layers[:-1]},
         "test_accuracy": result["final"]["test_accuracy"],
         # max over retraining epochs of the test accuracy: a curve's peak, not a result selected on data
         "peak_test_accuracy": result["peak_test_accuracy"],

@@ -22,7 +22,7 @@ from conftest import REPO, _run
 
 
 def _trial(root, method="cts", density=0.1, seed=0, acc=0.9, temperature=2 / 3, sanity="none",
-           ticket_seconds=10.0, status="finished", trial_id=None, sweep=None, **extra):
+           ticket_seconds=10.0, status="finished", trial_id=None, sweep=None, anatomy=None, **extra):
     """Write one trial's row of the trials table, as a sweep would (a real resolved config)."""
     overrides = [f"search.method={method}", f"search.density={density}", f"seed={seed}",
                  f"search.temperature={temperature}", f"search.sanity={sanity}"]
@@ -31,7 +31,7 @@ def _trial(root, method="cts", density=0.1, seed=0, acc=0.9, temperature=2 / 3, 
     trial_id = trial_id or f"{method}-{cfg.hash}"
     common = {"sweep": sweep or Path(root).name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
     row = {"status": status, "test_accuracy": acc if status == "finished" else None,
-           "peak_test_accuracy": acc, "dense_test_accuracy": 0.95, "achieved_density": density,
+           "peak_test_accuracy": acc, "dense_test_accuracy": 0.95, "achieved_density": density, **(anatomy or {}),
            "ticket_seconds": ticket_seconds, "search_seconds": 1.0, "epochs_equivalent": 10.0,
            "started_at": 1.7e9, "ended_at": 1.7e9 + seed, "code_version": "test", "hostname": "here",
            "node_id": "n0", "library_versions": json.dumps({"torch": "2.14.1"}), "config": json.dumps(cfg.to_dict())}
@@ -121,6 +121,45 @@ def test_comparison_speedup_and_sanity_drop(tmp_path):
     assert [image.imread(f).shape[:2] for f in files] == [plots.PIXELS[::-1]] * 2
 
 
+def test_nominal_vs_effective_density_and_off_target_notes(tmp_path):
+    """The anatomy table and plot from known effective densities; a cell off its column's density
+    by more than 1 % is named; trials without anatomy columns (older tables) are left out, not guessed."""
+    root = tmp_path / "anat"
+    for s, e in enumerate(NOISE):
+        _trial(root, "cts", 0.01, s, (90 + e) / 100, anatomy={"effective_density": 0.0095, "collapsed": 0})
+        tid = _trial(root, "ltr", 0.01, s, (91 + e) / 100,
+                     anatomy={"achieved_density": 0.0105, "effective_density": 0.0104, "collapsed": 0})
+        layers = [{"layer": "1.weight", "units": 300, "alive_units": 250 + 10 * s},
+                  {"layer": "3.weight", "units": 100, "alive_units": 100}]
+        tables.write(root, "layers", "ltr", tid, layers, {"sweep": root.name, "trial_id": tid})
+        _trial(root, "snip", 0.01, s, (85 + e) / 100,
+               anatomy={"effective_density": 0.005 + 0.001 * e, "collapsed": 2 if s == 0 else 0})
+    res = load_mod.load([root])
+    out = comparison.analyse(res)
+    table = comparison.anatomy_table(out)
+    assert "| cts | 1 → 0.95 (95%) |" in table and "| ltr | 1.05 → 1.04 (99%) |" in table
+    assert "| snip | 1 → 0.5 (50%), 1 of 3 with a collapsed layer |" in table
+    alive = comparison.alive_table(out)   # the layers table has ltr's rows only
+    assert "| ltr | 260 / 100 |" in alive and "| cts | – |" in alive and "1.weight (300) / 3.weight (100)" in alive
+    notes = comparison.off_target_notes(out)
+    assert "ltr at 1 % keeps 1.05 % (+5.0%)" in notes and "cts" not in notes and "snip" not in notes
+    md = comparison.markdown(out)
+    assert "### Nominal vs effective density" in md and notes in md
+    files = comparison.plot(res, out, tmp_path)
+    assert [Path(f).name for f in files] == ["accuracy_vs_density.png", "accuracy_vs_effective_density.png",
+                                             "time_to_ticket.png"]
+    assert all(image.imread(f).shape[:2] == plots.PIXELS[::-1] for f in files)
+    # a table from before ticket anatomy: no effective numbers, no effective plot, said so
+    old = tmp_path / "old"
+    _trial(old, "cts", 0.01, 0, 0.9)
+    res = load_mod.load([old])
+    out = comparison.analyse(res)
+    with pytest.raises(AnalysisError, match="predate effective density"):
+        comparison.anatomy_table(out)
+    (tmp_path / "old_plots").mkdir()
+    assert len(comparison.plot(res, out, tmp_path / "old_plots")) == 2
+
+
 def test_refusals_name_the_problem(tmp_path, known, capsys):
     one_seed = tmp_path / "one"
     _trial(one_seed, "cts", 0.1, 0, 0.9)
@@ -190,7 +229,7 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
 
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == {"accuracy_vs_density.png", "time_to_ticket.png", "seed_variance.png",
-                                      "insensitivity_cts_temperature.png"}
+                                      "insensitivity_cts_temperature.png", "accuracy_vs_effective_density.png"}
     for p in pngs:
         assert image.imread(p).shape[:2] == plots.PIXELS[::-1] and f"]({p.name})" in md
 
@@ -208,5 +247,11 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
         means = [np.mean(by["cts", t, d]) for t in sorted(t for (m, t, dd) in by if m == "cts" and dd == d)]
         assert f"| cts | temperature | {100 * d:.3g} |" in md
         assert f"| {max(means) - min(means):.2f} [" in md
+    # nominal vs effective density: the main settings' means, straight from the Parquet rows
+    for method in ("cts", "random"):
+        main = [r for r in rows if r["method"] == method and abs(r["temperature"] - 2 / 3) < 1e-9 and r["target_density"] == 0.03]
+        nominal, effective = (100 * np.mean([r[k] for r in main]) for k in ("achieved_density", "effective_density"))
+        assert f"| {method} | " in md and f"{nominal:.3g} → {effective:.3g} (" in md, method
+    assert "Alive units per layer, mean over seeds; layers (units): 1.weight (256) / 3.weight (128) / 5.weight (10)" in md
     assert "24 finished trials from 2 sweep(s) (methods, temps)" in md
     assert "## Provenance" in md and rows[0]["code_version"] in md and "config hashes" in md

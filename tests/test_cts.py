@@ -69,6 +69,19 @@ def test_every_objective_runs_and_lowers_itself(objective):
     assert math.isfinite(last) and last < first
 
 
+def test_rescale_is_off_by_default_and_when_on_changes_the_search():
+    """search.rescale (an experiment on activation scale in the search): off by default, and the
+    default config's hash does not mention it; on, the search returns another exact top-k mask."""
+    cfg = C.load(None, [])
+    assert cfg.search.rescale == "none" and "rescale" not in str(cfg.dense_identity())
+    assert C.load(None, ["search.rescale=none"]).hash == cfg.hash != C.load(None, ["search.rescale=layer"]).hash
+    _, _, _, plain = _searched(["search.density=0.01", "search.length=0.05"])
+    for how in ("layer", "global"):
+        _, _, _, scaled = _searched(["search.density=0.01", "search.length=0.05", f"search.rescale={how}"])
+        assert scaled.mask.kept == plain.mask.kept == round(0.01 * plain.mask.numel)
+        assert scaled.mask.sha256() != plain.mask.sha256(), how
+
+
 def test_lagrange_controller_runs():
     cfg, _, _, ticket = _searched(["search.controller=lagrange", "search.density=0.1", "search.length=0.25"])
     assert ticket.mask.kept == round(0.1 * ticket.mask.numel)

@@ -9,6 +9,7 @@ import torch
 from cts_ray import config as C
 from cts_ray import data as D
 from cts_ray import models, pipeline, runtime, sanity
+from cts_ray.anatomy import anatomy
 from cts_ray.masking import Mask, kept_count
 from cts_ray.methods import METHODS, SearchContext, ltr
 from cts_ray.train import train_epochs
@@ -144,6 +145,12 @@ def test_ltr_through_the_pipeline_records_every_level(tmp_path):
     assert summary["ticket_seconds"] == pytest.approx(summary["levels"][-1]["cumulative_seconds"])
     masks = torch.load(tmp_path / "ltr" / "level_masks.pt", weights_only=True)
     assert len(masks) == 3 and Mask(masks[-1]).sha256() == summary["mask_sha256"]
+    # every level's anatomy is that of its own mask; the last one is the ticket's
+    net = models.build("mlp_digits", (1, 8, 8), 10)
+    for level, m in zip(summary["levels"], masks):
+        assert {k: level[k] for k in ("effective_density", "effective_kept", "collapsed_layers")} == \
+            anatomy(net, Mask(m), (1, 8, 8)).summary()
+    assert summary["effective_density"] == summary["levels"][-1]["effective_density"]
     phases = [json.loads(line) for line in (tmp_path / "ltr" / "metrics.jsonl").read_text().splitlines()]
     assert {p.get("round") for p in phases if p["phase"] == "retrain"} == {1, 2, 3}
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from cts_ray import config as C
-from cts_ray import pipeline
+from cts_ray import models, pipeline
+from cts_ray.anatomy import anatomy
 from cts_ray.masking import Mask
 
 from conftest import REPO
@@ -36,6 +37,12 @@ def test_cli_run_writes_a_complete_run_folder(tmp_path):
     assert summary["achieved_density"] == mask.density and mask.kept == round(0.05 * mask.numel)
     layers = json.loads((out / "layers.json").read_text())
     assert layers[-1]["kept"] == mask.kept and summary["layer_densities"].keys() == mask.layers.keys()
+    # ticket anatomy, recomputed from the saved mask on a freshly built model of the same shape
+    a = anatomy(models.build("mlp_digits", (1, 8, 8), 10), mask, (1, 8, 8))
+    assert (summary["effective_kept"], summary["effective_density"], summary["collapsed_layers"]) == \
+        (a.effective_kept, a.effective_density, a.collapsed_layers) and 0 < a.effective_kept <= mask.kept
+    assert layers == a.report() and summary["layer_alive_units"] == {r["layer"]: r["alive_units"] for r in layers[:-1]}
+    assert "effective density" in p.stdout and f"({a.effective_kept} of {mask.kept} kept weights on a path)" in p.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     phases = [r["phase"] for r in records]
     assert phases == ["dense"] * 6 + ["search"] * 3 + ["retrain"] * 5  # rewind point 1 → retrain epochs 2..6

@@ -41,6 +41,8 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
         assert t["config_hash"] and t["mask_sha256"] and t["code_version"] and Path(t["mask_path"]).exists()
         assert json.loads(t["library_versions"])["torch"].startswith("2.14.1")
         assert abs(t["achieved_density"] - t["target_density"]) < 0.002
+        assert 0 < t["effective_kept"] <= t["kept_weights"] and t["collapsed"] == 0
+        assert t["effective_density"] == t["effective_kept"] / t["prunable_weights"]
     # schema: every documented column, in the documented types
     for name in tables.TABLES:
         table = tables.read(root, name)
@@ -55,6 +57,10 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
         assert phases.count("retrain") == 3 and phases.count("dense") == 4, (tid, phases)
     layers = tables.read(root, "layers").to_pylist()
     assert len(layers) == 8 * 3
+    assert all(r["effective_kept"] <= r["kept"] and 0 < r["alive_units"] <= r["units"] for r in layers)
+    for t in trials:   # the layers add up to the trial's effective count
+        assert sum(r["effective_kept"] for r in layers if r["trial_id"] == t["trial_id"]) == t["effective_kept"]
+    assert any(line.startswith("method") and "effective" in line for line in p.stdout.splitlines())
     # plain pyarrow/pandas read the files too
     assert len(pq.read_table(next((root / "tables" / "trials").rglob("*.parquet")))) == 1
 
@@ -75,6 +81,11 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
     child = children[0]
     assert child.data.params["search.method"] in ("cts", "random")
     assert child.info.status == "FINISHED" and "test_accuracy" in child.data.metrics
+    rows = {t["trial_id"]: t for t in trials}
+    for c in children:
+        t = rows[c.data.tags["cts.trial_id"]]
+        assert c.data.metrics["effective_density"] == pytest.approx(t["effective_density"])
+        assert c.data.metrics["collapsed"] == t["collapsed"]
     history = client.get_metric_history(child.info.run_id, "retrain/test_accuracy")
     assert [m.step for m in history] == sorted(m.step for m in history) and len(history) == 3
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -193,6 +204,7 @@ def test_ltr_trials_of_one_seed_share_their_rounds(ray_cluster, tmp_path):
     trials = {t["target_density"]: t for t in tables.read(tmp_path / "sweeps" / "ltr", "trials").to_pylist()}
     short, long = json.loads(trials[0.64]["levels"]), json.loads(trials[0.41]["levels"])
     assert [lv["round"] for lv in long] == [1, 2, 3, 4] and long[:2] == short
+    assert all(0 < lv["effective_density"] <= lv["density"] and lv["collapsed_layers"] == [] for lv in long)
     assert trials[0.41]["ticket_seconds"] > trials[0.64]["ticket_seconds"]   # shared rounds still counted
 
 

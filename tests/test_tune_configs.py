@@ -7,6 +7,7 @@ Data roots: digits needs none; MNIST files are pointed at the project's shared c
 available here, so the paper file is validated with ``data.root`` set to a folder of empty files
 named as torchvision lays CIFAR out (the validator checks names; the loader, contents).
 """
+import functools
 import re
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def test_paper_file_asks_a_quarter_gpu_per_trial(load):
     s = load(TUNE_CONFIGS / "paper_resnet20_cifar10.yaml")
     assert s.set["resources.gpus"] == 0.25 and s.set["resources.cpus"] == 2
     assert set(s.grid["search.method"]) == {"cts", "ltr", "snip", "grasp", "synflow"}
-    assert s.grid["search.density"] == [0.1074, 0.044, 0.018, 0.0115, 0.0074, 0.0047, 0.003]
+    # the authors' 10.74 ... 0.30 %, as the densities LTR reaches on ResNet-20 (kept / 270,896)
+    assert [round(d, 4) for d in s.grid["search.density"]] == [0.1074, 0.044, 0.018, 0.0115, 0.0074, 0.0047, 0.003]
+    assert [round(d * 270896) for d in s.grid["search.density"]] == [29087, 11914, 4880, 3123, 1998, 1278, 818]
     assert s.grid["seed"] == [0, 1, 2]
     for point in s.grid_points():
         cfg = C.from_dict(s.trial_raw(point))
@@ -130,3 +133,40 @@ def test_optuna_file_is_seeded_optuna(load):
     # the multi-objective form its header shows is accepted
     multi = load(path, ["metric=[test_accuracy, ticket_seconds]", "mode=[max, min]"])
     assert multi.metric == ["test_accuracy", "ticket_seconds"] and multi.mode == ["max", "min"]
+
+
+# quickstart: a digits demo of CTS, SNIP and random (no LTR); the README shows its round densities
+NOT_ON_LTR_LEVELS = {"quickstart"}
+
+
+@functools.cache
+def _ltr_kept(model: str, dataset: str, fraction: float, rounds: int = 30) -> tuple[int, dict]:
+    """(prunable weights, {round: weights LTR keeps after it}), from LTR's own pruning step."""
+    import torch
+    from cts_ray import models
+    from cts_ray.masking import Mask, layer_shapes
+    from cts_ray.methods.ltr import prune_round
+    info = DATASETS[dataset]
+    torch.manual_seed(0)
+    net = models.build(model, info.input_shape, info.num_classes)
+    weights = {n: p.detach() for n, p in net.named_parameters() if n in layer_shapes(net)}
+    mask = Mask({n: torch.ones(w.shape, dtype=torch.bool) for n, w in weights.items()})
+    reached = {}
+    for r in range(1, rounds + 1):
+        mask = prune_round(mask, weights, fraction)
+        reached[r] = mask.kept
+    return mask.numel, reached
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.stem not in NOT_ON_LTR_LEVELS], ids=lambda p: p.name)
+def test_densities_are_ltr_levels_so_every_method_keeps_ltrs_count(path, load):
+    """Each target density is one LTR reaches exactly: LTR's rounds (20 % of the remaining, rounded,
+    each round) end at the count every other method keeps at that target, round(d × prunable)."""
+    from cts_ray.masking import kept_count
+    from cts_ray.methods.ltr import rounds_for
+
+    s = load(path)
+    cfg = C.from_dict(s.trial_raw(s.grid_points()[0] if s.grid else {}))
+    numel, reached = _ltr_kept(cfg.model.name, cfg.data.name, cfg.search.ltr_fraction)
+    for d in s.grid.get("search.density") or [s.set["search.density"]]:
+        assert reached[rounds_for(d, cfg.search.ltr_fraction)] == kept_count(d, numel), (path.name, d)

@@ -1,5 +1,6 @@
 """Method comparison: sparsity–accuracy curves, the paper-style table (methods × densities), the
-compute table (time to a retrained ticket, CTS / LTR speed-up) and the sanity-check table."""
+compute table (time to a retrained ticket, CTS / LTR speed-up), the nominal vs effective density
+table (ticket anatomy: kept weights on an input→output path) and the sanity-check table."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sweep import tables
 from . import plots, stats
 from .load import AnalysisError, Results, settings
 
 ALPHA = 0.05
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel
+OFF_TARGET = 0.01   # achieved density further than this (relative) from its column's is noted
 
 
 
@@ -31,7 +34,9 @@ def analyse(res: Results) -> dict:
     for (lb, d), g in main.groupby(["label", "target_density"]):
         cells[lb, d] = {"acc": g["accuracy"].to_numpy(), "achieved": float(g["achieved_density"].mean()),
                         "ticket_s": float(g["ticket_seconds"].mean()), "search_s": float(g["search_seconds"].mean()),
-                        "epochs": float(g["epochs_equivalent"].mean()), "n": len(g)}
+                        "epochs": float(g["epochs_equivalent"].mean()), "n": len(g),
+                        # NaN / 0 for tables written before ticket anatomy existed
+                        "effective": float(g["effective_density"].mean()), "collapsed": int((g["collapsed"] > 0).sum())}
     dense = main.drop_duplicates("seed")["dense_test_accuracy"].dropna().to_numpy() * 100
     method = dict(zip(main["label"], main["method"]))
     speedup = {(lt, ct): {d: cells[lt, d]["ticket_s"] / cells[ct, d]["ticket_s"]
@@ -39,7 +44,30 @@ def analyse(res: Results) -> dict:
                for lt in labels if method[lt] == "ltr" for ct in labels if method[ct] == "cts"}
     return {"labels": labels, "densities": densities, "cells": cells, "dense": dense,
             "speedup": {k: v for k, v in speedup.items() if v}, "sanity": _sanity(res),
-            "left_out": _left_out(res)}
+            "left_out": _left_out(res), "alive": _alive_units(res, main)}
+
+
+def _alive_units(res: Results, main) -> dict:
+    """Mean alive units per layer of each (setting, density) cell, from the sweeps' layers tables:
+    {"layers": [(layer, units)], "cells": {(label, density): [mean alive units per layer]}}."""
+    import pandas as pd
+    frames = []
+    for folder, _ in res.sweeps:
+        try:
+            frames.append(tables.read(folder, "layers", ["sweep", "trial_id", "layer", "units", "alive_units"]).to_pandas())
+        except FileNotFoundError:
+            continue
+    if not frames:
+        return {}
+    rows = pd.concat(frames).dropna(subset=["alive_units"])
+    rows = rows.merge(main[["sweep", "trial_id", "label", "target_density"]], on=["sweep", "trial_id"])
+    if rows.empty:
+        return {}
+    order = list(dict.fromkeys(rows["layer"]))
+    units = rows.groupby("layer")["units"].first()
+    cells = {k: [float(g[g["layer"] == n]["alive_units"].mean()) for n in order]
+             for k, g in rows.groupby(["label", "target_density"])}
+    return {"layers": [(n, int(units[n])) for n in order], "cells": cells}
 
 
 def _left_out(res: Results) -> str:
@@ -92,6 +120,63 @@ def accuracy_table(result: dict) -> str:
                              "setting at the defaults). " + result["left_out"] + " " + stats.RULE])
 
 
+def off_target_notes(result: dict) -> str:
+    """Cells whose achieved density is more than 1 % (relative) off their column's density."""
+    order = result["labels"]
+    off = [f"{lb} at {100 * d:.3g} % keeps {100 * c['achieved']:.3g} % ({c['achieved'] / d - 1:+.1%})"
+           for (lb, d), c in sorted(result["cells"].items(), key=lambda kv: (order.index(kv[0][0]), -kv[0][1]))
+           if abs(c["achieved"] / d - 1) > OFF_TARGET]
+    return ("Achieved density more than 1 % off the column's (not the same budget): " + "; ".join(off) + ".") \
+        if off else ""
+
+
+def anatomy_table(result: dict) -> str:
+    """Nominal (achieved) vs effective density per setting and density, with tickets that have a
+    collapsed layer."""
+    ds = result["densities"]
+    if all(math.isnan(c["effective"]) for c in result["cells"].values()):
+        raise AnalysisError("anatomy: these trials predate effective density (no effective_density column)")
+    out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
+    for lb in result["labels"]:
+        row = []
+        for d in ds:
+            c = result["cells"].get((lb, d))
+            if c is None or math.isnan(c["effective"]):
+                row.append("–")
+                continue
+            row.append(f"{100 * c['achieved']:.3g} → {100 * c['effective']:.3g} ({c['effective'] / c['achieved']:.0%})"
+                       + (f", {c['collapsed']} of {c['n']} with a collapsed layer" if c["collapsed"] else ""))
+        out.append(f"| {lb} | " + " | ".join(row) + " |")
+    return "\n".join(out + ["", "Nominal → effective density (% of prunable weights, mean over seeds) and the share of "
+                                "kept weights that lie on a path from input to output. A collapsed layer has no such "
+                                "weight (without a shortcut around it the ticket is disconnected: chance accuracy)."])
+
+
+def alive_table(result: dict, most: int = 6) -> str:
+    """Alive units (output units with an effective incoming weight) per layer, mean over seeds."""
+    alive = result.get("alive")
+    if not alive:
+        raise AnalysisError("alive units: no layers table with alive_units for these trials")
+    ds, layers = result["densities"], alive["layers"]
+    out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
+    for lb in result["labels"]:
+        row = []
+        for d in ds:
+            a = alive["cells"].get((lb, d))
+            if a is None:
+                row.append("–")
+            elif len(layers) <= most:
+                row.append(" / ".join(f"{x:.0f}" for x in a))
+            else:   # deep nets: how many layers lost units, and the worst one
+                frac = [x / u for x, (_, u) in zip(a, layers)]
+                worst = min(range(len(a)), key=frac.__getitem__)
+                row.append(f"{sum(f < 1 for f in frac)} layers lose units; fewest: {layers[worst][0]} "
+                           f"{a[worst]:.0f}/{layers[worst][1]}")
+        out.append(f"| {lb} | " + " | ".join(row) + " |")
+    what = " / ".join(f"{n} ({u})" for n, u in layers) if len(layers) <= most else f"{len(layers)} prunable layers"
+    return "\n".join(out + ["", f"Alive units per layer, mean over seeds; layers (units): {what}."])
+
+
 def compute_table(result: dict) -> str:
     ds = result["densities"]
     out = ["| method | " + " | ".join(f"{100 * d:.3g} %: ticket s (epochs) | method s" for d in ds) + " |",
@@ -126,8 +211,14 @@ def sanity_table(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    parts = ["### Accuracy", "", accuracy_table(result), "", "### Compute", "", compute_table(result), "",
-             "### Sanity checks", ""]
+    parts = ["### Accuracy", "", accuracy_table(result), "", off_target_notes(result), "",
+             "### Nominal vs effective density", ""]
+    try:
+        parts.append(anatomy_table(result))
+        parts += ["", alive_table(result)]
+    except AnalysisError as e:
+        parts.append(f"_Not answerable: {e}_")
+    parts += ["", "### Compute", "", compute_table(result), "", "### Sanity checks", ""]
     try:
         parts.append(sanity_table(result))
     except AnalysisError as e:
@@ -135,24 +226,46 @@ def markdown(result: dict) -> str:
     return "\n".join(parts)
 
 
+def _accuracy_curves(ax, result: dict, x_key: str) -> None:
+    """Mean ± seed std accuracy per setting against the cells' ``x_key`` density, on a log density axis."""
+    for i, m in enumerate(result["labels"]):
+        ds = [d for d in result["densities"] if (m, d) in result["cells"] and result["cells"][m, d][x_key] > 0]
+        x = [result["cells"][m, d][x_key] for d in ds]
+        acc = [result["cells"][m, d]["acc"] for d in ds]
+        mean = np.array([a.mean() for a in acc])
+        sd = np.array([a.std(ddof=1) if len(a) > 1 else np.nan for a in acc])   # no band from one seed
+        ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=m)
+        lo, hi = np.clip(mean - sd, *stats.BOUNDS), np.clip(mean + sd, *stats.BOUNDS)
+        ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.15, linewidth=0)
+    if len(result["dense"]):
+        ax.axhline(result["dense"].mean(), color="k", linestyle="--", linewidth=1, label="dense")
+    plots.density_axis(ax, result["densities"])
+    ax.grid(alpha=0.3)
+
+
+def _effective_plot(res: Results, result: dict, out: Path) -> str:
+    """Accuracy against nominal (left) and effective (right) density: what each method really kept."""
+    fig, axes = plots.figure(ncols=2)
+    for ax, key, title in zip(axes, ("achieved", "effective"), ("nominal (achieved) density",
+                                                                 "effective density (weights on a path)")):
+        _accuracy_curves(ax, result, key)
+        ax.set_title(title, fontsize="medium")
+    axes[1].sharey(axes[0])
+    xs = [x for ax in axes for x in ax.get_xlim()]
+    for ax in axes:   # one density range for both, so the shift from nominal to effective shows
+        ax.set_xlim(max(xs), min(xs))
+    axes[0].set_ylabel(f"{res.metric.replace('_', ' ')} (%), mean ± seed std")
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle("Accuracy vs nominal and effective density (ticks at the target densities)")
+    return plots.save(fig, out / "accuracy_vs_effective_density.png")
+
+
 def plot(res: Results, result: dict, out: Path) -> list[str]:
     # left: the full range; right: zoomed to the top, where the methods worth comparing are
     fig, axes = plots.figure(ncols=2)
     top = max(a.mean() for a in (c["acc"] for c in result["cells"].values()))
     for ax, zoom in zip(axes, (False, True)):
-        for i, m in enumerate(result["labels"]):
-            ds = [d for d in result["densities"] if (m, d) in result["cells"]]
-            x = [result["cells"][m, d]["achieved"] for d in ds]
-            acc = [result["cells"][m, d]["acc"] for d in ds]
-            mean = np.array([a.mean() for a in acc])
-            sd = np.array([a.std(ddof=1) if len(a) > 1 else np.nan for a in acc])   # no band from one seed
-            ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=m)
-            lo, hi = np.clip(mean - sd, *stats.BOUNDS), np.clip(mean + sd, *stats.BOUNDS)
-            ax.fill_between(x, lo, hi, color=f"C{i % 10}", alpha=0.15, linewidth=0)
-        if len(result["dense"]):
-            ax.axhline(result["dense"].mean(), color="k", linestyle="--", linewidth=1, label="dense")
-        plots.density_axis(ax, result["densities"])
-        ax.grid(alpha=0.3)
+        _accuracy_curves(ax, result, "achieved")
         if zoom:
             ax.set_ylim(top - ZOOM, top + 0.1 * ZOOM)
             ax.set_title(f"top {ZOOM:g} points", fontsize="medium")
@@ -162,6 +275,8 @@ def plot(res: Results, result: dict, out: Path) -> list[str]:
     axes[0].legend(loc="lower left", fontsize="small")
     fig.suptitle("Sparsity–accuracy (x: achieved density; ticks at the target densities)")
     files = [plots.save(fig, out / "accuracy_vs_density.png")]
+    if not all(math.isnan(c["effective"]) for c in result["cells"].values()):
+        files.append(_effective_plot(res, result, out))
 
     fig, (ax,) = plots.figure()
     for i, m in enumerate(result["labels"]):

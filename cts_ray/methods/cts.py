@@ -157,6 +157,10 @@ def search(ctx: SearchContext) -> Ticket:
                     u = torch.rand(d, device=device, generator=noise).clamp_(min=1e-10)
                     m = torch.sigmoid(theta + torch.logit(u).div_(tau))
                     masked = {n: w * mi.view_as(w) for n, w, mi in zip(names, weights, m.split(sizes))}
+                    if s.rescale != "none":   # inverted-dropout scaling (a constant: not a gradient path)
+                        scale = [d / m.sum().detach().clamp_min(1e-12)] * len(sizes) if s.rescale == "global" else \
+                            [mi.numel() / mi.sum().detach().clamp_min(1e-12) for mi in m.split(sizes)]
+                        masked = {n: w * c for (n, w), c in zip(masked.items(), scale)}
                     with autocast(ctx.amp, device):
                         sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
                     loss = objective(sparse, dense, y)

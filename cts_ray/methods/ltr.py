@@ -3,8 +3,8 @@
 Start from the dense network trained to the end; each round prunes a fraction (default 20 %) of
 the remaining weights by global magnitude, rewinds the kept weights to the search point and
 retrains them to the end. Density after r rounds is (1 − f)^r; the number of rounds is the r whose
-density is nearest the target (0.8^22 ≈ 0.0074). Every level is recorded (density, accuracy,
-cumulative seconds) so one LTR run serves a whole sparsity sweep.
+density is nearest the target (0.8^22 ≈ 0.0074). Every level is recorded (density, effective density and
+collapsed layers (anatomy.py), accuracy, cumulative seconds) so one LTR run serves a whole sparsity sweep.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..anatomy import anatomy
 from ..masking import Mask
 from ..models import prunable_names
 from . import SearchContext, Ticket
@@ -82,6 +83,7 @@ def search(ctx: SearchContext) -> Ticket:
         mask, weights = Mask(out["mask"]), out["weights"]
         cumulative += out["seconds"]
         levels.append({"round": r, "density": mask.density, "kept": mask.kept,
+                       **anatomy(ctx.model, mask, ctx.data.input_shape).summary(),
                        "test_accuracy": out["final"]["test_accuracy"],
                        "peak_test_accuracy": out.get("peak_test_accuracy", out.get("best_test_accuracy")),
                        "cumulative_seconds": cumulative,

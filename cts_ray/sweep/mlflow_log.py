@@ -26,7 +26,8 @@ from ..runtime import code_version
 PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "objective", "expected_density",
                  "hard_density", "lambda", "topk_changed", "lr", "seconds")
 FINAL_METRICS = ("test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "achieved_density",
-                 "ticket_seconds")
+                 "ticket_seconds",
+                 "effective_density", "effective_kept", "collapsed")   # ticket anatomy (anatomy.py)
 
 
 def default_tracking_uri(root: Path) -> str:

@@ -189,7 +189,8 @@ STATUSES = ("finished", "stopped", "diverged", "error")
 
 def summarise(spec: SweepSpec) -> dict:
     """One row per setting: the swept values other than the seed (a knob that does not apply to a
-    method is '–' for it), with trial counts per status and the accuracy of its finished trials.
+    method is '–' for it), with trial counts per status, the accuracy of its finished trials, their
+    mean effective density (kept weights on an input→output path) and how many have a collapsed layer.
     Random and Optuna sweeps (every trial its own setting) also get their best trials."""
     from ..config import flatten, stable_hash
     from ..methods import applies, effective
@@ -214,7 +215,10 @@ def summarise(spec: SweepSpec) -> dict:
                      "seeds": sorted({r["seed"] for r in g if r["status"] == "finished"}), "n": len(accs),
                      "repeats": sum(r["status"] == "finished" for r in g) - len(done),
                      "mean": statistics.mean(accs) if accs else None,
-                     "std": statistics.stdev(accs) if len(accs) > 1 else None})
+                     "std": statistics.stdev(accs) if len(accs) > 1 else None,
+                     "effective": statistics.mean(eff) if (eff := [r["effective_density"] for r in done.values()
+                                                                    if r.get("effective_density") is not None]) else None,
+                     "collapsed": sum(1 for r in done.values() if r.get("collapsed"))})
     best = None
     if spec.searcher != "grid":
         metric, mode = (spec.metric, spec.mode) if isinstance(spec.metric, str) else (spec.metric[0], spec.mode[0])
@@ -233,7 +237,7 @@ def _value(v) -> str:
 def format_summary(summary: dict) -> str:
     keys = summary["keys"]
     short = [k.removeprefix("search.") for k in keys]
-    head = ["method", "density", *short, "finished", "stopped", "diverged", "failed", "seeds",
+    head = ["method", "density", *short, "finished", "stopped", "diverged", "failed", "seeds", "effective",
             "test accuracy (mean ± std of finished trials)"]
     table = [head]
     for r in summary["rows"]:
@@ -242,9 +246,14 @@ def format_summary(summary: dict) -> str:
         c = r["counts"]
         table.append([r["method"], _value(r["density"]), *(_value(r["values"][k]) for k in keys),
                       str(c["finished"]), str(c["stopped"]), str(c["diverged"]), str(c["error"]),
-                      ",".join(map(str, r["seeds"])) or "-", acc])
+                      ",".join(map(str, r["seeds"])) or "-",
+                      "-" if r["effective"] is None else f"{r['effective']:.4g}", acc])
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
+    collapsed = [r for r in summary["rows"] if r["collapsed"]]
+    if collapsed:
+        lines += ["", "collapsed (a prunable layer with no weight on an input→output path): " + "; ".join(
+            f"{r['method']} at density {_value(r['density'])}: {r['collapsed']} ticket(s)" for r in collapsed)]
     repeats = [r for r in summary["rows"] if r["repeats"]]
     if repeats:
         lines += ["", "counted once: " + "; ".join(

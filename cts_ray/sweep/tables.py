@@ -6,7 +6,8 @@
 
 Each file is written under a temporary name and renamed, so no reader ever sees half a file, and
 it is named by trial id, so a retried or resumed trial replaces its own rows instead of adding
-more. Every row carries ``schema_version``; readers refuse versions they do not know.
+more. Every row carries ``schema_version``; readers refuse versions they do not know. Columns
+added later are nullable and read as null from older files, so they need no new version.
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ SCHEMAS = {
                          ("node_id", pa.string()), ("hostname", pa.string()),
                          ("started_at", pa.float64()), ("ended_at", pa.float64()),
                          ("code_version", pa.string()), ("library_versions", pa.string()),
-                         ("levels", pa.string()), ("config", pa.string())]),
+                         ("levels", pa.string()), ("config", pa.string()),
+                         # ticket anatomy (anatomy.py); null in tables written before it existed
+                         ("effective_density", pa.float64()), ("effective_kept", pa.int64()),
+                         ("collapsed", pa.int64())]),
     "epochs": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES, ("node_id", pa.string()),
                          ("phase", pa.string()), ("epoch", pa.int64()), ("round", pa.int64()),
                          ("cached", pa.bool_()), ("lr", pa.float64()),
@@ -55,7 +59,8 @@ SCHEMAS = {
                          ("topk_changed", pa.float64()), ("seconds", pa.float64())]),
     "layers": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES,
                          ("layer", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()),
-                         ("density", pa.float64())]),
+                         ("density", pa.float64()),
+                         ("units", pa.int64()), ("effective_kept", pa.int64()), ("alive_units", pa.int64())]),
 }
 # columns renamed since version 1 (old name -> new): files written before are read under the new name
 RENAMED = {"trials": {"best_test_accuracy": "peak_test_accuracy"}}

@@ -123,12 +123,15 @@ def trial(params: dict, spec_state: dict) -> None:
     if summary is not None:
         layers = json.loads((run_dir / "layers.json").read_text())[:-1]
         tables.write(root, "layers", method, trial_id,
-                     [{k: r[k] for k in ("layer", "numel", "kept", "density")} for r in layers], common)
+                     [{k: r[k] for k in ("layer", "numel", "kept", "density", "units", "effective_kept",
+                                         "alive_units")} for r in layers], common)
     final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id,
              "run_dir": str(run_dir), "ticket_iteration": ticket_iteration[0] + 1, **running}
     if summary is not None:
         final.update({k: summary[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
+        final.update(effective_density=summary["effective_density"], effective_kept=summary["effective_kept"],
+                     collapsed=len(summary["collapsed_layers"]))
     tune.report(final)
 
 
@@ -181,6 +184,9 @@ def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id
               "dense_test_accuracy", "pretrain_seconds", "search_seconds", "retrain_seconds", "ticket_seconds",
               "epochs_equivalent", "mask_sha256"):
         row[k] = s.get(k)
+    if summary:   # number of collapsed layers: > 0 means no path from input to output
+        row.update(effective_density=s["effective_density"], effective_kept=s["effective_kept"],
+                   collapsed=len(s["collapsed_layers"]))
     tables.write(root, "trials", cfg.search.method, common["trial_id"], [row], common)
 
 
