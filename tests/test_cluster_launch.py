@@ -257,10 +257,10 @@ def test_storage_uri_is_refused_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_address_of_a_cluster_with_token_auth(tmp_path):
+def test_address_of_a_cluster_with_token_auth(tmp_path, tmp_path_factory):
     """A head with token authentication on. `cts-ray sweep --address HOST:PORT` with the token in
     ~/.ray/auth_token: without RAY_AUTH_MODE, one line saying what to set; with it, the sweep runs."""
-    home, temp, port = tmp_path / "home", tmp_path / "ray", _free_port()
+    home, temp, port = tmp_path / "home", tmp_path_factory.mktemp("tokray"), _free_port()   # short: socket paths
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("cts0ray0test0token0" * 2)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
