@@ -201,6 +201,8 @@ def test_autoscaler_adds_gpu_workers_for_half_gpu_trials_and_removes_them(tmp_pa
     p = subprocess.run([sys.executable, str(REPO / "tests" / "fake_cluster.py"), str(out), str(sweep)],
                        capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    import ray.autoscaler._private.fake_multi_node as fake
+    assert not (Path(fake.__file__).parent / "example.yaml").exists()   # seen only inside the namespace
     events = json.loads((out / "events.json").read_text())
     assert events["sweep_rc"] == 0, (out / "sweep.log").read_text()[-3000:]
 
@@ -274,7 +276,9 @@ def test_address_of_a_cluster_with_token_auth(tmp_path, tmp_path_factory):
                                          "set": {"training.epochs": 1, "training.milestones": [1],
                                                  "search.method": "random", "resources.cpus": 1}}))
         cmd = [str(BIN / "cts-ray"), "sweep", str(sweep), "--address", f"127.0.0.1:{port}", "--quiet"]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=base)
+        # Ray's driver retries the refused connection for ~20 s; 2 tries suffice here
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                           env={**base, "RAY_gcs_server_port_wait_time_s": "2"})
         assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith(f"cts-ray: error: --address 127.0.0.1:{port}: the cluster has token authentication "
