@@ -68,7 +68,7 @@ def launched(tmp_path_factory):
         for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-west-2",
                      # Ray attaches AWS's managed EC2/S3 policies to the role it creates
-                     "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
+                     "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items():
             mp.setenv(k, v)
         mp.chdir(checkout)
         import boto3
