@@ -11,7 +11,7 @@ then a wait until the idle workers are gone. OUT gets:
 
     fake_cluster.yaml   the autoscaler config generated from cluster.yaml
     timeline.jsonl      the autoscaler's view about every second: {"t", "phase", "status"}
-    events.json         seconds since start of: head up, sweep start/end, scaled down
+    events.json         seconds since start (t0) of: head up, sweep start/end, scaled down
     status_*.txt        `ray status` after the sweep and at the end
     sweep.log           the sweep's output; sweeps/ its results (storage)
 """
@@ -100,7 +100,7 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
     config = out / "fake_cluster.yaml"
     config.write_text(yaml.safe_dump(fake_cluster_config(REPO / "cluster.yaml")))
     _isolate(out, config)
-    events = {}
+    events = {"t0": t0}   # the others: seconds since t0
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            # as `ray up` starts the head: autoscaler v2, told which instance and node type it is
            "RAY_enable_autoscaler_v2": "1", "RAY_NODE_TYPE_NAME": HEAD_TYPE,

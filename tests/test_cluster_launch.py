@@ -242,7 +242,9 @@ def test_autoscaler_adds_gpu_workers_for_half_gpu_trials_and_removes_them(tmp_pa
     assert "ray.head.default" in (out / "status_end.txt").read_text()
     print(f"\nautoscaling timeline (s): head up {events['head_up']:.1f}, first GPU launch requested "
           f"{launches[0]:.1f}, workers up {sorted(round(v, 1) for v in workers.values())}, sweep "
-          f"{events['sweep_start']:.1f}-{events['sweep_end']:.1f}, scaled down {events['scaled_down']:.1f}")
+          f"{events['sweep_start']:.1f}-{events['sweep_end']:.1f}, scaled down {events['scaled_down']:.1f}; trials "
+          + ", ".join(f"{t['node_id'][-2:]}:{t['started_at'] - events['t0']:.1f}-{t['ended_at'] - events['t0']:.1f}"
+                      for t in sorted(trials, key=lambda t: t["started_at"])))
 
 
 def test_storage_uri_is_refused_in_one_line(tmp_path):
