@@ -79,15 +79,28 @@ def _isolate(out: Path, config: Path) -> None:
 def _sample(out: Path, phase: list, stop: threading.Event, t0: float) -> None:
     from ray.autoscaler.v2.sdk import get_cluster_status
     with open(out / "timeline.jsonl", "a") as f:
-        while not stop.is_set():
+        while True:
+            last = stop.is_set()   # one more sample after the stop: the final state
             try:
-                status = dataclasses.asdict(get_cluster_status(GCS, timeout=5))
-                f.write(json.dumps({"t": round(time.time() - t0, 2), "phase": phase[0], "status": status},
-                                   default=str) + "\n")
+                status = _plain(get_cluster_status(GCS, timeout=5))
+                f.write(json.dumps({"t": round(time.time() - t0, 2), "phase": phase[0], "status": status}) + "\n")
                 f.flush()
             except Exception as e:   # the head not up yet, or busy: the next sample will tell
                 f.write(json.dumps({"t": round(time.time() - t0, 2), "phase": phase[0], "error": repr(e)}) + "\n")
+            if last:
+                return
             stop.wait(1.0)
+
+
+def _plain(o):
+    """The autoscaler's status as JSON data (dataclasses.asdict cannot copy its protobuf maps)."""
+    if dataclasses.is_dataclass(o):
+        return {f.name: _plain(getattr(o, f.name)) for f in dataclasses.fields(o)}
+    if isinstance(o, (list, tuple)):
+        return [_plain(x) for x in o]
+    if hasattr(o, "items"):
+        return {str(k): _plain(v) for k, v in o.items()}
+    return o if isinstance(o, (str, int, float, bool, type(None))) else str(o)
 
 
 def _workers(status: dict) -> list:
@@ -124,12 +137,13 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
     deadline = time.time() + scale_down_s
     while time.time() < deadline:
         try:
-            if not _workers(dataclasses.asdict(get_cluster_status(GCS, timeout=5))):
+            if not _workers(_plain(get_cluster_status(GCS, timeout=5))):
                 events["scaled_down"] = time.time() - t0
                 break
         except Exception:
             pass
         time.sleep(1)
+    phase[0] = "end"
     stop.set()
     sampler.join()
     (out / "status_end.txt").write_text(_run([str(BIN / "ray"), "status", f"--address={GCS}"], env=env).stdout)

@@ -237,6 +237,7 @@ def test_autoscaler_adds_gpu_workers_for_half_gpu_trials_and_removes_them(tmp_pa
                    for o in trials if o is not t), t["trial_id"]
     # idle workers removed
     assert "scaled_down" in events, "the idle GPU workers were not removed"
+    assert status[-1]["phase"] == "end"
     end = status[-1]["status"]
     assert [n["ray_node_type_name"] for n in end["active_nodes"] + end["idle_nodes"]] == ["ray.head.default"]
     assert "ray.head.default" in (out / "status_end.txt").read_text()
