@@ -66,12 +66,12 @@ def _isolate(out: Path, config: Path) -> None:
     fake-provider defaults file (missing from Ray 2.60's wheel) is the generated config — a bind
     mount seen only here, the installed package is untouched."""
     _run(["ip", "link", "set", "lo", "up"])
-    (out / "tmp-ray").mkdir()
+    (out / "tmp-ray").mkdir(exist_ok=True)
     Path("/tmp/ray").mkdir(exist_ok=True)
     _run(["mount", "--bind", str(out / "tmp-ray"), "/tmp/ray"])
     import ray.autoscaler._private.fake_multi_node as pkg
     overlay = out / "fake_multi_node"
-    shutil.copytree(Path(pkg.__file__).parent, overlay)
+    shutil.copytree(Path(pkg.__file__).parent, overlay, dirs_exist_ok=True)
     shutil.copy(config, overlay / "example.yaml")
     _run(["mount", "--bind", str(overlay), str(Path(pkg.__file__).parent)])
 
@@ -148,7 +148,7 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
     sampler.join()
     (out / "status_end.txt").write_text(_run([str(BIN / "ray"), "status", f"--address={GCS}"], env=env).stdout)
     (out / "events.json").write_text(json.dumps(events, indent=1))
-    return 0   # as PID 1 of the namespace: every process it started ends when it returns
+    return rc   # as PID 1 of the namespace: every process it started ends when it returns
 
 
 def main(argv=None) -> int:
