@@ -140,8 +140,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                           resolve=lambda params: from_dict(spec.trial_raw(params)))
     logger.start()   # overlaps ray.init
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose > 1, include_dashboard=False,
-                 **({} if address else {"configure_logging": False}))
+        _connect(address, verbose)
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
     resources = {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(trial, spec_state=spec_state(spec)), resources)
@@ -171,6 +170,29 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
             write_stopped(root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
     return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed}
+
+
+def _connect(address: Optional[str], verbose: int) -> None:
+    import ray
+    try:
+        ray.init(address=address, log_to_driver=verbose > 1, include_dashboard=False,
+                 **({} if address else {"configure_logging": False}))
+    except (ConnectionError, RuntimeError) as e:
+        # Ray 2.60 sends a token only when RAY_AUTH_MODE=token (or for address auto): turning it on
+        # by itself would break clusters without auth, so say what to set.
+        if address and "InvalidAuthToken" in _chain_text(e):
+            raise ConfigError(f"--address {address}: the cluster has token authentication on and refused this "
+                              "client; set RAY_AUTH_MODE=token, with the cluster's token in RAY_AUTH_TOKEN, "
+                              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token") from None
+        raise
+
+
+def _chain_text(e: BaseException) -> str:
+    parts = []
+    while e is not None and len(parts) < 10:
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def paths(spec: SweepSpec) -> dict:

@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -197,6 +198,9 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     storage = raw.get("storage", "results/sweeps")
     if not isinstance(storage, str) or not storage:
         _err(f"storage: {storage!r}; expected a folder path")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", storage):   # else Path() would make a local folder 's3:'
+        _err(f"storage: {storage!r} is a URI; a sweep needs a folder every node sees (a shared file system such "
+             "as EFS or NFS mounted at the same path on every node, e.g. /mnt/efs/cts-ray/results)")
     C.check_folder("storage", storage)
     spec.storage = storage
     ml = raw.get("mlflow") or {}
