@@ -57,7 +57,7 @@ def test_version_prints_the_code_version():
 def test_milestones_past_the_end_are_refused_when_set_and_warned_when_defaulted():
     with pytest.raises(C.ConfigError, match=r"^training\.milestones: \[50\] never reached with training\.epochs=10"):
         C.load(None, ["training.epochs=10", "training.milestones=[5, 50]"])
-    with pytest.warns(UserWarning, match="training.milestones: the default"):
+    with pytest.warns(UserWarning, match=r"of the default \[15, 25\] never reached with training.epochs=6"):
         C.load(None, ["training.epochs=6"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
