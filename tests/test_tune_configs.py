@@ -20,7 +20,8 @@ from cts_ray.sweep import spec
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 EXPECTED = {"quickstart", "sparsity_sweep", "temperature_ablation", "objective_ablation", "controller_ablation",
-            "seed_robustness", "method_comparison", "sanity_checks", "optuna_search", "paper_resnet20_cifar10"}
+            "seed_robustness", "method_comparison", "sanity_checks", "optuna_search", "paper_resnet20_cifar10",
+            "paper_vgg16_cifar10"}
 NO_ROOT = {"digits"}                  # data sets that need no data.root
 MNIST_LIKE = {"mnist"}                # available here under the shared folder
 
