@@ -17,8 +17,8 @@ retraining is shortened: ``training.epochs`` = 9 + R with the LR milestones at t
 "SHORTENED" in its rows. ``--budget 0`` runs the full recipe whatever it costs.
 
 ``--quick``: a CPU smoke test (recorded nowhere): 1 + 2 search + 3 retraining epochs on a real
-subset of CIFAR-10-JPEG (100 training and 50 test images per class, copied to a temporary folder)
-at batch 128.
+subset of CIFAR-10-JPEG (20 training and 10 test images per class, copied to a temporary folder)
+at batch 64.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ DATA = [ROOT / "data" / "CIFAR-10-JPEG", ROOT.parent / "shared" / "datasets" / "
 PAPER_ACCURACY, PAPER_MINUTES, DENSITY = 74.0, 7.9, 0.0074
 BUDGET = 540.0
 SLACK = 20.0      # seconds kept for what the plan does not time: model build, run folder, the final summary
-QUICK = ["data.subset=1000", "training.epochs=4", "training.milestones=[2, 3]", "search.rewind_epochs=1",
-         "training.batch_size=128", "resources.device=cpu"]
+QUICK = ["training.epochs=4", "training.milestones=[2, 3]", "search.rewind_epochs=1", "training.batch_size=64",
+         "resources.device=cpu"]
 
 
 def data_overrides(path: Path) -> list[str]:
@@ -53,7 +53,7 @@ def data_overrides(path: Path) -> list[str]:
     return ["data.name=cifar10", f"data.root={path}"]
 
 
-def quick_subset(src: Path, dst: Path, train: int = 100, test: int = 50) -> Path:
+def quick_subset(src: Path, dst: Path, train: int = 20, test: int = 10) -> Path:
     """The first ``train`` / ``test`` images of every class of an ImageFolder copy."""
     for split, n in (("train", train), ("test", test)):
         for c in sorted(p for p in (src / split).iterdir() if p.is_dir()):

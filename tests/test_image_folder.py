@@ -62,7 +62,7 @@ def test_cifar10_jpeg_counts_classes_and_channel_statistics(cache):
     assert torch.allclose(d.train_x.mean((0, 2, 3)), torch.zeros(3), atol=1e-3)   # normalised with them
     assert torch.allclose(d.train_x.std((0, 2, 3)), torch.ones(3), atol=1e-3)
     # the first training image of class 0 is that JPEG, decoded
-    first = np.asarray(Image.open(CIFAR / "train" / "airplane" / sorted(os.listdir(CIFAR / "train" / "airplane"))[0]))
+    first = np.array(Image.open(CIFAR / "train" / "airplane" / sorted(os.listdir(CIFAR / "train" / "airplane"))[0]))
     assert torch.equal(arrays.train_x[0], torch.from_numpy(first).permute(2, 0, 1))
     # cached outside the data folder, and read back identically
     assert [p.suffix for p in (cache / "image_folder").glob("*.pt")] == [".pt"]
@@ -75,7 +75,7 @@ def test_resnet20_cts_ticket_on_cifar10_jpeg_through_cts_ray_run(tmp_path, cache
     out = tmp_path / "run"
     args = ["run", str(REPO / "configs" / "cifar10_resnet20.yaml"), "--out", str(out), "--quiet",
             "--set", "data.name=image_folder", "--set", f"data.root={CIFAR}",
-            "--set", "data.subset=1024", "--set", "data.test_subset=500", "--set", "training.epochs=4",
+            "--set", "data.subset=512", "--set", "data.test_subset=500", "--set", "training.epochs=4",
             "--set", "training.milestones=[2, 3]", "--set", "search.rewind_epochs=1",
             "--set", "resources.device=cpu", "--set", "resources.threads=2"]
     p = subprocess.run([str(BIN / "cts-ray"), *args], capture_output=True, text=True, timeout=600,
@@ -85,7 +85,7 @@ def test_resnet20_cts_ticket_on_cifar10_jpeg_through_cts_ray_run(tmp_path, cache
     assert (s["dataset"], s["model"], s["method"]) == ("image_folder", "resnet20", "cts")
     assert s["prunable_weights"] == 291376                      # 3x3 shortcuts, the authors' ResNet-20
     assert s["kept_weights"] == round(0.0074 * 291376) and abs(s["achieved_density"] - 0.0074) < 1e-5
-    assert s["data"]["train_examples"] == 1024 and s["data"]["test_examples"] == 500
+    assert s["data"]["train_examples"] == 512 and s["data"]["test_examples"] == 500
     assert all(abs(a - b) < 1e-4 for a, b in zip(s["data"]["mean"], MEAN))
     assert 0 <= s["test_accuracy"] <= 1 and s["search_seconds"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -166,7 +166,7 @@ def test_cache_is_keyed_by_content_and_never_written_into_the_data_folder(tmp_pa
     os.utime(root / "test" / "b" / "1.png", ns=(1, 1))
     second = I.load(root)
     assert not torch.equal(first.test_x, second.test_x)
-    assert torch.equal(second.test_x[4], torch.from_numpy(np.asarray(Image.open(root / "test" / "b" / "1.png"))).permute(2, 0, 1))
+    assert torch.equal(second.test_x[4], torch.from_numpy(np.array(Image.open(root / "test" / "b" / "1.png"))).permute(2, 0, 1))
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
     assert I.scan(root).key(None) != I.scan(root).key(4)
     assert not list((cache / "image_folder").glob("*.tmp-*"))   # written by rename only
