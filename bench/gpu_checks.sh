@@ -23,7 +23,7 @@ fi
 "$PY" -c "import torch; print('[gpu_checks] torch', torch.__version__, '| CUDA:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 if [ "${1:-}" = "--quick" ]; then
     "$PY" -m bench gpu --quick --device cpu --repeats 1 --threads 1
-    "$PY" -m bench paper --quick --data "$DATA"
+    "$PY" -m bench paper --quick --data "$DATA" --threads 1
 else
     "$PY" -m bench gpu --repeats 2
     "$PY" -m bench paper --data "$DATA"
