@@ -10,7 +10,7 @@
 # by git) if it is not there: pass `data/CIFAR-10-JPEG` along with the checkout to a machine
 # without ../shared (the device tool: carry ["data/CIFAR-10-JPEG"]).
 #
-#   bench/gpu_checks.sh            # on a CUDA machine: ~3 min (gpu, 2 rounds) + ≤ 9 min (paper)
+#   bench/gpu_checks.sh            # on a CUDA machine: ~2-3 min (gpu, 1 round) + ≤ 9 min (paper)
 #   bench/gpu_checks.sh --quick    # CPU smoke test of the same two steps; records nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,6 @@ if [ "${1:-}" = "--quick" ]; then
     "$PY" -m bench gpu --quick --device cpu --repeats 1 --threads 1
     "$PY" -m bench paper --quick --data "$DATA" --threads 1
 else
-    "$PY" -m bench gpu --repeats 2
+    "$PY" -m bench gpu --repeats 1     # one round: the device time is short, and paper times its own epochs
     "$PY" -m bench paper --data "$DATA"
 fi

@@ -114,6 +114,9 @@ def run(quick: bool = False, data: str | None = None, budget: float | None = Non
                     f"{k} + {search} + up to {fits} retraining epochs")
             print(f"  plan: {plan}", flush=True)
             retrain = cfg.training.epochs - k
+            if fits < 1:
+                print("  plan: even 1 retraining epoch does not fit the budget; running with 1 (over budget)",
+                      flush=True)
             if fits < retrain:
                 cfg = config.load(RECIPE, base + shortened(cfg, max(fits, 1)))
                 note = f" SHORTENED: {cfg.training.epochs - k} of {retrain} retraining epochs"

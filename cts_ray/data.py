@@ -235,7 +235,10 @@ def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
     if cfg.name == "image_folder":   # uint8 images; normalised by its training split's mean/std
         from . import image_folder
         f = image_folder.load(cfg.root, cfg.image_size)
-        train_x, train_y, test_x, test_y = f.train_x, f.train_y, f.test_x, f.test_y
+        # Folders list the test images class by class: a fixed shuffle makes first-N test subsets and
+        # test batches (BatchNorm on batch statistics normalises per batch) mixed, like CIFAR's.
+        mixed = torch.randperm(len(f.test_y), generator=torch.Generator().manual_seed(0))
+        train_x, train_y, test_x, test_y = f.train_x, f.train_y, f.test_x[mixed], f.test_y[mixed]
         info = dataclasses.replace(info, num_classes=len(f.classes), input_shape=tuple(train_x.shape[1:]),
                                    augment=tuple(train_x.shape[1:]) == (3, 32, 32), mean=f.mean, std=f.std)
     else:

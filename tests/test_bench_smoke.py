@@ -67,3 +67,15 @@ def test_quick_paper_bench_runs_the_real_pipeline_on_cifar10_jpeg_and_records_no
     assert 0 <= rows[0].value <= 100 and rows[0].ratio == "paper CTS-KL 74.0 %"
     out = capsys.readouterr().out
     assert "(paper 74.0 %)" in out and "(paper 7.9 min)" in out and "| name | value |" in out and "appended" not in out
+
+
+def test_paper_bench_shortens_only_the_retraining():
+    from conftest import SHARED_DATA
+    from bench import paper
+    from cts_ray import config
+    base = paper.data_overrides(SHARED_DATA / "CIFAR-10-JPEG")
+    full = config.load(paper.RECIPE, base)
+    assert (full.search_epoch, full.search_epochs, full.training.epochs) == (9, 80, 160)
+    short = config.load(paper.RECIPE, base + paper.shortened(full, 100))
+    assert (short.search_epoch, short.search_epochs, short.training.epochs) == (9, 80, 109)
+    assert short.training.milestones == [54, 82]              # the same fractions, 1/2 and 3/4

@@ -53,6 +53,7 @@ def test_cifar10_jpeg_counts_classes_and_channel_statistics(cache):
     d = D.load(cfg.data)
     assert (d.n_train, d.n_test, d.num_classes, d.input_shape, d.augment) == (50000, 10000, 10, (3, 32, 32), True)
     assert torch.bincount(d.train_y).tolist() == [5000] * 10 and torch.bincount(d.test_y).tolist() == [1000] * 10
+    assert torch.bincount(d.test_y[:500]).min() > 25        # test order shuffled: the first 500 hold every class
     arrays = I.load(CIFAR)
     assert arrays.classes == CLASSES and arrays.train_x.dtype == torch.uint8
     for ours, theirs in zip(d.mean, MEAN):
@@ -115,7 +116,7 @@ def good(root: Path, n=3) -> Path:
 def test_a_good_tiny_folder_loads(tmp_path):
     d = D.load(config(good(tmp_path / "ok")).data)
     assert (d.n_train, d.n_test, d.num_classes, d.input_shape, d.augment) == (6, 6, 2, (3, 8, 8), False)
-    assert d.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert d.train_y.tolist() == [0, 0, 0, 1, 1, 1] and sorted(d.test_y.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
 @pytest.mark.parametrize("damage,message", [
