@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import argparse
 
-from . import anatomy, data_path, gpu, readme, steps, sweep_overhead, ticket
+from . import anatomy, data_path, gpu, paper, readme, steps, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
 BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
-           "ticket": ticket.run, "gpu": gpu.run, "anatomy": anatomy.run}
+           "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
     "ticket": "Single long runs (CTS, short-search CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
+    "paper": "One measured run (not alternated): phase seconds are the run's summary.json training seconds "
+             "(evaluation excluded); the paper's numbers are CTS-KL at density 0.74 % (SPEC §5).",
 }
 
 
@@ -32,6 +34,8 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
         return f"anatomy (density {anatomy.DENSITY}, random masks, repeats {repeats})"
     if name == "gpu":
         return f"gpu (ResNet-20 b{gpu.FULL['batch']}, repeats {repeats})"
+    if name == "paper":
+        return f"paper (ResNet-20 / CIFAR-10, authors' recipe, one CTS ticket at density {paper.DENSITY})"
     return name
 
 
@@ -51,6 +55,11 @@ def main(argv=None) -> None:
                    help="data, gpu: compute device (gpu runs on CPU only with --quick)")
     p.add_argument("--ticket-epochs", type=int, default=None,
                    help="ticket: training.epochs for both runs (default: the config's 10)")
+    p.add_argument("--data", default=None,
+                   help="paper: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"paper: seconds for the whole bench; retraining is shortened to fit (default "
+                        f"{paper.BUDGET:.0f}; 0 = the full recipe)")
     a = p.parse_args(argv)
     for name in a.names:
         if name not in BENCHES:
@@ -61,7 +70,8 @@ def main(argv=None) -> None:
     repeats = a.repeats or (2 if a.quick else 5)
     for name in a.names or DEFAULT:
         print(f"[bench] {name}", flush=True)
-        kwargs = {"repeats": a.repeats, "quick": a.quick, "device": a.device, "ticket_epochs": a.ticket_epochs}
+        kwargs = {"repeats": a.repeats, "quick": a.quick, "device": a.device, "ticket_epochs": a.ticket_epochs,
+                  "data": a.data, "budget": a.budget}
         if name == "steps":
             kwargs = {"repeats": repeats, "steps": 2 if a.quick else 10}
         rows = BENCHES[name](**kwargs)

@@ -89,12 +89,22 @@ class DataConfig:
     test_subset: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null",
                                     help="use only the first N test examples")
     augment: str = _f("auto", choices=["auto", "on", "off"],
-                      help="flip + pad-4 crop on device; auto = on for CIFAR")
+                      help="flip + pad-4 crop on device; auto = on for CIFAR and 32x32 RGB image folders")
+    image_size: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null", identity="non_default",
+                                   help="image_folder: resize every image to N x N (sizes and modes may then differ)")
 
 
 @dataclass
 class ModelConfig:
     name: str = _f("mlp_digits", choices=_registry("models"), help="architecture")
+    # The CTS authors' model details (SPEC §4); the defaults are open_lth's classic ones.
+    batchnorm: str = _f("running", choices=["running", "batch"], identity="non_default",
+                        help="BatchNorm statistics: running (tracked, used in eval) or batch "
+                             "(track_running_stats=False: batch statistics in eval too, as the authors' models)")
+    shortcut: str = _f("conv1x1", choices=["conv1x1", "conv3x3"], identity="non_default",
+                       help="ResNet downsampling shortcut: 1x1 stride-2 conv, or the authors' 3x3 stride-2 conv")
+    classifier_bias: str = _f("zero", choices=["zero", "pytorch"], identity="non_default",
+                              help="classifier bias init: zero (SPEC §4) or PyTorch's default uniform (authors' code)")
 
 
 @dataclass
@@ -113,6 +123,9 @@ class TrainingConfig:
     dense_baseline: bool = _f(True, help="train the dense network to the end to report its accuracy")
     retrain: Optional[bool] = _f(None, help="retrain the ticket from the search point to the end; "
                                             "null = yes, except for strong-ticket methods")
+    loss_reduction: str = _f("mean", choices=["mean", "sum"], identity="non_default",
+                             help="cross-entropy over the batch: mean, or sum as the authors' code "
+                                  "(with grad_clip ~ normalised SGD)")
 
 
 @dataclass
@@ -156,6 +169,11 @@ class SearchConfig:
                                                    "(Frankle & Carbin: 0.1); null = pruned globally")
     gate_sigma: float = _f(0.5, check=_positive, allowed="a number > 0",
                            help="gates: noise std of the relaxed Bernoulli gates")
+    lr_drop_at: str = _f("step", choices=["step", "epoch"], identity="non_default",
+                         help="cts: mask LR drop after step int(lr_drop x search steps), or after epoch "
+                              "int(lr_drop x search epochs) as the authors' code")
+    loss_scale: float = _f(1.0, check=_positive, allowed="a number > 0", identity="non_default",
+                           help="cts: multiplies the search objective (and the controller's pull); authors: 100")
 
 
 @dataclass
@@ -374,7 +392,23 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
     if s.method == "ltr" and s.density > 1 - s.ltr_fraction:
         raise ConfigError(f"search.density: {s.density} is above LTR's first round "
                           f"({1 - s.ltr_fraction:g}); expected a density <= {1 - s.ltr_fraction:g} for ltr")
+    m = cfg.model
+    from .models import RESNETS
+    if m.shortcut != "conv1x1" and m.name not in RESNETS:
+        raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(RESNETS))}), "
+                          f"not {m.name}; expected conv1x1")
+    if d.image_size is not None and d.name != "image_folder":
+        raise ConfigError(f"data.image_size: applies to data.name=image_folder only, not {d.name}; expected null")
     from .data import DATASETS
+    if d.name == "image_folder":   # the user's own images: checked here, never downloaded
+        if d.download:
+            raise ConfigError("data.download: true is impossible for data.name=image_folder; expected false")
+        if not d.root:
+            raise ConfigError("data.root: required for data.name=image_folder; expected a folder holding "
+                              "train/<class>/ and test/<class>/ image folders")
+        from .image_folder import check
+        check(d.root, d.image_size)
+        return
     if DATASETS[d.name].needs_root:
         if not d.root:
             raise ConfigError(f"data.root: required for data.name={d.name}; "

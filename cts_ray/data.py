@@ -8,6 +8,7 @@ seed gives the same batches on CPU and CUDA. No DataLoader, no worker processes,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import pickle
@@ -24,13 +25,13 @@ from .config import ConfigError
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: Optional[int]         # None (image_folder): from the folder, like the next four
+    input_shape: Optional[tuple[int, int, int]]  # (C, H, W)
     needs_root: bool                   # False only for digits (bundled with scikit-learn)
-    augment: bool                      # default augmentation (flip + pad-4 crop)
-    loader: Callable                   # (root, download) -> (train_x, train_y, test_x, test_y) on CPU
-    mean: tuple[float, ...]            # per-channel normalisation constants
-    std: tuple[float, ...]
+    augment: Optional[bool]            # default augmentation (flip + pad-4 crop); image_folder: 32x32 RGB
+    loader: Optional[Callable]         # (root, download) -> (train_x, train_y, test_x, test_y) on CPU
+    mean: Optional[tuple[float, ...]]  # per-channel normalisation constants
+    std: Optional[tuple[float, ...]]
     files: Optional[Callable] = None   # root -> [(a needed file, or its alternatives), ...]
 
 
@@ -136,6 +137,8 @@ DATASETS: dict[str, DatasetInfo] = {
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _cifar_files("CIFAR10")),
     "cifar100": DatasetInfo(100, (3, 32, 32), True, True, _cifar("CIFAR100"),
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _cifar_files("CIFAR100")),
+    # The user's own images (image_folder.py): classes, shape and mean/std come from the folder.
+    "image_folder": DatasetInfo(None, None, True, None, None, None, None),
 }
 
 
@@ -187,6 +190,8 @@ class DeviceData:
     num_classes: int
     input_shape: tuple[int, int, int]
     augment: bool
+    mean: tuple = ()    # the normalisation constants x was normalised with (recorded in the run)
+    std: tuple = ()
 
     @property
     def n_train(self) -> int:
@@ -227,7 +232,17 @@ def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
         raise ConfigError(f"data.name: {cfg.name!r} is not one of {sorted(DATASETS)}")
     info = DATASETS[cfg.name]
     root = None if cfg.root is None else str(cfg.root)
-    train_x, train_y, test_x, test_y = _load_cpu(cfg.name, root, bool(cfg.download))
+    if cfg.name == "image_folder":   # uint8 images; normalised by its training split's mean/std
+        from . import image_folder
+        f = image_folder.load(cfg.root, cfg.image_size)
+        # Folders list the test images class by class: a fixed shuffle makes first-N test subsets and
+        # test batches (BatchNorm on batch statistics normalises per batch) mixed, like CIFAR's.
+        mixed = torch.randperm(len(f.test_y), generator=torch.Generator().manual_seed(0))
+        train_x, train_y, test_x, test_y = f.train_x, f.train_y, f.test_x[mixed], f.test_y[mixed]
+        info = dataclasses.replace(info, num_classes=len(f.classes), input_shape=tuple(train_x.shape[1:]),
+                                   augment=tuple(train_x.shape[1:]) == (3, 32, 32), mean=f.mean, std=f.std)
+    else:
+        train_x, train_y, test_x, test_y = _load_cpu(cfg.name, root, bool(cfg.download))
     if cfg.subset is not None:
         if cfg.subset > len(train_y):
             raise ConfigError(f"data.subset: {cfg.subset} exceeds the {len(train_y)} training examples of {cfg.name}")
@@ -239,7 +254,9 @@ def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
         test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
     mean = torch.tensor(info.mean, device=device).view(-1, 1, 1)
     std = torch.tensor(info.std, device=device).view(-1, 1, 1)
-    norm = lambda x: (x.to(device) - mean) / std
+    def norm(x: Tensor) -> Tensor:
+        x = x.to(device)
+        return ((x if x.is_floating_point() else x.float().div_(255)) - mean) / std   # uint8 moved as uint8
     augment = {"auto": info.augment, "on": True, "off": False}[cfg.augment]
     return DeviceData(norm(train_x), train_y.to(device), norm(test_x), test_y.to(device),
-                      info.num_classes, info.input_shape, augment)
+                      info.num_classes, info.input_shape, augment, tuple(info.mean), tuple(info.std))

@@ -54,7 +54,7 @@ def conv4(input_shape: Shape, num_classes: int) -> nn.Sequential:
 # ----------------------------------------------------------------------- ResNets
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "conv1x1"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -62,7 +62,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()  # identity unless the shape changes
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            size = {"conv1x1": 1, "conv3x3": 3}[shortcut]   # conv3x3: the CTS authors' downsampling
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, size, stride, size // 2, bias=False),
+                                          nn.BatchNorm2d(cout))
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -73,13 +75,13 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, in_ch: int, num_classes: int, stem: int,
-                 widths: list[int], blocks: list[int], strides: list[int]):
+                 widths: list[int], blocks: list[int], strides: list[int], shortcut: str = "conv1x1"):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_ch, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
         layers, cin = [], stem
         for width, n, stride in zip(widths, blocks, strides):
             for i in range(n):
-                layers.append(BasicBlock(cin, width, stride if i == 0 else 1))
+                layers.append(BasicBlock(cin, width, stride if i == 0 else 1, shortcut))
                 cin = width
         self.blocks = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -92,7 +94,7 @@ class ResNet(nn.Module):
 def cifar_resnet(depth: int) -> Callable[[Shape, int], nn.Module]:
     assert (depth - 2) % 6 == 0, depth
     n = (depth - 2) // 6
-    return lambda s, k: ResNet(s[0], k, 16, [16, 32, 64], [n] * 3, [1, 2, 2])
+    return lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 16, [16, 32, 64], [n] * 3, [1, 2, 2], shortcut)
 
 
 # --------------------------------------------------------------------------- VGG
@@ -124,27 +126,51 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "resnet32": cifar_resnet(32),
     "resnet56": cifar_resnet(56),
     "vgg16": vgg16,
-    "resnet18": lambda s, k: ResNet(s[0], k, 64, [64, 128, 256, 512], [2, 2, 2, 2], [1, 2, 2, 2]),
+    "resnet18": lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 64, [64, 128, 256, 512], [2, 2, 2, 2],
+                                                         [1, 2, 2, 2], shortcut),
 }
+RESNETS = {"resnet20", "resnet32", "resnet56", "resnet18"}   # the builders that take ``shortcut``
 
 
-def initialize(model: nn.Module) -> None:
+def initialize(model: nn.Module, classifier_bias: str = "zero") -> None:
     """SPEC §4: Kaiming-normal conv/linear weights, zero biases, BN gamma ~ U(0,1), beta 0.
+    ``classifier_bias='pytorch'`` keeps the last Linear's bias as PyTorch drew it (the authors' code).
     Uses the global torch RNG, so the caller's manual_seed fixes the weights."""
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight)
-            if m.bias is not None:
+            if m.bias is not None and not (classifier_bias == "pytorch" and m in classifier):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
 
-def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    model = MODELS[name](tuple(input_shape), num_classes)  # KeyError for unknown names
-    initialize(model)
+def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, batchnorm: str = "running",
+          shortcut: str = "conv1x1", classifier_bias: str = "zero") -> nn.Module:
+    """A freshly initialised model; the keywords are ``ModelConfig``'s (see ``from_config``)."""
+    options = {"shortcut": shortcut} if shortcut != "conv1x1" else {}   # ResNets only (checked in config)
+    model = MODELS[name](tuple(input_shape), num_classes, **options)  # KeyError for unknown names
+    if batchnorm == "batch":
+        batch_statistics_only(model)
+    initialize(model, classifier_bias)
     return model
+
+
+def from_config(m, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """``build`` with a ``ModelConfig``'s options."""
+    return build(m.name, input_shape, num_classes, batchnorm=m.batchnorm, shortcut=m.shortcut,
+                 classifier_bias=m.classifier_bias)
+
+
+def batch_statistics_only(model: nn.Module) -> None:
+    """Every BatchNorm as built with ``track_running_stats=False``: no running buffers, batch
+    statistics in train and eval mode alike (the CTS authors' models)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
 
 
 def prunable_names(model: nn.Module) -> list[str]:

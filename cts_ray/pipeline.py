@@ -92,7 +92,7 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
     """Initialise from the seed and train densely, keeping the weights at the search point."""
     k, until = cfg.search_epoch, dense_until(cfg)
     torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-    model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
+    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), device, amp)
     snapshot = runtime.cpu_copy(model.state_dict())
     records, pretrain, seconds, acc = [], 0.0, 0.0, None
     for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense", compile=cfg.resources.compile,
@@ -257,7 +257,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
             dense = train_dense(cfg, data, device, amp, emit if resume is None else (lambda r: None))
         torch.save(dense.snapshot, staging / "search_point.pt")
         torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-        model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
+        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), device, amp)
         model.load_state_dict(dense.snapshot)
 
         retrain = make_retrain(cfg, model, dense.snapshot, data, amp, emit)
@@ -283,7 +283,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         start = ticket.weights if ticket.weights is not None else dense.snapshot
         if s.sanity == "reinit":
             torch.manual_seed(runtime.derive_seed(cfg.seed, "reinit"))
-            start = models.build(cfg.model.name, data.input_shape, data.num_classes).state_dict()
+            start = models.from_config(cfg.model, data.input_shape, data.num_classes).state_dict()
         if ticket.retrained is not None and s.sanity == "none":
             result = ticket.retrained           # the method already retrained this very ticket
         elif cfg.retrain:
@@ -306,7 +306,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
         with open(staging / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in prog.records)
-        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device, anat)
+        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device, anat, data)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         bar.close()
         _publish(staging, out)
@@ -318,7 +318,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
 
 
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
-             device, anat) -> dict:
+             device, anat, data) -> dict:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
     own_retrain = ticket.retrained is not None and s.sanity == "none"
     retrain_seconds = 0.0 if own_retrain else result["seconds"]
@@ -332,6 +332,9 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
                                for k in ("objective", "controller", "temperature")},
         "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
         "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
+        # the data as used: sizes after subsets, and the channel mean/std it was normalised with
+        "data": {"train_examples": data.n_train, "test_examples": data.n_test, "input_shape": list(data.input_shape),
+                 "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)},
         "search_point": s.point, "search_epoch": k,
         "target_density": s.density, "achieved_density": mask.density,
         "kept_weights": mask.kept, "prunable_weights": mask.numel,

@@ -106,7 +106,7 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
         for x, y in data.train_batches(t.batch_size, generator):
             with autocast(amp, device):
                 out = forward(to_input(x, amp))
-                loss = F.cross_entropy(out.float(), y)
+                loss = F.cross_entropy(out.float(), y, reduction=t.loss_reduction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if masked is not None:
@@ -116,7 +116,7 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
             opt.step()
             if masked is not None:
                 masked.weights_()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += loss.detach() if t.loss_reduction == "sum" else loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
         train_loss = loss_sum.item() / max(seen, 1)

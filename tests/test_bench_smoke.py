@@ -46,3 +46,36 @@ def test_quick_data_and_gpu_benches_give_finite_rows_and_record_nothing(monkeypa
         assert math.isfinite(r.value) and r.value > 0, r
     out = capsys.readouterr().out
     assert "| name | value |" in out and "EXTRAPOLATED" in out and "appended" not in out
+
+
+def test_quick_paper_bench_runs_the_real_pipeline_on_cifar10_jpeg_and_records_nothing(monkeypatch, capsys):
+    from conftest import SHARED_DATA
+    rows = []
+    real = bench_main.BENCHES["paper"]
+    monkeypatch.setitem(bench_main.BENCHES, "paper", lambda **kw: rows.extend(real(**kw)) or rows)
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
+    threads = torch.get_num_threads()
+    try:
+        bench_main.main(["paper", "--quick", "--data", str(SHARED_DATA / "CIFAR-10-JPEG"), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before, "--quick must not touch RESULTS.md"
+    names = [r.name for r in rows]
+    assert names[0].startswith("ticket test accuracy (density 0.0074; 1 + 2 + 3 epochs")
+    assert any(n.startswith("CTS search (2 epochs") for n in names)
+    assert all(math.isfinite(r.value) and r.value >= 0 for r in rows)
+    assert 0 <= rows[0].value <= 100 and rows[0].ratio == "paper CTS-KL 74.0 %"
+    out = capsys.readouterr().out
+    assert "(paper 74.0 %)" in out and "(paper 7.9 min)" in out and "| name | value |" in out and "appended" not in out
+
+
+def test_paper_bench_shortens_only_the_retraining():
+    from conftest import SHARED_DATA
+    from bench import paper
+    from cts_ray import config
+    base = paper.data_overrides(SHARED_DATA / "CIFAR-10-JPEG")
+    full = config.load(paper.RECIPE, base)
+    assert (full.search_epoch, full.search_epochs, full.training.epochs) == (9, 80, 160)
+    short = config.load(paper.RECIPE, base + paper.shortened(full, 100))
+    assert (short.search_epoch, short.search_epochs, short.training.epochs) == (9, 80, 109)
+    assert short.training.milestones == [54, 82]              # the same fractions, 1/2 and 3/4

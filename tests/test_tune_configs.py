@@ -21,7 +21,8 @@ from cts_ray.sweep import spec
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 EXPECTED = {"quickstart", "sparsity_sweep", "temperature_ablation", "objective_ablation", "controller_ablation",
-            "seed_robustness", "method_comparison", "sanity_checks", "optuna_search", "paper_resnet20_cifar10"}
+            "seed_robustness", "method_comparison", "sanity_checks", "optuna_search", "paper_resnet20_cifar10",
+            "paper_vgg16_cifar10"}
 NO_ROOT = {"digits"}                  # data sets that need no data.root
 MNIST_LIKE = {"mnist"}                # available here under the shared folder
 
@@ -99,9 +100,9 @@ def test_paper_file_asks_a_quarter_gpu_per_trial(load):
     s = load(TUNE_CONFIGS / "paper_resnet20_cifar10.yaml")
     assert s.set["resources.gpus"] == 0.25 and s.set["resources.cpus"] == 2
     assert set(s.grid["search.method"]) == {"cts", "ltr", "snip", "grasp", "synflow"}
-    # the authors' 10.74 ... 0.30 %, as the densities LTR reaches on ResNet-20 (kept / 270,896)
+    # the authors' 10.74 ... 0.30 %, as the densities LTR reaches on their ResNet-20 (kept / 291,376)
     assert [round(d, 4) for d in s.grid["search.density"]] == [0.1074, 0.044, 0.018, 0.0115, 0.0074, 0.0047, 0.003]
-    assert [round(d * 270896) for d in s.grid["search.density"]] == [29087, 11914, 4880, 3123, 1998, 1278, 818]
+    assert [round(d * 291376) for d in s.grid["search.density"]] == [31286, 12814, 5249, 3359, 2150, 1376, 881]
     assert s.grid["seed"] == [0, 1, 2]
     for point in s.grid_points():
         cfg = C.from_dict(s.trial_raw(point))
@@ -140,7 +141,7 @@ NOT_ON_LTR_LEVELS = {"quickstart"}
 
 
 @functools.cache
-def _ltr_kept(model: str, dataset: str, fraction: float, rounds: int = 30) -> tuple[int, dict]:
+def _ltr_kept(model: tuple, dataset: str, fraction: float, rounds: int = 40) -> tuple[int, dict]:
     """(prunable weights, {round: weights LTR keeps after it}), from LTR's own pruning step."""
     import torch
     from cts_ray import models
@@ -148,7 +149,7 @@ def _ltr_kept(model: str, dataset: str, fraction: float, rounds: int = 30) -> tu
     from cts_ray.methods.ltr import prune_round
     info = DATASETS[dataset]
     torch.manual_seed(0)
-    net = models.build(model, info.input_shape, info.num_classes)
+    net = models.from_config(C.ModelConfig(**dict(model)), info.input_shape, info.num_classes)   # shortcuts count
     weights = {n: p.detach() for n, p in net.named_parameters() if n in layer_shapes(net)}
     mask = Mask({n: torch.ones(w.shape, dtype=torch.bool) for n, w in weights.items()})
     reached = {}
@@ -167,6 +168,6 @@ def test_densities_are_ltr_levels_so_every_method_keeps_ltrs_count(path, load):
 
     s = load(path)
     cfg = C.from_dict(s.trial_raw(s.grid_points()[0] if s.grid else {}))
-    numel, reached = _ltr_kept(cfg.model.name, cfg.data.name, cfg.search.ltr_fraction)
+    numel, reached = _ltr_kept(tuple(vars(cfg.model).items()), cfg.data.name, cfg.search.ltr_fraction)
     for d in s.grid.get("search.density") or [s.set["search.density"]]:
         assert reached[rounds_for(d, cfg.search.ltr_fraction)] == kept_count(d, numel), (path.name, d)

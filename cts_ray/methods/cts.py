@@ -3,7 +3,8 @@
 Parameterisation: we optimise θ directly, mask m = σ(θ + L/τ) with L = log u − log(1 − u),
 θ initialised to logit(κ). (The authors' code optimises α = τθ; the two differ only in the size
 of an Adam step.) Weights are frozen, BatchNorm uses batch statistics and its running buffers
-are restored afterwards, so the dense teacher is exactly the search-point network.
+are restored afterwards, so the dense teacher is exactly the search-point network. The search runs
+in fp32 even where training uses autocast, as the authors' code does (SPEC §1).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable, prunable_modules
 from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
 from ..runtime import cpu_copy
-from ..train import autocast, to_input
+from ..train import to_input
 from . import SearchContext, Ticket
 
 
@@ -118,7 +119,9 @@ def search(ctx: SearchContext) -> Ticket:
     order = ctx.generator("order")
     steps_per_epoch = ctx.data.steps_per_epoch(cfg.training.batch_size)
     epochs = cfg.search_epochs
-    drop_step = int(s.lr_drop * epochs * steps_per_epoch)
+    # The authors drop the mask LR after epoch int(0.88 * epochs); ours (the default) after that step.
+    drop_step = (int(s.lr_drop * epochs) * steps_per_epoch if s.lr_drop_at == "epoch"
+                 else int(s.lr_drop * epochs * steps_per_epoch))
     tau = s.temperature
 
     history, step, prev_top, first_epoch, seconds_before = [], 0, None, 0, 0.0
@@ -135,7 +138,7 @@ def search(ctx: SearchContext) -> Ticket:
     feats: list = []
     hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
     try:
-        with batch_statistics(model), hooks:
+        with batch_statistics(model), hooks, torch.autocast(device.type, enabled=False):
             for epoch in range(first_epoch, epochs):
                 t0 = time.perf_counter()
                 obj_sum = torch.zeros((), device=device)
@@ -147,7 +150,7 @@ def search(ctx: SearchContext) -> Ticket:
                     x = to_input(x, ctx.amp)
                     feats.clear()
                     if need_teacher:
-                        with torch.no_grad(), autocast(ctx.amp, device):
+                        with torch.no_grad():
                             dense = Outputs(model(x), list(feats))
                     else:
                         dense = Outputs(None)
@@ -161,11 +164,12 @@ def search(ctx: SearchContext) -> Ticket:
                         scale = [d / m.sum().detach().clamp_min(1e-12)] * len(sizes) if s.rescale == "global" else \
                             [mi.numel() / mi.sum().detach().clamp_min(1e-12) for mi in m.split(sizes)]
                         masked = {n: w * c for (n, w), c in zip(masked.items(), scale)}
-                    with autocast(ctx.amp, device):
-                        sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
+                    sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
                     loss = objective(sparse, dense, y)
                     (g_task,) = torch.autograd.grad(loss, theta)
                     theta.grad = controller.grad(theta.detach(), g_task)
+                    if s.loss_scale != 1:   # the authors' x100 on the objective and the controller's pull
+                        theta.grad.mul_(s.loss_scale)
                     opt.step()
                     obj_sum += loss.detach()
                     n_batches += 1

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 11 in one go, for a session that has a GPU (nothing else needs one):
+#   1. `python -m bench gpu`   — dense / search / retrain epoch times of the authors' ResNet-20 recipe,
+#      the recipe's pipeline extrapolated, 4 trials per GPU, peak memory per trial;
+#   2. `python -m bench paper` — one real CTS ticket, ResNet-20 / CIFAR-10-JPEG, 9 dense + 80 search +
+#      151 retraining epochs at density 0.0074, sized to finish within 9 minutes (it times a dense and
+#      a search epoch first and shortens only the retraining if it must, saying so), beside the
+#      paper's 74.0 % in 7.9 min.
+# Both append their tables to bench/RESULTS.md. CIFAR-10-JPEG (55 MB) is copied into data/ (ignored
+# by git) if it is not there: pass `data/CIFAR-10-JPEG` along with the checkout to a machine
+# without ../shared (the device tool: carry ["data/CIFAR-10-JPEG"]).
+#
+#   bench/gpu_checks.sh            # on a CUDA machine: ~2-3 min (gpu, 1 round) + ≤ 9 min (paper)
+#   bench/gpu_checks.sh --quick    # CPU smoke test of the same two steps; records nothing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}
+DATA=data/CIFAR-10-JPEG
+if [ ! -d "$DATA/train" ]; then
+    mkdir -p data
+    cp -r "${CIFAR_JPEG:-../shared/datasets/CIFAR-10-JPEG}" "$DATA"
+fi
+"$PY" -c "import torch; print('[gpu_checks] torch', torch.__version__, '| CUDA:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+if [ "${1:-}" = "--quick" ]; then
+    "$PY" -m bench gpu --quick --device cpu --repeats 1 --threads 1
+    "$PY" -m bench paper --quick --data "$DATA" --threads 1
+else
+    "$PY" -m bench gpu --repeats 1     # one round: the device time is short, and paper times its own epochs
+    "$PY" -m bench paper --data "$DATA"
+fi
