@@ -208,6 +208,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
                                                         else 0) - len(prog.records), progress)
 
     def emit(record: dict, progress_: Optional[Progress] = None) -> None:
+        # epochs counted within each phase (MLflow's steps: retrain/test_accuracy against retraining epoch)
+        record.setdefault("phase_step", 1 + sum(r["phase"] == record["phase"] for r in prog.records))
         prog.records.append(record)
         bar(record)
         if on_record is not None:
@@ -272,6 +274,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
         with open(staging / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in prog.records)
         summary = _summary(cfg, method, ticket, mask, layers, dense, result, device)
+        summary["data"] = data_mod.provenance(cfg.data, data)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         bar.close()
         _publish(staging, out)

@@ -117,7 +117,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     finally:
         logger.flush()   # what Tune reported is in MLflow before the summary (or the error) is shown
     return {"summary": summarise(root), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
-            "mlflow_error": logger.failed}
+            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
 
 
 def paths(spec: SweepSpec) -> dict:

@@ -45,6 +45,10 @@ def trial(params: dict, spec_state: dict) -> None:
     running = {"test_accuracy": 0.0, "best_test_accuracy": 0.0, "ticket_seconds": 0.0,
                "achieved_density": cfg.search.density}
     step = [0]
+    system = None
+    if spec_state.get("system_metrics"):
+        from .mlflow_log import SystemMetrics
+        system = SystemMetrics()
 
     done = _finished_row(root, cfg.search.method, trial_id)
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
@@ -74,7 +78,8 @@ def trial(params: dict, spec_state: dict) -> None:
         running["ticket_seconds"] += record.get("seconds", 0.0) if not record.get("cached") else 0.0
         if step[0] == 1:
             record["started_at"] = started
-        metrics = {**_numeric(record), **running, "phase": record["phase"], "step": step[0], "node_id": node_id}
+        metrics = {**_numeric(record), **running, "phase": record["phase"], "step": step[0], "node_id": node_id,
+                   **(system.sample() if system else {})}
         if progress is None:
             tune.report(metrics)
             return
@@ -154,5 +159,6 @@ def _node_id() -> str:
 def spec_state(spec) -> dict:
     """What trials need of the sweep spec (plain data, shipped to workers)."""
     return {"name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
-            "root": str(spec.root), "storage_root": str(spec.root.parent)}
+            "root": str(spec.root), "storage_root": str(spec.root.parent),
+            "system_metrics": spec.mlflow["system_metrics"]}
 
