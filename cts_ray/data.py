@@ -95,7 +95,9 @@ def _idx_header(path: Path, what: str) -> IdxFile:
             head = f.read(4)
             ok = len(head) == 4 and head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4
             dims = f.read(4 * head[3]) if ok else b""
-    except (OSError, EOFError, zlib.error) as e:
+    except EOFError:
+        raise ConfigError(f"data.root: {what} is truncated (its gzip stream ends inside the IDX header)") from None
+    except (OSError, zlib.error) as e:
         raise ConfigError(f"data.root: {what} is not a readable gzip file ({type(e).__name__}: {e})") from None
     if not ok:
         raise ConfigError(f"data.root: {what} is not an IDX file of unsigned bytes (starts with {head.hex()!r}; "
