@@ -124,9 +124,10 @@ def test_mlflow_ui_shows_a_sweep_as_a_user_expects(sweep_store, server, browser,
 
     # 3. a trial: its params (the values that applied) and its retrain/test_accuracy chart
     cts.click()
-    for param, value in (("search.method", "cts"), ("search.density", "0.1"), ("search.lr", "0.1")):
-        visible(f"//*[@role='row'][*[@role='cell'][1][normalize-space()='{param}']]"
-                f"[*[@role='cell'][2][normalize-space()='{value}']]")
+    rows = [visible(f"//*[@role='row'][*[@role='cell'][1][normalize-space()='{param}']]"
+                    f"[*[@role='cell'][2][normalize-space()='{value}']]")
+            for param, value in (("search.method", "cts"), ("search.density", "0.1"), ("search.lr", "0.1"))]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", rows[0])   # the params in the shot
     browser.save_screenshot(str(shots / "3-trial.png"))
     tab = "//*[normalize-space()='{}'][self::button or self::a or @role='tab']"
     clickable(tab.format("Model metrics")).click()

@@ -7,6 +7,8 @@ migrations, a remote server) never holds up Tune starting trials. Runs are found
 (``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
 than starting a new one, and steps already logged are not logged twice. A failing tracking
 store is reported once and then skipped: the Parquet tables are written by the trials themselves.
+``Tracking`` is what a run logs (params as applied, metrics stepped by epoch within each phase,
+artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs through it too.
 """
 from __future__ import annotations
 
@@ -186,7 +188,8 @@ class MLflowLogger(Callback):
 
     @property
     def failed(self) -> Optional[str]:
-        return self.store.failed if self.store is not None else None
+        store = getattr(self, "store", None)   # absent on a copy Tune unpickled
+        return store.failed if store is not None else None
 
     # ---- the background thread: every MLflow call runs there, in the order the events came
     def start(self) -> None:
