@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-test quickstart test bench mlflow-ui clean
+.PHONY: setup setup-test browser quickstart test bench mlflow-ui clean
 
-setup-test: $(TEST_STAMP)
+setup-test: $(TEST_STAMP) browser
 
 setup: $(STAMP)
 
@@ -31,7 +31,14 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP)
+# Debian's Chromium and its driver, which tests/test_mlflow_ui.py drives headless; installed only
+# when missing (a clean CI machine), never downloaded by Selenium.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default results/runs/<data>-<model>-<method>-d<density>-s<seed>-<hash>)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="also log the run to MLflow (experiment cts-ray): to URI, else $MLFLOW_TRACKING_URI, "
+                        "else sqlite results/mlflow.db")
 
     w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
     w.add_argument("file", help="sweep YAML (see tune_configs/)")
@@ -175,6 +178,9 @@ def _sweep(args) -> int:
     print()
     for what, where in result["paths"].items():
         print(f"{what:<14} {where}")
+    if result["mlflow_experiment"] is not None:
+        from .sweep.mlflow_log import ui_link
+        print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'])}  (on the UI serving that store)")
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
     return 1 if result["errors"] else 0
@@ -217,7 +223,19 @@ def _main(argv=None) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out
-        summary = pipeline.run(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
+        run = lambda on_record=None: pipeline.run(cfg, out, overwrite=args.overwrite, progress=not args.quiet,
+                                                  on_record=on_record)
+        if args.mlflow is None:
+            summary = run()
+        else:
+            import os
+            from pathlib import Path
+            from .sweep import mlflow_log
+            pipeline.check_out(Path(out), args.overwrite)   # refused before an MLflow run is made
+            uri = args.mlflow or os.environ.get("MLFLOW_TRACKING_URI") or \
+                mlflow_log.default_tracking_uri(Path("results/runs"))
+            summary = mlflow_log.logged_run(uri, "cts-ray", cfg, out, run)
+            print(f"mlflow: {uri}")
         _print_summary(summary, out)
         return 0
     except ConfigError as e:

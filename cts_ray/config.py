@@ -416,10 +416,9 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
         if not d.download and not Path(d.root).expanduser().is_dir():
             raise ConfigError(f"data.root: folder {d.root!r} does not exist; expected an existing "
                               "folder in torchvision's layout (or data.download: true)")
-        from .data import missing_file
-        if not d.download and (gap := missing_file(d.name, d.root)):
-            raise ConfigError(f"data.root: {d.root!r} has no {d.name} in torchvision's layout (no {gap}); "
-                              "expected the folder torchvision downloads into (or data.download: true)")
+        from .data import check_root
+        if not d.download:   # the loader's own checks, cheap: names, headers, lengths
+            check_root(d.name, d.root)
 
 
 # ---------------------------------------------------------------- loading and overrides

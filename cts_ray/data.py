@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import hashlib
+import math
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -33,6 +36,8 @@ class DatasetInfo:
     mean: Optional[tuple[float, ...]]  # per-channel normalisation constants
     std: Optional[tuple[float, ...]]
     files: Optional[Callable] = None   # root -> [(a needed file, or its alternatives), ...]
+    check: Optional[Callable] = None   # root -> None: validates contents cheaply (ConfigError), as the loader does
+    notes: Optional[Callable] = None   # root -> per-file provenance (which file was read, its md5)
 
 
 # ---------------------------------------------------------------- loaders (CPU tensors)
@@ -50,34 +55,119 @@ def _digits(root=None, download=False):
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def _read_idx_gz(path: Path) -> Tensor:
-    """An IDX file (MNIST's format) of uint8 values, gzipped as in the official release."""
-    data = gzip.decompress(path.read_bytes())
-    assert data[2] == 0x08, f"{path}: not a uint8 IDX file"
-    nd = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * nd).view(*shape)
+# MNIST-family files are trusted by content, not by checksum: a valid IDX file loads whether it is
+# extracted or gzipped by any tool (md5s that differ from the official release are only noted in
+# the run's provenance). The pre-flight check (``check_root``) and the loader run the same
+# validation, ``_mnist_check``: it reads headers and, for truncation, the gzip trailer (ISIZE, the
+# uncompressed length mod 2**32) or the file size, so it is cheap; only the loader reads it all.
+
+@dataclass(frozen=True)
+class IdxFile:
+    """A validated IDX file of unsigned bytes: where it is, whether gzipped, the shape it holds."""
+    path: Path
+    gz: bool
+    shape: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:   # header: magic (4 bytes) and one 4-byte big-endian size per dimension
+        return 4 + 4 * len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return self.offset + math.prod(self.shape)
+
+
+def _gz_length(path: Path) -> int:
+    """Uncompressed length of a whole gzip stream (every member); raises EOFError when truncated."""
+    n = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += len(chunk)
+    return n
+
+
+def _idx_header(path: Path, what: str) -> IdxFile:
+    """Check ``path`` is a complete IDX file of unsigned bytes (gzip detected by its magic bytes)
+    without reading its data; errors say what is wrong with ``what`` (the file's name for users)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            head = f.read(4)
+            ok = len(head) == 4 and head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4
+            dims = f.read(4 * head[3]) if ok else b""
+    except EOFError:
+        raise ConfigError(f"data.root: {what} is truncated (its gzip stream ends inside the IDX header)") from None
+    except (OSError, zlib.error) as e:
+        raise ConfigError(f"data.root: {what} is not a readable gzip file ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise ConfigError(f"data.root: {what} is not an IDX file of unsigned bytes (starts with {head.hex()!r}; "
+                          "expected magic 0x0000080N)")
+    if len(dims) < 4 * head[3]:
+        raise ConfigError(f"data.root: {what} is truncated (its IDX header is incomplete)")
+    idx = IdxFile(path, gz, tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)))
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+        try:   # the trailer disagrees: several gzip members, or a cut-off stream; measure it
+            length = idx.size if isize == idx.size % 2 ** 32 else _gz_length(path)
+        except (EOFError, OSError, zlib.error):
+            raise ConfigError(f"data.root: {what} is truncated (its gzip stream ends early; expected "
+                              f"{idx.size} bytes for shape {list(idx.shape)})") from None
+    else:
+        length = path.stat().st_size
+    if length < idx.size:
+        raise ConfigError(f"data.root: {what} is truncated ({length} of the {idx.size} bytes its header announces "
+                          f"for shape {list(idx.shape)})")
+    if length > idx.size:
+        raise ConfigError(f"data.root: {what} has {length - idx.size} bytes beyond the {idx.size} its header "
+                          f"announces for shape {list(idx.shape)}")
+    return idx
+
+
+def _read_idx(idx: IdxFile) -> Tensor:
+    """The data of a file ``_idx_header`` validated, as a uint8 tensor of its shape."""
+    try:
+        data = gzip.decompress(idx.path.read_bytes()) if idx.gz else idx.path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:   # e.g. a CRC error: damaged inside, not cut short
+        raise ConfigError(f"data.root: {idx.path} is damaged ({type(e).__name__}: {e})") from None
+    if len(data) != idx.size:   # changed since it was checked
+        raise ConfigError(f"data.root: {idx.path} holds {len(data)} bytes; its header announces {idx.size}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=idx.offset).view(*idx.shape)
+
+
+def _mnist_check(cls_name: str, root) -> list[IdxFile]:
+    """The four files (train images, labels, test images, labels), each extracted or gzipped,
+    validated: present, complete IDX files, 28 x 28 images, as many labels as images."""
+    folder = Path(root).expanduser()
+    found = []
+    for choices in _mnist_files(cls_name)(folder):
+        path = next((p for p in choices if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"data.root: {str(root)!r} has no {cls_name} in torchvision's layout "
+                              f"(no {choices[0].relative_to(folder)}); expected the folder torchvision downloads "
+                              "into (or data.download: true)")
+        found.append(_idx_header(path, str(path.relative_to(folder))))
+    for images, labels in (found[:2], found[2:]):
+        name = lambda f: f.path.relative_to(folder)
+        if len(images.shape) != 3 or images.shape[1:] != (28, 28):
+            raise ConfigError(f"data.root: {name(images)} holds shape {list(images.shape)}; expected N x 28 x 28 images")
+        if len(labels.shape) != 1 or labels.shape[0] != images.shape[0]:
+            raise ConfigError(f"data.root: count mismatch: {name(labels)} holds shape {list(labels.shape)}, "
+                              f"{name(images)} {images.shape[0]} images; expected one label per image")
+    return found
 
 
 def _mnist_like(cls_name: str):
-    """MNIST, FashionMNIST, KMNIST: torchvision's ``.data`` (uint8 N x 28 x 28) and ``.targets``.
-
-    torchvision 0.29 reads only the extracted raw files (``raw/train-images-idx3-ubyte``); when a
-    folder holds just the official ``.gz`` files (with their md5s; e.g. a read-only shared copy
-    where torchvision cannot extract them) they are read here directly, without writing anything.
-    """
+    """MNIST, FashionMNIST, KMNIST: uint8 N x 28 x 28 images and labels, read from the IDX files
+    (extracted or gzipped) in torchvision's layout, without writing anything (the folder may be
+    a read-only shared copy). ``download`` lets torchvision fetch missing files first."""
     def loader(root, download=False):
-        import torchvision.datasets as tvd
-        from torchvision.datasets.utils import check_integrity
-        cls = getattr(tvd, cls_name)
-        files = _mnist_files(cls_name)(root)                  # (extracted, .gz) per resource
-        gz = [g for _, g in files]
-        extracted = all(e.is_file() for e, _ in files)
-        if not extracted and all(check_integrity(str(p), md5) for p, (_, md5) in zip(gz, cls.resources)):
-            x_tr, y_tr, x_te, y_te = (_read_idx_gz(p) for p in gz)  # resources order: train x, y, test x, y
-        else:
-            tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
-            x_tr, y_tr, x_te, y_te = tr.data, tr.targets, te.data, te.targets
+        if download and any(not any(p.is_file() for p in c) for c in _mnist_files(cls_name)(Path(root))):
+            import torchvision.datasets as tvd
+            getattr(tvd, cls_name)(root, train=True, download=True)
+        x_tr, y_tr, x_te, y_te = (_read_idx(f) for f in _mnist_check(cls_name, root))
         x = lambda d: d.to(torch.float32).div_(255).unsqueeze(1)
         return x(x_tr), y_tr.long(), x(x_te), y_te.long()
     return loader
@@ -92,6 +182,26 @@ def _mnist_files(cls_name: str):
     return files
 
 
+def _mnist_provenance(cls_name: str):
+    """Per file: which one was read and whether its md5 is the official release's (a difference,
+    e.g. another gzip tool, is noted here, never refused)."""
+    def notes(root):
+        import torchvision.datasets as tvd
+        official = dict(getattr(tvd, cls_name).resources)
+        out = []
+        for idx in _mnist_check(cls_name, root):
+            md5 = hashlib.md5(idx.path.read_bytes()).hexdigest()
+            out.append({"file": str(idx.path.relative_to(Path(root).expanduser())), "gzip": idx.gz, "md5": md5,
+                        "official_md5": md5 == official[idx.path.name] if idx.path.name in official else None})
+        return out
+    return notes
+
+
+def _mnist_family(cls_name: str, mean: float, std: float) -> DatasetInfo:
+    return DatasetInfo(10, (1, 28, 28), True, False, _mnist_like(cls_name), (mean,), (std,), _mnist_files(cls_name),
+                       functools.partial(_mnist_check, cls_name), _mnist_provenance(cls_name))
+
+
 def _cifar_files(cls_name: str):
     def files(root):
         import torchvision.datasets as tvd
@@ -103,13 +213,22 @@ def _cifar_files(cls_name: str):
 
 def missing_file(name: str, root: str) -> Optional[Path]:
     """The first file (relative to ``root``) that data set's loader needs and ``root`` lacks (None:
-    all there). A check of names only, cheap enough to run before a sweep starts; the loader still
-    verifies contents."""
+    all there). A check of names only; ``check_root`` adds the data set's content check."""
     folder = Path(root).expanduser()
     for choices in DATASETS[name].files(folder):
         if not any(p.is_file() for p in choices):
             return choices[0].relative_to(folder)
     return None
+
+
+def check_root(name: str, root: str) -> None:
+    """The pre-flight check of a data folder (before a run or sweep starts): every file the loader
+    needs is there and, where the data set has a content check, valid as the loader will read it."""
+    if gap := missing_file(name, root):
+        raise ConfigError(f"data.root: {root!r} has no {name} in torchvision's layout (no {gap}); "
+                          "expected the folder torchvision downloads into (or data.download: true)")
+    if DATASETS[name].check is not None:
+        DATASETS[name].check(root)
 
 
 def _cifar(cls_name: str):
@@ -127,12 +246,9 @@ def _cifar(cls_name: str):
 DATASETS: dict[str, DatasetInfo] = {
     # digits mean/std: computed once from its (fixed) training split, pixels/16.
     "digits": DatasetInfo(10, (1, 8, 8), False, False, _digits, (0.3054,), (0.3761,)),
-    "mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("MNIST"), (0.1307,), (0.3081,),
-                         _mnist_files("MNIST")),
-    "fashion_mnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("FashionMNIST"),
-                                 (0.2860,), (0.3530,), _mnist_files("FashionMNIST")),
-    "kmnist": DatasetInfo(10, (1, 28, 28), True, False, _mnist_like("KMNIST"), (0.1918,), (0.3483,),
-                          _mnist_files("KMNIST")),
+    "mnist": _mnist_family("MNIST", 0.1307, 0.3081),
+    "fashion_mnist": _mnist_family("FashionMNIST", 0.2860, 0.3530),
+    "kmnist": _mnist_family("KMNIST", 0.1918, 0.3483),
     "cifar10": DatasetInfo(10, (3, 32, 32), True, True, _cifar("CIFAR10"),
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _cifar_files("CIFAR10")),
     "cifar100": DatasetInfo(100, (3, 32, 32), True, True, _cifar("CIFAR100"),
@@ -157,6 +273,36 @@ def _load_cpu(name: str, root: Optional[str], download: bool):
         hint = "" if download else " or set data.download: true"
         raise ConfigError(f"data.root: {root!r} has no {name} data in torchvision's layout; point it at the "
                           f"folder torchvision downloads into{hint} ({type(e).__name__}: {why})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(name: str, root: Optional[str], download: bool, image_size: Optional[int] = None) -> str:
+    """A content digest of the data set as loaded (every tensor's bytes), once per process."""
+    if name == "image_folder":
+        from . import image_folder
+        f = image_folder.load(root, image_size)
+        tensors = (f.train_x, f.train_y, f.test_x, f.test_y)
+    else:
+        tensors = _load_cpu(name, root, download)
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().data)
+    return h.hexdigest()[:16]
+
+
+def provenance(cfg, data: "DeviceData") -> dict:
+    """What a run's data was (``cfg`` a ``DataConfig``): name, source, content digest, split sizes as
+    used (after subsets), input shape, classes, the channel mean/std it was normalised with and,
+    where the data set has them, per-file notes (an md5 differing from the official release)."""
+    info = DATASETS[cfg.name]
+    root = None if cfg.root is None else str(cfg.root)
+    out = {"name": cfg.name, "source": str(Path(root).expanduser().resolve()) if info.needs_root else
+           "sklearn.datasets.load_digits", "digest": _digest(cfg.name, root, bool(cfg.download), cfg.image_size),
+           "train_examples": data.n_train, "test_examples": data.n_test, "input_shape": list(data.input_shape),
+           "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
+    if info.notes is not None and root is not None:
+        out["files"] = info.notes(root)
+    return out
 
 
 # ---------------------------------------------------------------- augmentation

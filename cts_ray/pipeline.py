@@ -239,6 +239,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
                                                         else 0) - len(prog.records), progress)
 
     def emit(record: dict, progress_: Optional[Progress] = None) -> None:
+        # epochs counted within each phase (MLflow's steps: retrain/test_accuracy against retraining epoch)
+        record.setdefault("phase_step", 1 + sum(r["phase"] == record["phase"] for r in prog.records))
         prog.records.append(record)
         bar(record)
         if on_record is not None:
@@ -332,9 +334,7 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
                                for k in ("objective", "controller", "temperature")},
         "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
         "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
-        # the data as used: sizes after subsets, and the channel mean/std it was normalised with
-        "data": {"train_examples": data.n_train, "test_examples": data.n_test, "input_shape": list(data.input_shape),
-                 "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)},
+        "data": data_mod.provenance(cfg.data, data),   # what it was, as used, and how it was normalised
         "search_point": s.point, "search_epoch": k,
         "target_density": s.density, "achieved_density": mask.density,
         "kept_weights": mask.kept, "prunable_weights": mask.numel,

@@ -110,6 +110,8 @@ CASES = [
     Case("max_failures-negative", sweep({"max_failures": -1}), "max_failures", "an integer >= 0"),
     Case("mlflow-experiment-not-a-string", sweep({"mlflow": {"experiment": {"x": 1}}}), "mlflow.experiment",
          "a non-empty string or null"),
+    Case("mlflow-system-metrics-not-a-bool", sweep({"mlflow": {"system_metrics": "yes"}}), "mlflow.system_metrics",
+         "expected true or false"),
     # ---- malformed or missing files
     Case("yaml-tab-indent", sweep_text(f"base: {BASE}\ngrid:\n\tseed: [0, 1]\n"), "bad.yaml",
          "malformed YAML at line 3"),

@@ -76,7 +76,8 @@ _SEARCHED = ("search.length", "search.lr", "search.lr_drop")   # methods that tr
 
 METHODS: dict[str, Method] = {
     "cts": Method(cts.search, epochs=_search_epochs,
-                  knobs=("search.objective", "search.controller", "search.temperature", "search.slack", *_SEARCHED)),
+                  knobs=("search.objective", "search.controller", "search.temperature", "search.slack",
+                         "search.lr_drop_at", "search.loss_scale", "search.rescale", *_SEARCHED)),
     "ltr": Method(ltr.search, needs_trained=True, epochs=ltr.epochs,
                   knobs=("search.ltr_fraction", "search.ltr_output_fraction")),
     "snip": Method(saliency.snip, knobs=("search.examples_per_class",)),

@@ -7,6 +7,8 @@ migrations, a remote server) never holds up Tune starting trials. Runs are found
 (``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
 than starting a new one, and steps already logged are not logged twice. A failing tracking
 store is reported once and then skipped: the Parquet tables are written by the trials themselves.
+``Tracking`` is what a run logs (params as applied, metrics stepped by epoch within each phase,
+artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs through it too.
 """
 from __future__ import annotations
 
@@ -28,10 +30,156 @@ PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "
 FINAL_METRICS = ("test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "achieved_density",
                  "ticket_seconds",
                  "effective_density", "effective_kept", "collapsed")   # ticket anatomy (anatomy.py)
+ARTIFACTS = ("mask.pt", "layers.json", "summary.json", "config.yaml")
+# Without a kind MLflow 3's UI opens an experiment on its GenAI traces page, not on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ui_link(experiment_id: str) -> str:
+    """Where the MLflow UI shows the experiment's training runs. MLflow 3.17's UI picks an
+    experiment's page by its GenAI / Model training switch (GenAI unless the browser chose
+    otherwise), not by ``mlflow.experimentKind``; ``workflowType`` in the link chooses it."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).resolve().parent / 'mlflow.db'}"
+
+
+def artifact_location(tracking_uri: str) -> Optional[str]:
+    """Artifacts of a local sqlite store go beside it (``mlflow.db`` -> ``mlartifacts/``), never into
+    ./mlruns of whatever folder the command ran from; a server decides for itself (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def run_params(cfg) -> dict:
+    """The resolved config as params, with the values that applied where a field defers to another
+    (``search.lr: null`` means the training LR; ``training.retrain: null`` the method's default),
+    and without the knobs the method does not read (SNIP has no temperature)."""
+    from ..methods import applies
+    params = flatten(cfg.to_dict())
+    params.update({"search.lr": cfg.mask_lr, "training.retrain": cfg.retrain})
+    return {k: v for k, v in params.items() if applies(cfg.search.method, k)}
+
+
+class SystemMetrics:
+    """CPU and memory (and GPU when there is one) as MLflow measures them, sampled by the trial at
+    each report (CPU use is the average since the last one) and logged as ``system/...`` metrics."""
+
+    def __init__(self):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        self.monitors = [CPUMonitor()]
+        try:
+            import torch
+            if torch.cuda.is_available():
+                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+                self.monitors.append(GPUMonitor())
+        except Exception:   # no NVML: CPU and memory only
+            pass
+        self.sample()   # psutil's CPU use counts from its previous call
+
+    def sample(self) -> dict:
+        out = {}
+        for m in self.monitors:
+            m.collect_metrics()
+            out.update({f"system/{k}": v for k, v in m.aggregate_metrics().items()})
+            m.clear_metrics()
+        return out
+
+
+class Tracking:
+    """One tracking store and experiment, and what cts-ray logs to it: a run per trial (or per
+    ``cts-ray run --mlflow``) with its params, per-epoch metrics, artifacts and data set. Every call
+    goes through ``_call``: a failing store is reported once and then skipped."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.client = None
+        self.experiment_id: Optional[str] = None
+        self.failed: Optional[str] = None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self.failed is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:   # the tracking store is down or broken: keep the work going
+            self.failed = f"{what}: {type(e).__name__}: {e}"
+            print(f"cts-ray: MLflow logging stopped ({self.failed}); Parquet tables are unaffected",
+                  file=sys.stderr)
+            return None
+
+    def open(self) -> str:
+        """Connect and find (or create) the experiment; raises when the store fails (callers wrap
+        it in ``_call``)."""
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(self.tracking_uri)
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else \
+            self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.tracking_uri))
+        if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:   # older experiments too
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        self.experiment_id = exp_id
+        return exp_id
+
+    def create_run(self, cfg, name: str, tags: dict) -> Optional[str]:
+        def create():
+            from mlflow.entities import Param
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={"cts.config_hash": cfg.hash, "cts.method": cfg.search.method,
+                                               "cts.seed": str(cfg.seed), "cts.code_version": code_version(), **tags})
+            params = [Param(k, (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000])
+                      for k, v in run_params(cfg).items()]
+            self.client.log_batch(run.info.run_id, params=params)
+            return run.info.run_id
+        return self._call("create run", create)
+
+    def log_result(self, run_id: str, result: dict, step: int) -> None:
+        """One reported record: ``phase/metric`` at its epoch within the phase (``phase_step``),
+        final metrics and ``system/...`` at the run's running ``step`` (also logged, as a metric,
+        so a resumed run knows where it was)."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        phase = result.get("phase")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items() if k.startswith("system/") and number(v)]
+        if phase == "final":
+            metrics += [Metric(k, float(result[k]), now, step) for k in FINAL_METRICS if number(result.get(k))]
+        else:
+            at = int(result.get("phase_step", step))
+            # the record's own values (a sweep's result also carries the ticket's, for Tune's schedulers)
+            own = json.loads(result["row"]) if result.get("row") else result
+            own = {**own, "objective": own.get("search_objective", own.get("objective"))}
+            metrics += [Metric(f"{phase}/{k}", float(own[k]), now, at) for k in PHASE_METRICS if number(own.get(k))]
+            if "epoch" in result:
+                metrics.append(Metric(f"{phase}/epoch", float(result["epoch"]), now, at))
+        metrics.append(Metric("step", float(step), now, step))
+        self._call("metrics", self.client.log_batch, run_id, metrics=metrics)
+
+    def log_outputs(self, run_id: str, run_dir: Path) -> None:
+        """The run folder's artifacts, and its data set (from summary.json) as a dataset input."""
+        for name in ARTIFACTS:
+            if (run_dir / name).exists():
+                self._call("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
+        summary = run_dir / "summary.json"
+        data = json.loads(summary.read_text()).get("data") if summary.exists() else None
+        if data:
+            self._call("dataset", self.client.log_inputs, run_id, [dataset_input(data)])
+
+    def end(self, run_id: str, status: str) -> None:
+        self._call("end run", self.client.set_terminated, run_id, status)
+
+
+def dataset_input(data: dict):
+    """A data set as an MLflow dataset input: metadata only (name, source folder, content digest,
+    split sizes and per-file notes in its profile), never the data itself."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    profile = {k: v for k, v in data.items() if k not in ("name", "source", "digest")}
+    return DatasetInput(Dataset(name=data["name"], digest=data["digest"], source_type="local",
+                                source=json.dumps({"uri": data["source"]}), profile=json.dumps(profile)),
+                        tags=[InputTag("mlflow.data.context", "train+test")])
 
 
 class MLflowLogger(Callback):
@@ -39,29 +187,22 @@ class MLflowLogger(Callback):
         """``resolve(trial.config)`` gives the trial's resolved run config as a Config."""
         self.tracking_uri, self.experiment, self.sweep, self.meta = tracking_uri, experiment, sweep, sweep_meta
         self.resolve = resolve
-        self.client = None
+        self.store: Optional[Tracking] = None
         self.parent_id: Optional[str] = None
         self.runs: dict[str, str] = {}       # trial id -> run id
         self.logged: dict[str, int] = {}     # run id -> last step logged
-        self.failed: Optional[str] = None
 
-    # ---- plumbing: every MLflow call goes through here, so one failure disables logging cleanly
-    def _call(self, what: str, fn, *args, **kwargs):
-        if self.failed is not None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:   # the tracking store is down or broken: keep the sweep going
-            self.failed = f"{what}: {type(e).__name__}: {e}"
-            print(f"cts-ray: MLflow logging stopped ({self.failed}); Parquet tables are unaffected",
-                  file=sys.stderr)
-            return None
+    @property
+    def failed(self) -> Optional[str]:
+        store = getattr(self, "store", None)   # absent on a copy Tune unpickled
+        return store.failed if store is not None else None
 
     # ---- the background thread: every MLflow call runs there, in the order the events came
     def start(self) -> None:
         """Start the logging thread and open the store and the parent run on it (overlapping Ray's
         own start when called before ``ray.init``)."""
         self._queue: queue.Queue = queue.Queue()
+        self.store = Tracking(self.tracking_uri, self.experiment)
         threading.Thread(target=self._work, daemon=True).start()
         self._later(self._open)
 
@@ -71,7 +212,7 @@ class MLflowLogger(Callback):
             try:
                 fn(*args)
             except Exception as e:   # a bug here must not kill the thread and hang flush()
-                self.failed = self.failed or f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {e}"
+                self.store.failed = self.store.failed or f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {e}"
             finally:
                 self._queue.task_done()
 
@@ -86,60 +227,51 @@ class MLflowLogger(Callback):
             self._queue.join()
 
     def _open(self):
-        from mlflow.tracking import MlflowClient
-        self.client = self._call("open store", MlflowClient, self.tracking_uri)
-        self._call("parent run", self._parent)
+        self.store._call("parent run", lambda: (self.store.open(), self._parent()))
 
     def __getstate__(self):   # Tune pickles its run config (callbacks included) into the sweep state
-        return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "client")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "store")}
 
     def setup(self, **info):
         if getattr(self, "_queue", None) is None:
             self.start()
 
-    def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-
     def _parent(self):
-        exp = self._experiment_id()
-        found = self.client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'parent'")
+        client, exp = self.store.client, self.store.experiment_id
+        found = client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'parent'")
         if found:
             self.parent_id = found[0].info.run_id
             return
-        run = self.client.create_run(exp, run_name=self.sweep, tags={"cts.sweep": self.sweep, "cts.role": "parent",
-                                                                     **{f"cts.{k}": str(v) for k, v in self.meta.items()}})
+        run = client.create_run(exp, run_name=self.sweep, tags={"cts.sweep": self.sweep, "cts.role": "parent",
+                                                                **{f"cts.{k}": str(v) for k, v in self.meta.items()}})
         self.parent_id = run.info.run_id
 
     def _child(self, tid: str, config: dict) -> Optional[str]:
         if tid in self.runs:
             return self.runs[tid]
 
-        def find_or_create():
-            exp = self._experiment_id()
-            found = self.client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.trial_id` = '{tid}'")
-            if found:
-                run_id = found[0].info.run_id
-                history = self.client.get_metric_history(run_id, "step")
-                self.logged[run_id] = int(max((m.value for m in history), default=0))
-                self.client.update_run(run_id, status="RUNNING")
-            else:
-                cfg = self.resolve(config)
-                run = self.client.create_run(exp, run_name=f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
-                                             tags={"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
-                                                   "cts.trial_id": tid, "cts.role": "trial",
-                                                   "cts.config_hash": cfg.hash, "cts.method": cfg.search.method,
-                                                   "cts.seed": str(cfg.seed), "cts.code_version": code_version()})
-                run_id = run.info.run_id
-                from mlflow.entities import Param
-                params = [Param(k, (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000])
-                          for k, v in flatten(cfg.to_dict()).items()]
-                self.client.log_batch(run_id, params=params)
-                self.logged[run_id] = 0
+        def find():
+            client = self.store.client
+            found = client.search_runs([self.store.experiment_id],
+                                       f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.trial_id` = '{tid}'")
+            if not found:
+                return None
+            run_id = found[0].info.run_id
+            history = client.get_metric_history(run_id, "step")
+            self.logged[run_id] = int(max((m.value for m in history), default=0))
+            client.update_run(run_id, status="RUNNING")
             return run_id
 
-        run_id = self._call("child run", find_or_create)
+        if self.store.client is None or self.store.experiment_id is None:
+            return None
+        run_id = self.store._call("child run", find)
+        if run_id is None and self.store.failed is None:
+            cfg = self.resolve(config)
+            run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
+                                           {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
+                                            "cts.trial_id": tid, "cts.role": "trial"})
         if run_id is not None:
+            self.logged.setdefault(run_id, 0)
             self.runs[tid] = run_id
         return run_id
 
@@ -171,43 +303,52 @@ class MLflowLogger(Callback):
         step = int(result.get("step", 0))
         if run_id is None or step <= self.logged.get(run_id, 0):
             return
-        phase = result.get("phase")
-        if phase == "final":
-            metrics = {k: result[k] for k in FINAL_METRICS if isinstance(result.get(k), (int, float))}
-            self._call("tags", self.client.set_tag, run_id, "cts.status", result.get("status", ""))
+        if result.get("phase") == "final":
+            self.store._call("tags", self.store.client.set_tag, run_id, "cts.status", result.get("status", ""))
             if result.get("run_dir"):
-                self._artifacts(run_id, Path(result["run_dir"]))
-        else:
-            # the record's own values (the result also carries the ticket's, for Tune's schedulers)
-            own = json.loads(result["row"]) if result.get("row") else result
-            own = {**own, "objective": own.get("search_objective", own.get("objective"))}
-            metrics = {f"{phase}/{k}": own[k] for k in PHASE_METRICS if isinstance(own.get(k), (int, float))}
-            if "epoch" in result:
-                metrics[f"{phase}/epoch"] = result["epoch"]
-        metrics["step"] = step
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self._call("metrics", self.client.log_batch, run_id,
-                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+                self.store.log_outputs(run_id, Path(result["run_dir"]))
+        self.store.log_result(run_id, result, step)
         self.logged[run_id] = step
-
-    def _artifacts(self, run_id: str, run_dir: Path):
-        for name in ("mask.pt", "layers.json", "summary.json", "config.yaml"):
-            if (run_dir / name).exists():
-                self._call("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
 
     def _end(self, tid: str, config: dict, status: str):
         run_id = self._child(tid, config)
         if run_id:
-            self._call("end run", self.client.set_terminated, run_id, status)
+            self.store.end(run_id, status)
 
     def _stopped(self, tid: str, config: dict, phase, epoch):
         run_id = self._child(tid, config)
         if run_id:
-            self._call("tags", self.client.set_tag, run_id, "cts.status", "stopped")
-            self._call("tags", self.client.set_tag, run_id, "cts.stopped_at", f"{phase} epoch {epoch}")
-            self._call("end run", self.client.set_terminated, run_id, "KILLED")
+            self.store._call("tags", self.store.client.set_tag, run_id, "cts.status", "stopped")
+            self.store._call("tags", self.store.client.set_tag, run_id, "cts.stopped_at", f"{phase} epoch {epoch}")
+            self.store.end(run_id, "KILLED")
 
     def _end_parent(self, status: str):
         if self.parent_id:
-            self._call("end parent", self.client.set_terminated, self.parent_id, status)
+            self.store.end(self.parent_id, status)
+
+
+def logged_run(tracking_uri: str, experiment: str, cfg, out: Path, run) -> dict:
+    """``cts-ray run --mlflow``: one run logged as it goes, as a sweep's trial is (``run(on_record)``
+    runs the experiment). A failing store is reported and skipped; the run folder is written anyway."""
+    store = Tracking(tracking_uri, experiment)
+    run_id = store.create_run(cfg, Path(out).name, {"cts.role": "run"}) \
+        if store._call("open store", store.open) is not None else None
+    step = 0
+
+    def on_record(record: dict, progress) -> None:
+        nonlocal step
+        step += 1
+        if run_id:
+            store.log_result(run_id, record, step)
+
+    try:
+        summary = run(on_record)
+    except BaseException as e:
+        if run_id:
+            store.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if run_id:
+        store.log_outputs(run_id, Path(out))
+        store.log_result(run_id, {"phase": "final", **summary}, step + 1)
+        store.end(run_id, "FINISHED")
+    return summary

@@ -169,7 +169,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         if result.error is None and result.metrics and result.metrics.get("phase") != "final":
             write_stopped(root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
     return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
-            "mlflow_error": logger.failed}
+            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
 
 
 def _connect(address: Optional[str], verbose: int) -> None:

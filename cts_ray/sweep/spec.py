@@ -20,6 +20,7 @@
     max_failures: 2                   # retries of a failed trial, from its last checkpoint
     storage: results/sweeps           # sweep folders go here (shared storage on a cluster)
     mlflow: {tracking_uri: null, experiment: cts-ray}   # null: sqlite under storage, or $MLFLOW_TRACKING_URI
+                                      # system_metrics: true adds each trial's CPU/memory/GPU (off by default)
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class SweepSpec:
     max_concurrent: Optional[int] = None
     max_failures: int = 2
     storage: str = "results/sweeps"
-    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "cts-ray"})
+    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "cts-ray",
+                                                  "system_metrics": False})
     source: Optional[str] = None
     cwd: str = field(default_factory=os.getcwd)   # relative data.root resolves here, not in a worker
 
@@ -204,12 +206,15 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     C.check_folder("storage", storage)
     spec.storage = storage
     ml = raw.get("mlflow") or {}
-    if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment"}:
-        _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment")
+    if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment", "system_metrics"}:
+        _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment, system_metrics")
     for k in ("tracking_uri", "experiment"):
         if ml.get(k) is not None and (not isinstance(ml[k], str) or not ml[k]):
             _err(f"mlflow.{k}: {ml[k]!r}; expected a non-empty string or null")
-    spec.mlflow = {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray"}
+    if not isinstance(ml.get("system_metrics", False), bool):
+        _err(f"mlflow.system_metrics: {ml['system_metrics']!r}; expected true or false")
+    spec.mlflow = {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray",
+                   "system_metrics": ml.get("system_metrics", False)}
     _check_trials(spec)
     return spec
 

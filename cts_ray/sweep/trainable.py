@@ -55,6 +55,10 @@ def trial(params: dict, spec_state: dict) -> None:
     if cfg.search.method == "ltr":   # LTR's last round retrains the ticket itself
         from ..methods.ltr import rounds_for
         final_round = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
+    system = None
+    if spec_state.get("system_metrics"):
+        from .mlflow_log import SystemMetrics
+        system = SystemMetrics()
 
     done = _finished_row(root, cfg.search.method, trial_id)
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
@@ -86,7 +90,8 @@ def trial(params: dict, spec_state: dict) -> None:
         if step[0] == 1:
             record["started_at"] = started
         metrics = {**running, **_numeric(record), "phase": record["phase"], "step": step[0], "node_id": node_id,
-                   "row": json.dumps(tables.epoch_row(record))}   # what the driver keeps of a stopped trial
+                   "row": json.dumps(tables.epoch_row(record)),   # what the driver keeps of a stopped trial
+                   **(system.sample() if system else {})}
         if record["phase"] != "dense":
             ticket_iteration[0] += 1
         if ticket:   # the scheduler's time axis: only beside this trial's own ticket metrics
@@ -206,5 +211,6 @@ def _node_id() -> str:
 def spec_state(spec) -> dict:
     """What trials need of the sweep spec (plain data, shipped to workers)."""
     return {"name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
-            "root": str(spec.root), "storage_root": str(spec.root.parent)}
+            "root": str(spec.root), "storage_root": str(spec.root.parent),
+            "system_metrics": spec.mlflow["system_metrics"]}
 
