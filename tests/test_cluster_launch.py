@@ -276,7 +276,7 @@ def test_address_of_a_cluster_with_token_auth(tmp_path, tmp_path_factory):
         sweep = tmp_path / "tok.yaml"
         sweep.write_text(yaml.safe_dump({"name": "tok", "base": str(REPO / "configs" / "digits.yaml"),
                                          "storage": str(tmp_path / "sweeps"),
-                                         "set": {"training.epochs": 1, "training.milestones": [1],
+                                         "set": {"training.epochs": 1, "training.milestones": [],
                                                  "search.method": "random", "resources.cpus": 1}}))
         cmd = [str(BIN / "cts-ray"), "sweep", str(sweep), "--address", f"127.0.0.1:{port}", "--quiet"]
         # Ray's driver retries the refused connection for ~20 s; 2 tries suffice here

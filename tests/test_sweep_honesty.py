@@ -118,8 +118,8 @@ def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_o
     assert rows["snip", None]["counts"]["stopped"] == 1 and rows["snip", None]["n"] == 1   # the repeat counts once
     text = runner.format_summary(summary)
     lines = text.splitlines()
-    assert lines[0].split()[:9] == ["method", "density", "temperature", "finished", "stopped", "diverged", "failed",
-                                    "seeds", "test"] and "over seeds" not in text
+    assert lines[0].split()[:10] == ["method", "density", "temperature", "finished", "stopped", "diverged", "failed",
+                                     "seeds", "effective", "test"] and "over seeds" not in text
     assert any(line.startswith("cts") and " 0.5 " in line and "91.00 ± 1.41 %" in line for line in lines)
     assert any(line.startswith("cts") and " 1 " in line and "80.00 %  (one trial: no std)" in line for line in lines)
     assert any(line.startswith("snip") and " – " in line and "85.00 %  (one trial: no std)" in line for line in lines)

@@ -187,11 +187,10 @@ def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id
            "levels": tables.json_text(s.get("levels")), "config": tables.json_text(cfg.to_dict())}
     for k in ("achieved_density", "kept_weights", "prunable_weights", "test_accuracy", "peak_test_accuracy",
               "dense_test_accuracy", "pretrain_seconds", "search_seconds", "retrain_seconds", "ticket_seconds",
-              "epochs_equivalent", "mask_sha256"):
+              "epochs_equivalent", "mask_sha256", "effective_density", "effective_kept"):
         row[k] = s.get(k)
-    if summary:   # number of collapsed layers: > 0 means no path from input to output
-        row.update(effective_density=s["effective_density"], effective_kept=s["effective_kept"],
-                   collapsed=len(s["collapsed_layers"]))
+    if "collapsed_layers" in s:   # number of collapsed layers: > 0 means no path from input to output
+        row["collapsed"] = len(s["collapsed_layers"])   # (a stopped trial has no ticket, so no anatomy)
     tables.write(root, "trials", cfg.search.method, common["trial_id"], [row], common)
 
 
