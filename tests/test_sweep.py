@@ -304,9 +304,10 @@ def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tm
     """SIGKILL the process running one trial mid-search and the other's mid-retraining: Tune retries
     each from its last checkpoint (search state or retraining state); every trial ends up exactly
     once in Parquet and MLflow, and no epoch row is duplicated."""
+    n_epochs = 150   # long enough (digits epochs take ~25 ms) that both trials are still running when caught
     f = _sweep_file(tmp_path, "killed", {"base": str(REPO / "configs" / "digits.yaml"),
-                                         "set": {**SMALL, "resources.cpus": 1, "training.epochs": 60,
-                                                 "training.milestones": [40], "search.length": 1.0},
+                                         "set": {**SMALL, "resources.cpus": 1, "training.epochs": n_epochs,
+                                                 "training.milestones": [100], "search.length": 1.0},
                                          "grid": {"seed": [0, 1]}, "max_failures": 2})
     root = tmp_path / "sweeps" / "killed"
     driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
@@ -350,10 +351,10 @@ def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tm
     for tid, _, _ in victims.values():
         mine = [(r["phase"], r["epoch"]) for r in epochs if r["trial_id"] == tid]
         assert len(mine) == len(set(mine))
-        assert sorted(e for p, e in mine if p == "search") == list(range(1, 61))
-        assert sorted(e for p, e in mine if p == "retrain") == list(range(2, 61))
+        assert sorted(e for p, e in mine if p == "search") == list(range(1, n_epochs + 1))
+        assert sorted(e for p, e in mine if p == "retrain") == list(range(2, n_epochs + 1))
         child = next(r for r in runs if r.data.tags.get("cts.trial_id") == tid)
-        for metric, n in (("search/objective", 60), ("retrain/test_accuracy", 59)):
+        for metric, n in (("search/objective", n_epochs), ("retrain/test_accuracy", n_epochs - 1)):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
             assert len(steps) == len(set(steps)) == n, metric
         assert child.info.status == "FINISHED"

@@ -29,6 +29,11 @@ def epochs(cfg, rounds=None) -> int:
     return cfg.training.epochs + rounds * (cfg.training.epochs - cfg.search_epoch)
 
 
+def next_count(remaining: int, fraction: float) -> int:
+    """Weights a round keeps of ``remaining`` when it prunes ``fraction`` of them."""
+    return round(remaining * (1 - fraction))
+
+
 def prune_round(mask: Mask, weights: dict, fraction: float, output_fraction=None,
                 output_layer=None) -> Mask:
     """Remove ``fraction`` of the remaining weights by global magnitude (ties: lower index kept).
@@ -42,7 +47,7 @@ def prune_round(mask: Mask, weights: dict, fraction: float, output_fraction=None
         scores = torch.cat([torch.where(mask.layers[n], weights[n].detach().abs().float().cpu(),
                                         torch.tensor(-1.0)).flatten() for n in names])
         remaining = int(sum(int(mask.layers[n].sum()) for n in names))
-        keep = round(remaining * (1 - f))
+        keep = next_count(remaining, f)
         order = torch.sort(scores, descending=True, stable=True).indices
         flat = torch.zeros(scores.numel(), dtype=torch.bool)
         flat[order[:keep]] = True

@@ -146,9 +146,6 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     trainable = tune.with_resources(tune.with_parameters(trial, spec_state=spec_state(spec)), resources)
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                # two kept: Tune's state snapshot may lag one checkpoint behind,
-                                # and a killed driver must find the one it names (resume)
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                 callbacks=[logger], verbose=verbose)
     if resume:
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)

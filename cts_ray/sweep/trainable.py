@@ -1,7 +1,8 @@
 """The Ray Tune trainable: one trial = one pipeline run (dense → search → retrain → evaluate).
 
-Every metrics record is reported to Tune; retraining epochs carry a checkpoint (the ticket plus
-the retraining state), so a retried trial continues after its last finished epoch. Schedulers see
+Every metrics record is reported to Tune; search and retraining epochs first save the trial's
+progress (``progress_path``), so a retried or resumed trial continues after its last finished
+epoch. Schedulers see
 only the ticket: ``ticket_iteration`` (the time axis they use) counts the method's own epochs
 (search, LTR rounds) and the ticket's retraining, and is reported only with records whose metrics
 are this trial's final ticket (its retraining epochs, its evaluation) — never with the dense phase
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,11 +69,12 @@ def trial(params: dict, spec_state: dict) -> None:
                                              "ticket_seconds") if done[k] is not None}})
         return
 
+    # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
+    # snapshot names the new one, so a driver killed in between would resume from a deleted one.
+    saved = progress_path(root, trial_id)
     resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = pipeline.Progress.from_state(torch.load(Path(d) / "progress.pt", weights_only=True))
+    if saved.exists():
+        resume = pipeline.Progress.from_state(torch.load(saved, weights_only=True))
         step[0] = len(resume.records)
         ticket_iteration[0] = sum(1 for r in resume.records if r["phase"] != "dense")
         started = resume.records[0].get("started_at", started) if resume.records else started
@@ -96,14 +98,19 @@ def trial(params: dict, spec_state: dict) -> None:
             ticket_iteration[0] += 1
         if ticket:   # the scheduler's time axis: only beside this trial's own ticket metrics
             metrics["ticket_iteration"] = ticket_iteration[0]
-        if progress is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(progress.to_state(), Path(d) / "progress.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if progress is not None:   # written before the report: what Tune saw is never ahead of it
+            saved.parent.mkdir(exist_ok=True)
+            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(progress.to_state(), tmp)
+            os.replace(tmp, saved)
+        tune.report(metrics)
 
     common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
+    if records:   # the last saved epoch may not have reached Tune (killed between saving and reporting):
+        last = records.pop()   # report it again; MLflow skips a step it already has
+        step[0] -= 1
+        ticket_iteration[0] -= last["phase"] != "dense"
+        on_record(last, None)
     cache = DenseCache(Path(spec_state["storage_root"]) / "_cache" / "dense")
     status, error, summary = "finished", None, None
     try:
@@ -137,7 +144,14 @@ def trial(params: dict, spec_state: dict) -> None:
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
         final.update(effective_density=summary["effective_density"], effective_kept=summary["effective_kept"],
                      collapsed=len(summary["collapsed_layers"]))
+    progress_path(root, trial_id).unlink(missing_ok=True)   # done: nothing to continue
     tune.report(final)
+
+
+def progress_path(root: Path, trial_id: str) -> Path:
+    """The last finished epoch of an unfinished trial (records, search and retraining state),
+    which a retried or resumed trial continues from."""
+    return root / "progress" / f"{trial_id}.pt"
 
 
 def _finished_row(root: Path, method: str, trial_id: str):
@@ -170,6 +184,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     tables.write(root, "epochs", cfg.search.method, tid, list(rows.values()), {**common, "node_id": last.get("node_id")})
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
         shutil.rmtree(staging, ignore_errors=True)
+    progress_path(root, tid).unlink(missing_ok=True)
 
 
 def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False,
