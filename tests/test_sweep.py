@@ -304,10 +304,10 @@ def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tm
     """SIGKILL the process running one trial mid-search and the other's mid-retraining: Tune retries
     each from its last checkpoint (search state or retraining state); every trial ends up exactly
     once in Parquet and MLflow, and no epoch row is duplicated."""
-    n_epochs = 150   # long enough (digits epochs take ~25 ms) that both trials are still running when caught
+    n_epochs = 300   # long enough (digits epochs take ~25 ms) that both trials are still running when caught
     f = _sweep_file(tmp_path, "killed", {"base": str(REPO / "configs" / "digits.yaml"),
                                          "set": {**SMALL, "resources.cpus": 1, "training.epochs": n_epochs,
-                                                 "training.milestones": [100], "search.length": 1.0},
+                                                 "training.milestones": [200], "search.length": 1.0},
                                          "grid": {"seed": [0, 1]}, "max_failures": 2})
     root = tmp_path / "sweeps" / "killed"
     driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
@@ -322,8 +322,11 @@ def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tm
             for phase, done in (("search", search if 5 <= len(search) and not retrain else []),
                                 ("retrain", retrain if len(retrain) >= 5 else [])):
                 if phase not in victims and done:   # mid-phase, with checkpoints behind it
+                    try:
+                        os.kill(done[-1]["pid"], signal.SIGKILL)
+                    except ProcessLookupError:   # its worker is already gone (the trial ended): not a victim
+                        continue
                     victims[phase] = (tid, done[-1]["pid"], len(done))
-                    os.kill(done[-1]["pid"], signal.SIGKILL)
                     break
         time.sleep(0.02)
     assert len(victims) == 2, f"the trials were not caught mid-search and mid-retraining: {victims}"
