@@ -7,7 +7,6 @@ torch.func.functional_call can swap in masked tensors.
 """
 from typing import Callable
 
-import torch
 from torch import nn
 
 Shape = tuple[int, int, int]

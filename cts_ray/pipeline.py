@@ -11,7 +11,6 @@ from a shared ``DenseCache``.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil

@@ -14,7 +14,7 @@ from matplotlib import image
 from scipy import stats as sps
 
 from cts_ray import cli, config
-from cts_ray.analysis import comparison, insensitivity, load as load_mod, plots, report, seeds, stats
+from cts_ray.analysis import comparison, insensitivity, load as load_mod, plots, seeds, stats
 from cts_ray.analysis.load import AnalysisError
 from cts_ray.sweep import tables
 

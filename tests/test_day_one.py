@@ -1,6 +1,5 @@
 """What a new user meets on day one: a diverged run, the device and threads a run records, piping
 into `head`, `--version`, learning-rate milestones past the end of training."""
-import json
 import os
 import subprocess
 import warnings

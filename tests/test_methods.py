@@ -89,7 +89,6 @@ def test_reinit_keeps_the_mask_and_changes_the_weights(tmp_path):
 def test_ltr_levels_follow_the_geometric_schedule_and_rewind_exactly():
     cfg, data, model = _context(SHORT + ["search.method=ltr", "search.density=0.4", "search.point=rewind",
                                          "search.rewind_epochs=1"])
-    order = torch.Generator().manual_seed(0)
     records = []
     snapshot = None
     for rec in train_epochs(model, data, cfg.training, start=0, end=cfg.training.epochs, order_seed=0):

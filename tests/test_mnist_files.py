@@ -4,7 +4,6 @@ disagree, another format). The pre-flight check (what `cts-ray run`/`sweep` runs
 and the loader (what every trial runs) must agree on each folder, and say what is wrong."""
 import gzip
 import io
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path

@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 import torch
-import yaml
 
 from cts_ray import config as C
 from cts_ray import models, pipeline

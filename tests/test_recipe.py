@@ -9,7 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cts_ray import config as C
 from cts_ray import data as D
-from cts_ray import models, pipeline, runtime
+from cts_ray import models, pipeline
 from cts_ray.methods import METHODS, SearchContext
 from cts_ray.train import evaluate, train_epochs
 

@@ -118,7 +118,6 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_cluster, tmp_path):
                                         "grid": {"seed": [0, 1, 2, 3]}})
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
     trials = tables.read(tmp_path / "sweeps" / "nodes", "trials").to_pylist()
-    import ray
     nodes = {t["node_id"] for t in trials}
     assert len(nodes) == 2, nodes
     epochs = tables.read(tmp_path / "sweeps" / "nodes", "epochs").to_pylist()

@@ -46,11 +46,11 @@ def provenance(res: Results) -> str:
            f"- configs: {t['config_hash'].nunique()} distinct config hashes in {t['variant'].nunique()} settings "
            f"(a setting = a config less its seed, density and sanity check)",
            f"- dates: {_when(t['started_at'].min())} to {_when(t['ended_at'].max())}",
-           f"- code: " + ", ".join(f"`{v}` ({n} trials)" for v, n in versions.most_common()),
-           f"- machines: " + ", ".join(f"{h} ({n} trials)" for h, n in Counter(t["hostname"].fillna("?")).most_common())
+           "- code: " + ", ".join(f"`{v}` ({n} trials)" for v, n in versions.most_common()),
+           "- machines: " + ", ".join(f"{h} ({n} trials)" for h, n in Counter(t["hostname"].fillna("?")).most_common())
            + f"; {t['node_id'].nunique()} Ray node(s)",
-           f"- libraries: " + ", ".join(sorted(k for k in libs)),
-           f"- data / model: " + ", ".join(sorted({f"{d} / {m}" for d, m in zip(t["dataset"], t["model"])})),
+           "- libraries: " + ", ".join(sorted(k for k in libs)),
+           "- data / model: " + ", ".join(sorted({f"{d} / {m}" for d, m in zip(t["dataset"], t["model"])})),
            f"- metric: `{res.metric}` in percent; report written {_when(datetime.datetime.now().timestamp())} "
            f"on {platform.node()}"]
     settings = t.drop_duplicates("variant")[["label", "variant"]]
