@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-from . import anatomy, data_path, gpu, paper, readme, steps, sweep_overhead, ticket
+from . import anatomy, data_path, gpu, paper, readme, slots, steps, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
 BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
-           "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run}
+           "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run,
+           "slots": slots.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
     "ticket": "Single long runs (CTS, short-search CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
+    "slots": "Two real sweeps, one after the other (Tune's grid order, then the shared-work scheduler); useful "
+             "compute = computed (not cached) epoch seconds + search seconds of the epoch-less methods.",
     "paper": "One measured run (not alternated): phase seconds are the run's summary.json training seconds "
              "(evaluation excluded); the paper's numbers are CTS-KL at density 0.74 % (SPEC §5).",
 }
@@ -30,6 +33,9 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
     if name == "ticket":
         epochs = f", {a.ticket_epochs} epochs" if a.ticket_epochs else ""
         return f"ticket (MNIST LeNet-300-100, CTS vs LTR at density {ticket.DENSITY}{epochs}, repeats {a.repeats or 1})"
+    if name == "slots":
+        return (f"slots (MNIST 8k LeNet-300-100, {len(slots.METHODS)} methods × {len(slots.DENSITIES)} densities × "
+                f"2 seeds, {slots.SLOTS} slots)")
     if name == "anatomy":
         return f"anatomy (density {anatomy.DENSITY}, random masks, repeats {repeats})"
     if name == "gpu":

@@ -185,6 +185,10 @@ class ResourcesConfig:
     amp: bool = _f(True, identity=False, help="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     compile: bool = _f(False, identity=False,
                        help="torch.compile the training step of dense training and retraining (pays off on GPUs)")
+    compile_search: Optional[bool] = _f(None, identity=False,
+                                        help="torch.compile the CTS search step (same masks as eager on CPU); null = "
+                                             "when the search is long enough to repay the compile (seconds, cached "
+                                             "on disk)")
     cpus: float = _f(1, check=_cpus, allowed="a number >= 0.0001", identity=False,
                      help="CPUs per trial in sweeps")
     gpus: float = _f(0, check=_gpus, allowed="0, a number in [0.0001, 1] or a whole number > 1",

@@ -356,15 +356,17 @@ class DeviceData:
         return full if drop_last and full > 0 else -(-self.n_train // batch_size)
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
-                      drop_last: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+                      drop_last: bool = True, indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """One epoch in a seeded order. ``generator`` is a CPU generator: the permutation is drawn on
-        CPU and moved to the device, so a seed gives the same order on CPU and CUDA."""
+        CPU and moved to the device, so a seed gives the same order on CPU and CUDA. ``indices``: also
+        yield each batch's example indices."""
         augment = self.augment if augment is None else augment
         order = torch.randperm(self.n_train, generator=generator).to(self.device)
         for i in range(self.steps_per_epoch(batch_size, drop_last)):
             idx = order[i * batch_size:(i + 1) * batch_size]
             x = self.train_x[idx]
-            yield (augment_batch(x, generator) if augment else x), self.train_y[idx]
+            x = augment_batch(x, generator) if augment else x
+            yield (x, self.train_y[idx], idx) if indices else (x, self.train_y[idx])
 
     def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
         for i in range(0, self.n_test, batch_size):

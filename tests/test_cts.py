@@ -9,7 +9,7 @@ from cts_ray import config as C
 from cts_ray import data as D
 from cts_ray import models
 from cts_ray.methods import METHODS, SearchContext
-from cts_ray.methods.cts import GradBalance, _norm
+from cts_ray.methods.cts import _norm, gradbalance
 from cts_ray.objectives import OBJECTIVES, Outputs
 from cts_ray.train import train_epochs
 
@@ -107,16 +107,15 @@ def test_objective_values_on_known_inputs():
 
 def test_gradbalance_step_rules():
     d, kappa = 1000, 0.1
-    gb = GradBalance(1.1 * kappa * d, 0.1)
+    budget = 1.1 * kappa * d
     theta = torch.full((d,), math.log(0.5 / 0.5))          # σ = 0.5: far over budget
     g = torch.randn(d)
-    out = gb.grad(theta, g)
-    g_c = torch.sigmoid(theta) * (1 - torch.sigmoid(theta)) / (1.1 * kappa * d)
-    assert gb.lam.item() == pytest.approx((g.norm() / g_c.norm()).item(), rel=1e-5)  # first step: λ = λ*
-    assert torch.allclose(out, (g + gb.lam * g_c).float(), rtol=1e-5, atol=1e-6)
-    lam1 = gb.lam.clone()
-    gb.grad(torch.full((d,), -10.0), g)                    # under budget: λ* = 0, λ decays by 0.99
-    assert gb.lam.item() == pytest.approx(0.99 * lam1.item(), rel=1e-6)
+    out, lam1 = gradbalance(theta, g, None, budget, 0.1)
+    g_c = torch.sigmoid(theta) * (1 - torch.sigmoid(theta)) / budget
+    assert lam1.item() == pytest.approx((g.norm() / g_c.norm()).item(), rel=1e-5)  # first step: λ = λ*
+    assert torch.allclose(out, (g + lam1 * g_c).float(), rtol=1e-5, atol=1e-6)
+    _, lam2 = gradbalance(torch.full((d,), -10.0), g, lam1, budget, 0.1)   # under budget: λ* = 0, λ decays by 0.99
+    assert lam2.item() == pytest.approx(0.99 * lam1.item(), rel=1e-6)
     # norms cannot overflow or underflow
     assert _norm(torch.full((10,), 1e30)).item() == pytest.approx(1e30 * math.sqrt(10), rel=1e-5)
     assert _norm(torch.full((10,), 1e-30)).item() == pytest.approx(1e-30 * math.sqrt(10), rel=1e-5)

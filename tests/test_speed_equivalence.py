@@ -2,6 +2,7 @@
 plain reference loop (bitwise), torch.compile (equal up to float rounding), the dense-run cache."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -86,3 +87,54 @@ def test_dense_cache_hit_gives_the_same_ticket(tmp_path):
     assert plain["mask_sha256"] == miss["mask_sha256"] == hit["mask_sha256"]
     assert plain["test_accuracy"] == miss["test_accuracy"] == hit["test_accuracy"]
     assert hit["pretrain_seconds"] == miss["pretrain_seconds"]   # the cached run's time is still counted
+
+
+def _cts(over):
+    from cts_ray.methods import METHODS, SearchContext
+    cfg = C.load(None, over)
+    data = load(cfg.data, torch.device("cpu"))
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    model = models.from_config(cfg.model, data.input_shape, data.num_classes)
+    return METHODS["cts"].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("over", [
+    [],
+    # the most sensitive variant: per-layer rescaling amplifies any rounding difference into the masks
+    ["search.controller=lagrange", "search.rescale=layer", "search.loss_scale=100", "search.lr_drop_at=epoch"],
+    ["search.objective=feature_mse"],
+], ids=["default", "lagrange-rescaled", "feature_mse"])
+def test_compiled_search_step_finds_the_eager_masks(over):
+    """torch.compile of the search step (mask, its backward and the controller fused; noise and Adam
+    as eager): the same masks as the eager search for the same seed, on CPU."""
+    eager = _cts(over + ["resources.compile_search=false"])
+    compiled = _cts(over + ["resources.compile_search=true"])
+    assert compiled.extra["compiled"] and not eager.extra["compiled"]
+    assert compiled.mask.sha256() == eager.mask.sha256()
+    assert torch.allclose(compiled.scores, eager.scores, rtol=1e-5, atol=1e-6)
+    assert [h["objective"] for h in compiled.history] == pytest.approx([h["objective"] for h in eager.history],
+                                                                       rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["kl_reverse", "feature_mse"])
+def test_teacher_outputs_computed_once_per_example_change_nothing(monkeypatch, objective):
+    """Without batch-statistics layers the frozen teacher's outputs (logits, features) are computed
+    once per example and reused every epoch: bit for bit the search that computes them every step."""
+    from cts_ray.methods import cts
+    cached = _cts([f"search.objective={objective}"])
+    monkeypatch.setattr(cts, "teacher_outputs", lambda *args: None)
+    per_step = _cts([f"search.objective={objective}"])
+    assert cached.extra["teacher_cached"] and not per_step.extra["teacher_cached"]
+    assert cached.mask.sha256() == per_step.mask.sha256() and torch.equal(cached.scores, per_step.scores)
+    assert [h["objective"] for h in cached.history] == [h["objective"] for h in per_step.history]
+
+
+def test_teacher_outputs_are_cached_only_where_they_do_not_depend_on_the_batch():
+    from torch import nn
+
+    from cts_ray.methods.cts import batch_independent
+    assert batch_independent(models.build("lenet_300_100", (1, 28, 28), 10))
+    assert batch_independent(models.build("conv4", (3, 32, 32), 10))
+    assert not batch_independent(models.build("resnet20", (3, 32, 32), 10))      # BatchNorm
+    assert not batch_independent(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
+    assert batch_independent(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0)))

@@ -68,6 +68,12 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
     cache = tmp_path / "sweeps" / "_cache" / "dense"
     assert len(list(cache.glob("*/dense.pt"))) == 2
     assert sum(not t["dense_cache_hit"] for t in trials) == 2
+    # ... and no trial held a slot waiting for its seed's: each reader started once the run was cached
+    made = {json.loads(p.read_text())["dense_identity"]["seed"]: json.loads(p.read_text())["time"]
+            for p in cache.glob("*/dense.made_by.json")}
+    for t in trials:
+        if t["dense_cache_hit"]:
+            assert t["started_at"] >= made[t["seed"]], t
 
     # MLflow: one parent, one child per trial, params = the resolved config, metrics with steps
     from mlflow.tracking import MlflowClient
@@ -208,6 +214,8 @@ def test_ltr_trials_of_one_seed_share_their_rounds(ray_cluster, tmp_path):
     assert [lv["round"] for lv in long] == [1, 2, 3, 4] and long[:2] == short
     assert all(0 < lv["effective_density"] <= lv["density"] and lv["collapsed_layers"] == [] for lv in long)
     assert trials[0.41]["ticket_seconds"] > trials[0.64]["ticket_seconds"]   # shared rounds still counted
+    # two slots, yet the deeper trial did not hold one waiting for rounds 1-2: it started after them
+    assert trials[0.41]["started_at"] >= trials[0.64]["ended_at"]
 
 
 def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, tmp_path):

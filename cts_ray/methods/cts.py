@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,40 +32,28 @@ def _norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dtype=torch.float64)
 
 
-class GradBalance:
-    """λ* = ‖g_t‖/‖g_c‖ while over budget, else 0; λ ← 0.99 λ + 0.01 λ* (λ = λ* on step one)."""
-
-    def __init__(self, budget: float, mask_lr: float):
-        self.budget = budget
-        self.lam = None
-
-    def grad(self, theta: Tensor, g_task: Tensor) -> Tensor:
-        sig = torch.sigmoid(theta)
-        over = sig.sum() > self.budget                      # C(θ) > 0
-        s1 = sig.mul_(1 - sig)                              # g_c = σ(1 − σ) / budget
-        nt, nc = _norm(g_task), _norm(s1) / self.budget
-        lam_star = torch.where(over & (nc > 0), nt / nc.clamp_min(1e-300), torch.zeros_like(nt))
-        self.lam = lam_star if self.lam is None else 0.99 * self.lam + 0.01 * lam_star
-        return g_task + (self.lam / self.budget).to(g_task.dtype) * s1
+def gradbalance(theta: Tensor, g_task: Tensor, lam, budget: float, mask_lr: float, sig=None, total=None):
+    """λ* = ‖g_t‖/‖g_c‖ while over budget, else 0; λ ← 0.99 λ + 0.01 λ* (λ = λ* on step one).
+    Returns (gradient, λ); pure, so it runs eagerly or inside the compiled update alike. ``sig``,
+    ``total``: σ(θ) and its sum when the caller has them."""
+    sig = torch.sigmoid(theta) if sig is None else sig
+    over = (sig.sum() if total is None else total) > budget   # C(θ) > 0
+    s1 = sig * (1 - sig)                                # g_c = σ(1 − σ) / budget
+    nt, nc = _norm(g_task), _norm(s1) / budget
+    lam_star = torch.where(over & (nc > 0), nt / nc.clamp_min(1e-300), torch.zeros_like(nt))
+    lam = lam_star if lam is None else 0.99 * lam + 0.01 * lam_star
+    return g_task + (lam / budget).to(g_task.dtype) * s1, lam
 
 
-class Lagrange:
+def lagrange(theta: Tensor, g_task: Tensor, lam, budget: float, mask_lr: float, sig=None, total=None):
     """Loss R + λC with λ ≥ 0 raised by gradient ascent at 0.01 × the mask learning rate."""
-
-    def __init__(self, budget: float, mask_lr: float):
-        self.budget = budget
-        self.lr = 0.01 * mask_lr
-        self.lam = None
-
-    def grad(self, theta: Tensor, g_task: Tensor) -> Tensor:
-        sig = torch.sigmoid(theta)
-        lam = self.lam if self.lam is not None else torch.zeros((), device=theta.device)
-        g = g_task + lam * sig * (1 - sig) / self.budget
-        self.lam = (lam + self.lr * (sig.sum() / self.budget - 1)).clamp_min(0)
-        return g
+    sig = torch.sigmoid(theta) if sig is None else sig
+    lam = lam if lam is not None else torch.zeros((), device=theta.device)
+    g = g_task + lam * sig * (1 - sig) / budget
+    return g, (lam + 0.01 * mask_lr * ((sig.sum() if total is None else total) / budget - 1)).clamp_min(0)
 
 
-CONTROLLERS = {"gradbalance": GradBalance, "lagrange": Lagrange}
+CONTROLLERS = {"gradbalance": gradbalance, "lagrange": lagrange}
 
 
 @contextlib.contextmanager
@@ -93,14 +83,162 @@ def capture_features(model: nn.Module, store: list):
             h.remove()
 
 
+def logistic_noise(u: Tensor) -> Tensor:
+    """L = log u − log(1 − u) = logit(u): one vectorised pass instead of four. Always eager, so the
+    compiled search sees exactly the eager search's noise. u < 1 always (torch.rand), and
+    1 - 1e-10 rounds to 1 in fp32: clamp below only."""
+    return torch.logit(u.clamp_(min=1e-10))
+
+
+def masked_weights(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tuple[list, Tensor]:
+    """The relaxed mask m = σ(θ + L/τ) applied to each frozen weight (eager reference)."""
+    m = torch.sigmoid(theta + noise / tau)
+    return [w * mi.view_as(w) for w, mi in zip(weights, m.split([w.numel() for w in weights]))], m
+
+
+class _RelaxedMask(torch.autograd.Function):
+    """``masked_weights`` with its backward written out in autograd's own order of operations
+    (∂θ = (cat(∂wm·w) · (1 − m)) · m, ATen's sigmoid_backward), so that compiled, one fused pass
+    each way, it computes bit for bit what the eager search computes."""
+
+    @staticmethod
+    def forward(theta, noise, tau, *weights):
+        m = torch.sigmoid(theta + noise / tau)
+        return (m, *[w * mi.view_as(w) for w, mi in zip(weights, m.split([w.numel() for w in weights]))])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[0], *inputs[3:])
+
+    @staticmethod
+    def backward(ctx, grad_m, *grads):
+        m, *weights = ctx.saved_tensors
+        g = torch.cat([(gw * w).reshape(-1) if gw is not None else torch.zeros_like(w).reshape(-1)
+                       for gw, w in zip(grads, weights)])
+        return (g * (1 - m) * m, None, None, *[None] * len(weights))
+
+
+def _masked_fused(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tuple[list, Tensor]:
+    m, *masked = _RelaxedMask.apply(theta, noise, tau, *weights)
+    return masked, m
+
+
+def rescaled(masked: list, m: Tensor, rescale: str) -> list:
+    """Inverted-dropout scaling (a constant: not a gradient path). Always eager: its sums must be
+    ATen's, summed in ATen's order, for the compiled search to find the eager search's masks."""
+    if rescale == "global":
+        c = m.numel() / m.sum().detach().clamp_min(1e-12)
+        return [w * c for w in masked]
+    if rescale == "layer":
+        return [w * (mi.numel() / mi.sum().detach().clamp_min(1e-12))
+                for w, mi in zip(masked, m.split([w.numel() for w in masked]))]
+    return masked
+
+
+def controlled(theta: Tensor, g_task: Tensor, lam: Tensor, sig: Tensor, total: Tensor, *, controller: str,
+               budget: float, mask_lr: float, loss_scale: float):
+    """The controller's gradient times the loss scale, for one compiled graph (one pass for the
+    norms, one for the gradient). σ(θ)'s sum comes in from ATen: summed in another order it would
+    move λ, and through λ the masks."""
+    g, lam = CONTROLLERS[controller](theta, g_task, lam, budget, mask_lr, sig, total)
+    return (g * loss_scale if loss_scale != 1 else g), lam
+
+
+class Step:
+    """One search step's mask and update, eager (the reference) or through ``torch.compile`` (the same
+    operations fused into a few passes over θ; no recompiles per step: weights, noise, λ, LR and
+    Adam's bias corrections are inputs). Either way the Adam state lives in ``opt`` (checkpointable)."""
+
+    def __init__(self, weights, tau, rescale, controller, budget, mask_lr, loss_scale, opt, compiled: bool):
+        self.weights, self.tau, self.rescale, self.opt, self.compiled = weights, tau, rescale, opt, compiled
+        self.lam, self._proven = None, False
+        self.options = dict(controller=controller, budget=budget, mask_lr=mask_lr, loss_scale=loss_scale)
+        self._mask, self._update = masked_weights, None
+        if compiled:
+            self._mask = torch.compile(_masked_fused, dynamic=False, fullgraph=True)
+            self._update = torch.compile(controlled, dynamic=False, fullgraph=True)
+
+    def masked(self, theta: Tensor, u: Tensor) -> list:
+        if self.compiled and not self._proven:   # the first compiled call compiles: on failure, go eager
+            try:
+                out = self._mask(theta, u, self.weights, self.tau)
+                self._proven = True
+            except Exception as e:   # e.g. no C++ compiler on this machine; the masks do not depend on it
+                warnings.warn(f"resources.compile_search: torch.compile failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); searching eagerly")
+                self.compiled, self._mask = False, masked_weights
+                out = masked_weights(theta, u, self.weights, self.tau)
+            return rescaled(*out, self.rescale)
+        return rescaled(*self._mask(theta, u, self.weights, self.tau), self.rescale)
+
+    def update(self, theta: Tensor, g_task: Tensor) -> None:
+        o = self.options
+        if not self.compiled or self.lam is None:   # step one eagerly: λ and Adam's state come into being
+            theta.grad, self.lam = CONTROLLERS[o["controller"]](theta.detach(), g_task, self.lam, o["budget"],
+                                                                 o["mask_lr"])
+            if o["loss_scale"] != 1:   # the authors' x100 on the objective and the controller's pull
+                theta.grad.mul_(o["loss_scale"])
+            self.opt.step()
+            return
+        # Adam stays torch's own: its fused-multiply-add lerp is not what a compiled graph computes
+        sig = torch.sigmoid(theta.detach())
+        theta.grad, self.lam = self._update(theta.detach(), g_task, self.lam, sig, sig.sum(), **o)
+        self.opt.step()
+
+
+def batch_independent(model: nn.Module) -> bool:
+    """Whether the network in train mode computes each example's output on its own (no batch
+    statistics, no dropout): then the frozen teacher's outputs can be computed once per example."""
+    from torchvision.ops import StochasticDepth
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(mod, (nn.modules.dropout._DropoutNd, StochasticDepth)) and mod.p > 0:
+            return False
+        if isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
+            return False
+    return True
+
+
+TEACHER_CACHE_BYTES = 1 << 29   # 512 MiB: logits always fit; conv feature maps of big sets may not
+
+
+def teacher_outputs(model: nn.Module, data, batch_size: int, need_features: bool, amp: bool):
+    """The frozen teacher's outputs for every training example, or None where they depend on the batch
+    or would not fit. Computed in batches of the search's own size (per-example results of a batch
+    of that size are what the search would compute itself; the tests check the masks are unchanged)."""
+    if not batch_independent(model):
+        return None
+    feats: list = []
+    hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
+    logits, features = [], []
+    with torch.no_grad(), hooks:
+        for i in range(0, data.n_train, batch_size):
+            feats.clear()
+            logits.append(model(to_input(data.train_x[i:i + batch_size], amp)))
+            features.append(list(feats))
+            if i == 0 and (logits[0].numel() + sum(f.numel() for f in feats)) * 4 * (data.n_train / len(
+                    logits[0])) > TEACHER_CACHE_BYTES:
+                return None
+    return Outputs(torch.cat(logits), [torch.cat(f) for f in zip(*features)] if need_features else [])
+
+
+def use_compile(setting: Optional[bool], work: int) -> bool:
+    """``resources.compile_search``; null compiles where the search's passes over θ are many enough
+    to repay a compile (a few seconds on CPU, cached on disk after the first)."""
+    return work >= COMPILE_WORTH if setting is None else setting
+
+
+COMPILE_WORTH = 2 * 10 ** 9   # θ elements x steps: MNIST LeNet-300-100 (266k x 1k steps x 5 epochs) is 1.3e9
+
+
 def search(ctx: SearchContext) -> Ticket:
     cfg, s, model, device = ctx.cfg, ctx.cfg.search, ctx.model, ctx.device
     t_start = time.perf_counter()
     params = prunable(model)
     names, shapes = list(params), layer_shapes(model)
     weights = [params[n].detach() for n in names]
-    sizes = [w.numel() for w in weights]
-    d = sum(sizes)
+    d = sum(w.numel() for w in weights)
     kappa = s.density
     k = kept_count(kappa, d)
 
@@ -111,18 +249,20 @@ def search(ctx: SearchContext) -> Ticket:
                        device=device, requires_grad=True)
     mask_lr = cfg.mask_lr
     opt = torch.optim.Adam([theta], lr=mask_lr)
-    controller = CONTROLLERS[s.controller]((1 + s.slack) * kappa * d, mask_lr)
     objective = OBJECTIVES[s.objective]
     need_teacher = s.objective != "ce"
     need_features = s.objective in NEEDS_FEATURES
     noise = ctx.generator("noise", device)
     order = ctx.generator("order")
-    steps_per_epoch = ctx.data.steps_per_epoch(cfg.training.batch_size)
+    batch_size = cfg.training.batch_size
+    steps_per_epoch = ctx.data.steps_per_epoch(batch_size)
     epochs = cfg.search_epochs
     # The authors drop the mask LR after epoch int(0.88 * epochs); ours (the default) after that step.
     drop_step = (int(s.lr_drop * epochs) * steps_per_epoch if s.lr_drop_at == "epoch"
                  else int(s.lr_drop * epochs * steps_per_epoch))
-    tau = s.temperature
+    compiled = use_compile(cfg.resources.compile_search, d * steps_per_epoch * epochs)
+    step_fn = Step(weights, s.temperature, s.rescale, s.controller, (1 + s.slack) * kappa * d, mask_lr,
+                   s.loss_scale, opt, compiled)
 
     history, step, prev_top, first_epoch, seconds_before = [], 0, None, 0, 0.0
     if ctx.resume is not None:   # continue an interrupted search after its last finished epoch
@@ -130,47 +270,42 @@ def search(ctx: SearchContext) -> Ticket:
         with torch.no_grad():
             theta.copy_(r["theta"])
         opt.load_state_dict(r["optimizer"])
-        controller.lam = None if r["lam"] is None else r["lam"].to(device)
+        step_fn.lam = None if r["lam"] is None else r["lam"].to(device)
         noise.set_state(r["noise"])
         order.set_state(r["order"])
         prev_top = r["prev_top"].to(device)
         history, step, first_epoch, seconds_before = list(r["history"]), r["step"], r["epoch"], r["seconds"]
     feats: list = []
     hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
+    cached = None
     try:
         with batch_statistics(model), hooks, torch.autocast(device.type, enabled=False):
             for epoch in range(first_epoch, epochs):
                 t0 = time.perf_counter()
+                if need_teacher and cached is None and epoch == first_epoch:   # once, timed with the search
+                    cached = teacher_outputs(model, ctx.data, batch_size, need_features, ctx.amp) or False
                 obj_sum = torch.zeros((), device=device)
                 n_batches = 0
-                for x, y in ctx.data.train_batches(cfg.training.batch_size, order, augment=False):
+                for x, y, idx in ctx.data.train_batches(batch_size, order, augment=False, indices=True):
                     if step == drop_step:
                         for g in opt.param_groups:
                             g["lr"] = mask_lr * 0.1
                     x = to_input(x, ctx.amp)
-                    feats.clear()
-                    if need_teacher:
+                    if cached:
+                        dense = Outputs(cached.logits[idx], [f[idx] for f in cached.features])
+                    elif need_teacher:
+                        feats.clear()
                         with torch.no_grad():
                             dense = Outputs(model(x), list(feats))
                     else:
                         dense = Outputs(None)
                     feats.clear()
-                    # L = log u − log(1 − u) = logit(u): one vectorised pass instead of four.
-                    # u < 1 always (torch.rand), and 1 - 1e-10 rounds to 1 in fp32: clamp below only.
-                    u = torch.rand(d, device=device, generator=noise).clamp_(min=1e-10)
-                    m = torch.sigmoid(theta + torch.logit(u).div_(tau))
-                    masked = {n: w * mi.view_as(w) for n, w, mi in zip(names, weights, m.split(sizes))}
-                    if s.rescale != "none":   # inverted-dropout scaling (a constant: not a gradient path)
-                        scale = [d / m.sum().detach().clamp_min(1e-12)] * len(sizes) if s.rescale == "global" else \
-                            [mi.numel() / mi.sum().detach().clamp_min(1e-12) for mi in m.split(sizes)]
-                        masked = {n: w * c for (n, w), c in zip(masked.items(), scale)}
+                    L = logistic_noise(torch.rand(d, device=device, generator=noise))
+                    masked = dict(zip(names, step_fn.masked(theta, L)))
                     sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
                     loss = objective(sparse, dense, y)
                     (g_task,) = torch.autograd.grad(loss, theta)
-                    theta.grad = controller.grad(theta.detach(), g_task)
-                    if s.loss_scale != 1:   # the authors' x100 on the objective and the controller's pull
-                        theta.grad.mul_(s.loss_scale)
-                    opt.step()
+                    step_fn.update(theta, g_task)
                     obj_sum += loss.detach()
                     n_batches += 1
                     step += 1
@@ -179,7 +314,7 @@ def search(ctx: SearchContext) -> Ticket:
                     top[torch.topk(theta, k).indices] = True
                     changed = 1.0 if prev_top is None else ((top & ~prev_top).sum() / k).item()
                     prev_top = top
-                    lam = controller.lam
+                    lam = step_fn.lam
                     record = {"phase": "search", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                               "objective": obj_sum.item() / max(n_batches, 1),
                               "expected_density": torch.sigmoid(theta).mean().item(),
@@ -202,4 +337,5 @@ def search(ctx: SearchContext) -> Ticket:
     scores = theta.detach().cpu()
     mask = Mask.top_k(scores, k, shapes)
     return Ticket(mask=mask, seconds=seconds_before + time.perf_counter() - t_start, scores=scores, history=history,
-                  extra={"search_epochs": epochs, "search_steps": step})
+                  extra={"search_epochs": epochs, "search_steps": step, "compiled": compiled,
+                         "teacher_cached": bool(cached)})

@@ -2,6 +2,7 @@
 everything went."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -44,6 +45,37 @@ def _searcher(spec: SweepSpec):
     search = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=spec.seed),
                           study_name=spec.name, storage=storage, seed=spec.seed)
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent) if spec.max_concurrent else search
+
+
+SHARED_WORK = True   # False: Tune's own grid order even where trials share work (bench/slots.py compares)
+
+
+def _shared_work_grid(spec: SweepSpec, points: Optional[list]):
+    """The dependency-aware grid searcher (schedule.py) where a grid's trials share work, else None."""
+    if not SHARED_WORK or spec.searcher != "grid" or spec.sample:
+        return None
+    from .schedule import SharedWorkGrid, plan, shares_work
+    work = plan(spec, points if points is not None else spec.grid_points() or [{}])
+    if not shares_work(work):
+        return None
+    return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense", repeats=spec.num_samples)
+
+
+@contextlib.contextmanager
+def _pending_trials(cfg0):
+    """Tune keeps one trial pending for a custom searcher; as many as the cluster has slots lets
+    the autoscaler see the demand, while suggestions stay late enough to follow their priority."""
+    import ray
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if key in os.environ:
+        yield
+        return
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    os.environ[key] = str(max(2, int(cpus / max(cfg0.resources.cpus, 1e-4))))
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def optuna_storage(spec: SweepSpec) -> str:
@@ -147,19 +179,26 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                 callbacks=[logger], verbose=verbose)
+    shared = None
     if resume:
+        shared = _shared_work_grid(spec, None)   # what the restored searcher is (the spec is unchanged)
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
         tuner._local_tuner.get_run_config().callbacks = [logger]   # restore drops callbacks (ECOSYSTEM.md)
     else:
-        tuner = tune.Tuner(trainable, param_space=param_space(spec, points),
-                           tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
-                                                       num_samples=spec.num_samples,
+        space, search_alg, samples = param_space(spec, points), _searcher(spec), spec.num_samples
+        shared = _shared_work_grid(spec, points)
+        if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
+            space, search_alg, samples = {}, shared, len(shared.todo)
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec),
+                                                       num_samples=samples,
                                                        max_concurrent_trials=spec.max_concurrent,
                                                        # a worker keeps torch & data loaded between trials
                                                        reuse_actors=True),
                            run_config=run_config)
     try:
-        grid = tuner.fit()
+        with _pending_trials(cfg0) if shared is not None else contextlib.nullcontext():
+            grid = tuner.fit()
     finally:
         logger.flush()   # what Tune reported is in MLflow before the summary (or the error) is shown
     for result in grid:   # no error and no final report: a scheduler stopped it

@@ -1,0 +1,124 @@
+"""Grid sweeps whose trials share work, scheduled so that no trial holds a slot to wait for another.
+
+Trials of a seed share their dense run, and LTR trials of a seed share their pruning rounds (the
+sweep's ``DenseCache``): round r is trained once, by the first trial that reaches it, and read by
+the others. Handed to Tune in grid order, a trial that needs work another trial is still doing
+would hold its slot and wait on the cache's lock. ``SharedWorkGrid`` hands out a trial only when
+it can run without waiting:
+
+- its dense run is in the cache, or no trial has started it yet (this trial will train it);
+- for LTR, every trial of its chain with fewer rounds has ended (it then trains only the rounds
+  beyond theirs, reading the rest).
+
+Among the trials it could hand out it prefers LTR chains (the sweep's critical path: their rounds
+are serial), deepest chain first, then trials that start a dense run others wait for, then grid
+order. Each trial stays one Tune trial with its own rows, so tables, MLflow, retries and
+``--resume`` are as for any grid. Used for grid sweeps where some dense run or LTR chain is shared
+(``shares_work``); other sweeps keep Tune's own grid generator.
+"""
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ray.tune.search import Searcher
+
+
+@dataclass
+class Work:
+    """What one grid point needs before it can run, and what it provides."""
+    point: dict            # the trial's swept values (dotted keys), as Tune's grid would give them
+    dense: str             # its DenseCache key
+    chain: Optional[str]   # LTR: the chain of rounds it shares (dense key, fraction, output fraction)
+    rounds: int            # LTR: rounds it trains or reads (0 otherwise)
+
+
+def plan(spec, points: list) -> list[Work]:
+    """The work of each point (configs only: nothing is started)."""
+    from ..cache import DenseCache
+    from ..config import from_dict
+    from ..methods.ltr import rounds_for
+    cache = DenseCache(spec.root.parent / "_cache" / "dense")
+    out = []
+    for p in points:
+        cfg = from_dict(spec.trial_raw(p))
+        key = cache.key(cfg)
+        s = cfg.search
+        ltr = s.method == "ltr"
+        out.append(Work(p, key, f"{key}-ltr-{s.ltr_fraction:g}-{s.ltr_output_fraction}" if ltr else None,
+                        rounds_for(s.density, s.ltr_fraction) if ltr else 0))
+    return out
+
+
+def shares_work(work: list[Work]) -> bool:
+    dense = [w.dense for w in work]
+    chains = [w.chain for w in work if w.chain]
+    return len(set(dense)) < len(dense) or len(set(chains)) < len(chains)
+
+
+class SharedWorkGrid(Searcher):
+    """A grid searcher that suggests a point only when it can run without waiting (module doc)."""
+
+    def __init__(self, work: list[Work], cache_root, repeats: int = 1):
+        super().__init__()
+        self.cache_root = str(cache_root)
+        self.work = work
+        self.todo = [i for _ in range(repeats) for i in range(len(work))]   # indices into work, grid order
+        self.running: dict[str, int] = {}        # trial id -> work index (suggested, not yet ended)
+        self.training: Counter = Counter()       # dense key -> running trials that may be training it
+        self.cached: set[str] = set()            # dense keys found in the cache
+        self.outstanding: dict[str, Counter] = {}   # LTR chain -> rounds of its trials not yet ended
+        self.depth: dict[str, int] = {}
+        for i in self.todo:
+            w = work[i]
+            if w.chain:
+                self.outstanding.setdefault(w.chain, Counter())[w.rounds] += 1
+                self.depth[w.chain] = max(self.depth.get(w.chain, 0), w.rounds)
+
+    # ---- readiness
+    def _ready(self, w: Work) -> bool:
+        if self.training[w.dense] and w.dense not in self.cached:
+            if not Path(self.cache_root, w.dense, "dense.pt").exists():
+                return False   # a running trial is training it
+            self.cached.add(w.dense)
+        if w.chain and min(r for r, n in self.outstanding[w.chain].items() if n) < w.rounds:
+            return False       # a shallower trial of the chain has not ended: its rounds come first
+        return True
+
+    def _priority(self, w: Work) -> tuple:
+        if w.chain:
+            return (0, -self.depth[w.chain], w.rounds)
+        return (1,) if w.dense not in self.cached and not self.training[w.dense] else (2,)
+
+    # ---- Tune's searcher interface
+    def suggest(self, trial_id: str):
+        if not self.todo:
+            return Searcher.FINISHED
+        ready = [(self._priority(self.work[i]), n) for n, i in enumerate(self.todo) if self._ready(self.work[i])]
+        if not ready:
+            return None   # Tune asks again later
+        i = self.todo.pop(min(ready)[1])
+        w = self.work[i]
+        self.running[trial_id] = i
+        self.training[w.dense] += 1
+        return dict(w.point)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        i = self.running.pop(trial_id, None)
+        if i is None:
+            return
+        w = self.work[i]
+        self.training[w.dense] -= 1
+        if w.chain:
+            self.outstanding[w.chain][w.rounds] -= 1
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
