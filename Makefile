@@ -34,9 +34,10 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 # Debian's Chromium and its driver, which tests/test_mlflow_ui.py drives headless; installed only
 # when missing (a clean CI machine), never downloaded by Selenium.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# g++: torch.compile's CPU backend (the compiled CTS search step) builds its kernels with it.
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v g++ >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver g++ >/dev/null; }
 
 test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -104,23 +104,25 @@ class _RelaxedMask(torch.autograd.Function):
     @staticmethod
     def forward(theta, noise, tau, *weights):
         m = torch.sigmoid(theta + noise / tau)
-        return (m, *[w * mi.view_as(w) for w, mi in zip(weights, m.split([w.numel() for w in weights]))])
+        # σ(θ) for the controller, in the same pass (θ does not change before the update)
+        return (m, torch.sigmoid(theta), *[w * mi.view_as(w) for w, mi in zip(weights, m.split([w.numel() for w in weights]))])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[0], *inputs[3:])
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad_m, *grads):
+    def backward(ctx, grad_m, grad_sig, *grads):
         m, *weights = ctx.saved_tensors
         g = torch.cat([(gw * w).reshape(-1) if gw is not None else torch.zeros_like(w).reshape(-1)
                        for gw, w in zip(grads, weights)])
         return (g * (1 - m) * m, None, None, *[None] * len(weights))
 
 
-def _masked_fused(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tuple[list, Tensor]:
-    m, *masked = _RelaxedMask.apply(theta, noise, tau, *weights)
-    return masked, m
+def _masked_fused(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tuple[list, Tensor, Tensor]:
+    m, sig, *masked = _RelaxedMask.apply(theta, noise, tau, *weights)
+    return masked, m, sig
 
 
 def rescaled(masked: list, m: Tensor, rescale: str) -> list:
@@ -168,8 +170,11 @@ class Step:
                               f"{str(e).splitlines()[0] if str(e) else ''}); searching eagerly")
                 self.compiled, self._mask = False, masked_weights
                 out = masked_weights(theta, u, self.weights, self.tau)
-            return rescaled(*out, self.rescale)
-        return rescaled(*self._mask(theta, u, self.weights, self.tau), self.rescale)
+        else:
+            out = self._mask(theta, u, self.weights, self.tau)
+        if self.compiled:
+            self._sig = out[2]
+        return rescaled(out[0], out[1], self.rescale)
 
     def update(self, theta: Tensor, g_task: Tensor) -> None:
         o = self.options
@@ -181,7 +186,7 @@ class Step:
             self.opt.step()
             return
         # Adam stays torch's own: its fused-multiply-add lerp is not what a compiled graph computes
-        sig = torch.sigmoid(theta.detach())
+        sig = self._sig
         theta.grad, self.lam = self._update(theta.detach(), g_task, self.lam, sig, sig.sum(), **o)
         self.opt.step()
 
