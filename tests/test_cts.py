@@ -119,3 +119,13 @@ def test_gradbalance_step_rules():
     # norms cannot overflow or underflow
     assert _norm(torch.full((10,), 1e30)).item() == pytest.approx(1e30 * math.sqrt(10), rel=1e-5)
     assert _norm(torch.full((10,), 1e-30)).item() == pytest.approx(1e-30 * math.sqrt(10), rel=1e-5)
+
+
+def test_compile_search_setting():
+    """null compiles only searches long enough to repay the compile; true/false force it."""
+    from cts_ray.methods.cts import COMPILE_WORTH, use_compile
+    lenet_mnist = 266_200 * 1000 * 5       # MNIST LeNet-300-100, search length 0.5 of 10 epochs
+    digits = 50_000 * 56 * 6               # the quickstart's CTS trials
+    assert use_compile(None, lenet_mnist) and not use_compile(None, digits)
+    assert use_compile(True, digits) and not use_compile(False, lenet_mnist)
+    assert COMPILE_WORTH > digits

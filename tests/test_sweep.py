@@ -73,7 +73,7 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
             for p in cache.glob("*/dense.made_by.json")}
     for t in trials:
         if t["dense_cache_hit"]:
-            assert t["started_at"] >= made[t["seed"]], t
+            assert t["started_at"] >= made[t["seed"]] - 0.5, t   # (made_by.json is written just after dense.pt)
 
     # MLflow: one parent, one child per trial, params = the resolved config, metrics with steps
     from mlflow.tracking import MlflowClient

@@ -377,6 +377,9 @@ def preview(spec: SweepSpec) -> str:
                  + (" …" if len(dense) > 6 else "") + ")")
     if chains:
         lines.append("LTR levels: " + "; ".join(f"{r} rounds shared by {c} trial(s)" for r, _, c in chains.values()))
+    if _shared_work_grid(spec, None) is not None:
+        lines.append("order: a trial starts once its dense run is cached (or to train it) and, for LTR, after the "
+                     "shallower trials of its chain; LTR chains first — no trial holds a slot to wait")
     shared = sum(e for e, _ in dense.values()) + sum(r * e for r, e, _ in chains.values()) + scale * sum(own)
     alone = sum(dense_until(c) + (METHODS[c.search.method].epochs(c) - c.training.epochs if c.search.method == "ltr"
                                   else 0) for c in configs) * scale + scale * sum(own)
