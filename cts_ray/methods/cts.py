@@ -104,8 +104,9 @@ class _RelaxedMask(torch.autograd.Function):
     @staticmethod
     def forward(theta, noise, tau, *weights):
         m = torch.sigmoid(theta + noise / tau)
+        parts = m.split([w.numel() for w in weights])
         # σ(θ) for the controller, in the same pass (θ does not change before the update)
-        return (m, torch.sigmoid(theta), *[w * mi.view_as(w) for w, mi in zip(weights, m.split([w.numel() for w in weights]))])
+        return (m, torch.sigmoid(theta), *[w * mi.view_as(w) for w, mi in zip(weights, parts)])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -147,9 +148,9 @@ def controlled(theta: Tensor, g_task: Tensor, lam: Tensor, sig: Tensor, total: T
 
 
 class Step:
-    """One search step's mask and update, eager (the reference) or through ``torch.compile`` (the same
-    operations fused into a few passes over θ; no recompiles per step: weights, noise, λ, LR and
-    Adam's bias corrections are inputs). Either way the Adam state lives in ``opt`` (checkpointable)."""
+    """One search step's mask and update, eager (the reference) or through ``torch.compile``: the same
+    operations fused into a few passes over θ, with weights, noise and λ as inputs (no recompiles per
+    step). Adam is torch's own either way (its state in ``opt``, checkpointable)."""
 
     def __init__(self, weights, tau, rescale, controller, budget, mask_lr, loss_scale, opt, compiled: bool):
         self.weights, self.tau, self.rescale, self.opt, self.compiled = weights, tau, rescale, opt, compiled
