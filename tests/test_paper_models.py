@@ -129,3 +129,20 @@ def test_cts_moves_the_attention_logits(tiny_cifar):
         i += p.numel()
         if name.endswith("in_proj_weight"):   # a gradient reached (almost) every entry of the mask
             assert (theta - theta0).abs().gt(1e-6).float().mean() > 0.9, name
+
+
+def test_anatomy_of_attention():
+    """Ticket anatomy through transformers: a random 30 % mask is nearly all effective; a layer whose
+    v projection is pruned away passes nothing, so its q and k weights are on no path either."""
+    from cts_ray.anatomy import anatomy
+    from cts_ray.masking import layer_shapes
+    torch.manual_seed(0)
+    net = models.build("vit_tiny", (3, 32, 32), 10)
+    mask = Mask({n: torch.rand(s) < 0.3 for n, s in layer_shapes(net).items()})
+    a = anatomy(net, mask, (3, 32, 32))
+    assert not a.collapsed_layers and a.effective_density > 0.99 * mask.density
+    name = "encoder.layers.encoder_layer_5.self_attention.in_proj_weight"
+    mask.layers[name][2 * 192:] = False
+    a = anatomy(net, mask, (3, 32, 32))
+    assert a.effective.layers[name].sum() == 0 and name in a.collapsed_layers
+    assert a.effective.layers[name.replace("_5", "_6")].float().mean() > 0.29   # the residual path goes on
