@@ -13,6 +13,12 @@ gradient (input activation × output gradient) is > 0 iff it is on a path. Addit
 shortcuts) pass reachability in both directions. Values stay small integers (or positive
 fractions after pooling) whatever the depth, so float32 is exact about what matters: > 0.
 
+Attention (nn.MultiheadAttention, torchvision's Swin): reachability runs with uniform attention
+(q = k = 0), so v carries what reaches where; a kept q or k weight counts as effective when its
+input unit is reachable and its head has an effective v weight. Weights that reach the output only
+through q or k (the softmax passes no reachability gradient) count as ineffective: an under-count,
+visible only near layer collapse.
+
 Convolutions are exact per position: a kernel tap that only ever meets zero padding (a 3×3
 kernel on a 1×1 map) is on no path, even in a dense mask.
 """
@@ -27,8 +33,10 @@ from torch import nn
 from .masking import Mask
 from .models import prunable_names
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
-_PASS_THROUGH = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Dropout)
+# LayerNorm is a step too: in a transformer it is the only thing between residual additions, and as
+# an identity the values there grow ~200x a block until attention's q·k overflows (NaN)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LayerNorm)
+_PASS_THROUGH = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.Dropout)
 
 
 class _Step(torch.autograd.Function):
@@ -120,9 +128,40 @@ def anatomy(model: nn.Module, mask: Mask, input_shape) -> Anatomy:
                 p.copy_(mask.layers[n])
             else:   # biases carry no path; weights that are never pruned are all there
                 p.fill_(0.0 if n.rpartition(".")[2] == "bias" else 1.0)
+        fused = [(n, h) for n, h in _fused_qkv(model) if n in chosen]
+        params = dict(net.named_parameters())
+        for n, _ in fused:   # q = k = 0: uniform attention, so what reaches where does not hinge on q·k
+            params[n][: 2 * params[n].shape[0] // 3] = 0
     with torch.enable_grad():
         out = net(torch.ones(1, *input_shape))
         out.sum().backward()
-    params = dict(net.named_parameters())
-    effective = Mask({n: mask.layers[n].cpu() & (params[n].grad > 0) for n in mask.layers})
-    return Anatomy(mask, effective)
+    effective = {n: mask.layers[n].cpu() & (params[n].grad > 0) for n in mask.layers}
+    for name, heads in fused:
+        effective[name] = _attention_qk(mask.layers[name].cpu(), params[name].grad, effective[name], heads)
+    return Anatomy(mask, Mask(effective))
+
+
+def _fused_qkv(model: nn.Module) -> list[tuple[str, int]]:
+    """(weight name, heads) of each fused q/k/v projection: nn.MultiheadAttention's in_proj_weight,
+    a Linear named ``qkv`` in a module with ``num_heads`` (torchvision's Swin)."""
+    out = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            out.append((f"{prefix}in_proj_weight", m.num_heads))
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads"):
+            out.append((f"{prefix}qkv.weight", m.num_heads))
+    return out
+
+
+def _attention_qk(mask: torch.Tensor, grad: torch.Tensor, effective: torch.Tensor, heads: int) -> torch.Tensor:
+    """Effective q and k rows of a fused [q; k; v] weight. Attention is made uniform (q = k = 0, and
+    on the all-ones input tokens are alike anyway), so the softmax passes no gradient to q or k. A
+    kept q/k weight is taken as on a path when its input unit is reachable (some v weight from that
+    input has a gradient) and its head carries signal (the head has an effective v weight)."""
+    q, k, v = mask.chunk(3)
+    reachable_in = (grad.chunk(3)[2] > 0).any(0)
+    head_alive = effective.chunk(3)[2].reshape(heads, -1).any(1)
+    alive_rows = head_alive.repeat_interleave(q.shape[0] // heads)[:, None]
+    qk = torch.cat([q, k]) & reachable_in[None, :] & torch.cat([alive_rows, alive_rows])
+    return torch.cat([qk, effective.chunk(3)[2]])

@@ -169,6 +169,11 @@ class SearchConfig:
                                                    "(Frankle & Carbin: 0.1); null = pruned globally")
     gate_sigma: float = _f(0.5, check=_positive, allowed="a number > 0",
                            help="gates: noise std of the relaxed Bernoulli gates")
+    strong_init: Optional[str] = _f(None, choices=[None, "kaiming_uniform", "signed_constant", "kaiming_normal"],
+                                    identity="non_default",
+                                    help="gates/edge_popup: the frozen weights a strong ticket selects from; null = the "
+                                         "method's paper default (gates: kaiming_uniform, edge_popup: signed_constant); "
+                                         "set, both methods draw the same weights for a seed")
     lr_drop_at: str = _f("step", choices=["step", "epoch"], identity="non_default",
                          help="cts: mask LR drop after step int(lr_drop x search steps), or after epoch "
                               "int(lr_drop x search epochs) as the authors' code")
@@ -335,12 +340,16 @@ def _build_section(cls, raw: dict, prefix: str):
     return obj
 
 
+def _names(choices) -> str:
+    return ", ".join("null" if c is None else str(c) for c in choices)
+
+
 def _check_value(key, v, f):
     choices = f.metadata.get("choices")
     if choices is not None:
         allowed = choices() if callable(choices) else choices
         if v not in allowed:
-            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {_names(allowed)}")
     check = f.metadata.get("check")
     if check is not None and v is not None and not check(v):
         raise ConfigError(f"{key}: {v!r} is out of range; expected {f.metadata.get('allowed')}")
@@ -520,7 +529,7 @@ def describe() -> list[tuple[str, Any, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
-            allowed = (", ".join(choices() if callable(choices) else choices) if choices
+            allowed = (_names(choices() if callable(choices) else choices) if choices
                        else f.metadata.get("allowed") or _type_name(typing.get_type_hints(cls)[f.name]))
             rows.append((f"{sec}.{f.name}", default, allowed, f.metadata.get("help", "")))
     return rows

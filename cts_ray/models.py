@@ -1,13 +1,17 @@
 """Model registry: name -> builder(input_shape=(C,H,W), num_classes).
 
 Prunable weights are the weights of every Conv2d and Linear (first conv,
-shortcuts and classifier included); a model may override this by defining
+shortcuts and classifier included) and the attention projections of every
+nn.MultiheadAttention (``in_proj_weight``, or ``q/k/v_proj_weight``: raw
+parameters, not Linear modules); a model may override this by defining
 `prunable_names(self)`. Weights live only in parameters so that
 torch.func.functional_call can swap in masked tensors.
 """
+import math
 from typing import Callable
 
 from torch import nn
+from torchvision.models import SwinTransformer, VisionTransformer
 
 Shape = tuple[int, int, int]
 
@@ -114,6 +118,88 @@ def vgg16(input_shape: Shape, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# ------------------------------------------------------------------ Wide-ResNets
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block (Zagoruyko & Komodakis 2016): BN-ReLU-conv3x3, BN-ReLU-conv3x3;
+    a 1x1 shortcut conv on the pre-activated input when the shape changes. No dropout."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        o = self.relu(self.bn1(x))
+        y = self.conv2(self.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """CIFAR WRN-depth-k: depth = 6n + 4, three groups of n blocks, widths 16k, 32k, 64k."""
+
+    def __init__(self, in_ch: int, num_classes: int, depth: int, k: int):
+        super().__init__()
+        assert (depth - 4) % 6 == 0, depth
+        n = (depth - 4) // 6
+        self.stem = nn.Conv2d(in_ch, 16, 3, 1, 1, bias=False)
+        blocks, cin = [], 16
+        for width, stride in ((16 * k, 1), (32 * k, 2), (64 * k, 2)):
+            for i in range(n):
+                blocks.append(WideBlock(cin, width, stride if i == 0 else 1))
+                cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))))
+
+
+# ------------------------------------------------------------------ transformers
+# torchvision's classes, sized for small images. They keep torchvision's own initialisation (see
+# ``build``), and no dropout or stochastic depth, like every other model here.
+
+def vit_tiny(input_shape: Shape, num_classes: int, patch: int = 4) -> VisionTransformer:
+    """ViT-Tiny (hidden 192, 12 layers, 3 heads, MLP 768) on square images, patch 4 (32x32: 64 tokens)."""
+    c, h, w = input_shape
+    if h != w or h % patch:
+        raise ValueError(f"vit_tiny: needs square images with a side divisible by {patch}; got {h}x{w}")
+    model = VisionTransformer(image_size=h, patch_size=patch, num_layers=12, num_heads=3, hidden_dim=192,
+                              mlp_dim=768, num_classes=num_classes)
+    if c != 3:   # torchvision's patch embedding is RGB-only; same init as its own
+        model.conv_proj = nn.Conv2d(c, 192, patch, patch)
+        nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / (c * patch * patch)))
+        nn.init.zeros_(model.conv_proj.bias)
+    # torchvision zeroes the head (for fine-tuning); a zero classifier gives every saliency score
+    # and CTS's dense teacher nothing to work with, so it gets Swin's trunc-normal 0.02 instead
+    nn.init.trunc_normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def swin_t(input_shape: Shape, num_classes: int) -> SwinTransformer:
+    """Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24) for 32x32 images: patch 2, window 4.
+
+    ImageNet's Swin-T (patch 4, window 7 on 224x224) has 56x56 tokens, 8x8 windows in stage 1 and a
+    last-stage map of exactly one window. Patch 2 on 32x32 gives 16x16 tokens (4x4 windows of 4)
+    and maps of 8, 4 and 2 after the merges: the last two fit one window, as on ImageNet, while a
+    patch of 4 would leave stage 1 with only 2x2 windows and stage 4 with a 1x1 map. Sides that
+    are not multiples of the window (28x28 MNIST: 14, 7, 4, 2 tokens) are padded by torchvision."""
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                            window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=num_classes)
+    c = input_shape[0]
+    if c != 3:   # torchvision's patch embedding is RGB-only; PyTorch's default conv init, as its own
+        model.features[0][0] = nn.Conv2d(c, 96, 2, 2)
+    return model
+
+
+TRANSFORMERS = {"vit_tiny", "swin_t"}   # keep torchvision's initialisation (``build``)
+
+
 # ---------------------------------------------------------------------- registry
 
 MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
@@ -127,6 +213,10 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "vgg16": vgg16,
     "resnet18": lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 64, [64, 128, 256, 512], [2, 2, 2, 2],
                                                          [1, 2, 2, 2], shortcut),
+    "wrn28_10": lambda s, k: WideResNet(s[0], k, 28, 10),
+    "wrn16_2": lambda s, k: WideResNet(s[0], k, 16, 2),   # small, for tests and laptops
+    "vit_tiny": vit_tiny,
+    "swin_t": swin_t,
 }
 RESNETS = {"resnet20", "resnet32", "resnet56", "resnet18"}   # the builders that take ``shortcut``
 
@@ -153,7 +243,11 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, bat
     model = MODELS[name](tuple(input_shape), num_classes, **options)  # KeyError for unknown names
     if batchnorm == "batch":
         batch_statistics_only(model)
-    initialize(model, classifier_bias)
+    # Transformers keep torchvision's init (Swin: trunc-normal 0.02 linears; ViT: Xavier-uniform
+    # projections; LayerNorm 1/0). Kaiming-normal, sqrt(2/fan_in) = 0.10 at width 192, would make
+    # q and k 2x (ViT) to 5x (Swin) larger and attention logits 4-25x: near one-hot softmax at init.
+    if name not in TRANSFORMERS:
+        initialize(model, classifier_bias)
     return model
 
 
@@ -182,6 +276,10 @@ def prunable_names(model: nn.Module) -> list[str]:
             raise KeyError(f"prunable_names() lists unknown parameters: {sorted(missing)}")
         return [n for n in names if n in chosen]
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for m in model.modules():   # attention projections held as raw parameters
+        if isinstance(m, nn.MultiheadAttention):
+            weights |= {id(p) for p in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+                        if p is not None}
     return [n for n, p in model.named_parameters() if id(p) in weights]
 
 

@@ -332,6 +332,7 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         "method": s.method, **{k: getattr(s, k) if applies(s.method, f"search.{k}") else None
                                for k in ("objective", "controller", "temperature")},
         "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
+        "strong_init": ticket.extra.get("strong_init"),   # the frozen weights' init, resolved (strong tickets)
         "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
         "data": data_mod.provenance(cfg.data, data),   # what it was, as used, and how it was normalised
         "search_point": s.point, "search_epoch": k,

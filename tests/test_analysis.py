@@ -256,3 +256,45 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
     assert "Alive units per layer, mean over seeds; layers (units): 1.weight (256) / 3.weight (128) / 5.weight (10)" in md
     assert "24 finished trials from 2 sweep(s) (methods, temps)" in md
     assert "## Provenance" in md and rows[0]["code_version"] in md and "config hashes" in md
+
+
+def test_strong_ticket_table_from_real_runs(tmp_path):
+    """Real gates / edge-popup runs (digits; one shared weight family, and gates at its paper default)
+    written by the sweep's own row writer: the report's strong-ticket table names the weights and
+    holds the runs' own accuracies; a CTS trial beside them stays out, and alone gets no table."""
+    import time
+    from cts_ray import pipeline
+    from cts_ray.sweep import trainable
+
+    def run(root, method, density, seed, init=None):
+        cfg = config.load(None, [f"search.method={method}", f"search.density={density}", f"seed={seed}",
+                                 "training.epochs=2", "training.milestones=[]", "search.length=1.0",
+                                 "search.point=init", "training.dense_baseline=false", "data.subset=300",
+                                 "resources.device=cpu"] + ([f"search.strong_init={init}"] if init else []))
+        folder = root / "trials" / f"{method}-{cfg.hash}"
+        s = pipeline.run(cfg, folder, progress=False)
+        common = {"sweep": root.name, "trial_id": folder.name, "config_hash": cfg.hash, **tables.axes(cfg)}
+        trainable._write_trial_row(root, cfg, common, "finished", None, s, folder, "n0", time.time())
+        return 100 * s["test_accuracy"]
+
+    root = tmp_path / "strong"
+    acc = {(m, w, d): [run(root, m, d, seed, init) for seed in (0, 1)]
+           for m, init, w in (("gates", "signed_constant", "signed_constant"),
+                              ("edge_popup", "signed_constant", "signed_constant"), ("gates", None, "kaiming_uniform"))
+           for d in (0.5, 0.2)}
+    run(root, "cts", 0.5, 0)
+    assert cli.main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    table = md.split("## Strong tickets")[1]
+    assert table.splitlines()[2] == ("| sparsity % | gates on kaiming_uniform | gates on signed_constant "
+                                     "| edge_popup on signed_constant |")
+    for d in (0.5, 0.2):
+        cells = [f"{np.mean(a):.2f} ± {np.std(a, ddof=1):.2f}" for a in
+                 (acc["gates", "kaiming_uniform", d], acc["gates", "signed_constant", d],
+                  acc["edge_popup", "signed_constant", d])]
+        assert f"| {100 * (1 - d):.4g} | " + " | ".join(cells) + " |" in table, (d, cells)
+    assert "cts" not in table.split("\n\n")[1]
+    alone = tmp_path / "cts_only"
+    run(alone, "cts", 0.5, 0)
+    assert cli.main(["report", str(alone), "--out", str(tmp_path / "r2")]) == 0
+    assert "Strong tickets" not in (tmp_path / "r2" / "report.md").read_text()

@@ -17,6 +17,10 @@ SHAPES = {
     "resnet56": (3, 32, 32),
     "vgg16": (3, 32, 32),
     "resnet18": (3, 32, 32),
+    "wrn16_2": (3, 32, 32),
+    "wrn28_10": (3, 32, 32),
+    "vit_tiny": (3, 32, 32),
+    "swin_t": (3, 32, 32),
 }
 
 
@@ -39,7 +43,8 @@ def test_forward_shape(name):
     assert model(x.to(memory_format=torch.channels_last)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (3, 32, 32)), ("conv4", (1, 28, 28)),
+@pytest.mark.parametrize("name,shape", [("lenet5", (3, 32, 32)), ("conv4", (1, 28, 28)), ("vit_tiny", (1, 28, 28)),
+                                        ("swin_t", (1, 28, 28)), ("wrn16_2", (1, 28, 28)),
                                         ("mlp_digits", (3, 32, 32)), ("resnet20", (1, 8, 8))])
 def test_other_input_shapes(name, shape):
     model = models.build(name, shape, 3).eval()

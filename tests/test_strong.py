@@ -195,3 +195,58 @@ def test_gates_end_to_end_through_the_pipeline(tmp_path):
     model.load_state_dict(ticket.weights)
     saved.apply_(model)
     assert evaluate(model, data)["test_accuracy"] == summary["test_accuracy"]
+
+
+# ------------------------------------------------------------------- search.strong_init
+
+def _weights(method, init=None, seed=0):
+    extra = ["data.subset=200", f"seed={seed}"] + ([f"search.strong_init={init}"] if init else [])
+    ticket, _, model = _search(_cfg(method, 0.5, epochs=1, extra=extra))
+    return {n: ticket.weights[n] for n in models.prunable_names(model)}, ticket
+
+
+@pytest.mark.parametrize("init", ["kaiming_uniform", "signed_constant", "kaiming_normal"])
+def test_both_methods_select_from_identical_weights_when_strong_init_is_set(init):
+    gates, tg = _weights("gates", init)
+    popup, tp = _weights("edge_popup", init)
+    assert gates.keys() == popup.keys() and all(torch.equal(gates[n], popup[n]) for n in gates)
+    assert tg.extra["strong_init"] == tp.extra["strong_init"] == init
+    assert tg.mask.sha256() != tp.mask.sha256()          # only the selection differs
+    other, _ = _weights("gates", init, seed=1)
+    assert not torch.equal(other["1.weight"], gates["1.weight"])
+    for n, w in gates.items():
+        fan_in = w[0].numel()
+        if init == "signed_constant":
+            assert torch.allclose(w.abs(), torch.full_like(w, math.sqrt(2 / fan_in))), n
+        elif init == "kaiming_uniform":
+            assert w.abs().max() <= math.sqrt(6 / fan_in) and w.std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
+        else:
+            assert w.std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1) and w.abs().max() > math.sqrt(6 / fan_in)
+
+
+def test_strong_init_null_keeps_each_papers_weights_drawn_as_before():
+    """Null: gates on He-uniform, edge-popup on signed constants, each from its own generator,
+    exactly the draw the methods made before the knob (layer by layer, parameter order)."""
+    from cts_ray import runtime
+    for method in ("gates", "edge_popup"):
+        weights, ticket = _weights(method)
+        assert ticket.extra["strong_init"] == {"gates": "kaiming_uniform", "edge_popup": "signed_constant"}[method]
+        gen = runtime.generator(0, f"{method}:init")
+        for n, w in weights.items():
+            old = torch.empty(w.shape)
+            if method == "gates":
+                nn.init.kaiming_uniform_(old, a=0, nonlinearity="relu", generator=gen)
+            else:
+                old = torch.where(torch.rand(w.shape, generator=gen) < 0.5, -1.0, 1.0) * math.sqrt(2 / w[0].numel())
+            assert torch.equal(w, old), (method, n)
+
+
+def test_strong_init_config_keeps_old_hashes_and_applies_to_strong_tickets_only():
+    from cts_ray.methods import applies
+    assert C.load(None, ["search.strong_init=null"]).hash == C.Config().hash == "4b72a4eecf22"
+    assert C.load(None, ["search.strong_init=signed_constant"]).hash != "4b72a4eecf22"
+    with pytest.raises(C.ConfigError, match=r"^search.strong_init: 'he' is not allowed; choose one of: null, "
+                                            r"kaiming_uniform, signed_constant, kaiming_normal$"):
+        C.load(None, ["search.strong_init=he"])
+    assert applies("gates", "search.strong_init") and applies("edge_popup", "search.strong_init")
+    assert not any(applies(m, "search.strong_init") for m in ("cts", "ltr", "snip", "random"))

@@ -22,7 +22,7 @@ TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 FILES = sorted(TUNE_CONFIGS.glob("*.yaml"))
 EXPECTED = {"quickstart", "sparsity_sweep", "temperature_ablation", "objective_ablation", "controller_ablation",
             "seed_robustness", "method_comparison", "sanity_checks", "optuna_search", "paper_resnet20_cifar10",
-            "paper_vgg16_cifar10"}
+            "paper_vgg16_cifar10", "strong_tickets"}
 NO_ROOT = {"digits"}                  # data sets that need no data.root
 MNIST_LIKE = {"mnist"}                # available here under the shared folder
 
@@ -136,8 +136,9 @@ def test_optuna_file_is_seeded_optuna(load):
     assert multi.metric == ["test_accuracy", "ticket_seconds"] and multi.mode == ["max", "min"]
 
 
-# quickstart: a digits demo of CTS, SNIP and random (no LTR); the README shows its round densities
-NOT_ON_LTR_LEVELS = {"quickstart"}
+# quickstart: a digits demo of CTS, SNIP and random (no LTR); the README shows its round densities;
+# strong_tickets: strong tickets only, at the gates paper's sparsities (45-95 %), not LTR's
+NOT_ON_LTR_LEVELS = {"quickstart", "strong_tickets"}
 
 
 @functools.cache

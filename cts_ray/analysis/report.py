@@ -7,7 +7,7 @@ import platform
 from collections import Counter
 from pathlib import Path
 
-from . import comparison, insensitivity, seeds
+from . import comparison, insensitivity, seeds, strong
 from .load import AnalysisError, Results, load
 
 KINDS = {"comparison": comparison, "seeds": seeds, "insensitivity": insensitivity}
@@ -80,6 +80,10 @@ def build(paths, out=None, *, metric: str = "test_accuracy", allow_incomplete: b
             continue
         md.append(text)
         md += [""] + [f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in files]
+    try:
+        md += ["", "## Strong tickets", "", strong.markdown(strong.analyse(res))]
+    except AnalysisError:
+        pass   # no strong-ticket trials: no section
     path = out / "report.md"
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(md) + "\n")

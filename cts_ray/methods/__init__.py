@@ -85,8 +85,10 @@ METHODS: dict[str, Method] = {
     "synflow": Method(saliency.synflow, knobs=("search.synflow_rounds",)),
     "magnitude": Method(simple.magnitude),
     "random": Method(simple.random, scores=False),
-    "gates": Method(strong.gates, strong=True, epochs=_search_epochs, knobs=("search.gate_sigma", *_SEARCHED)),
-    "edge_popup": Method(strong.edge_popup, strong=True, epochs=_search_epochs, knobs=_SEARCHED),
+    "gates": Method(strong.gates, strong=True, epochs=_search_epochs,
+                    knobs=("search.gate_sigma", "search.strong_init", *_SEARCHED)),
+    "edge_popup": Method(strong.edge_popup, strong=True, epochs=_search_epochs,
+                         knobs=("search.strong_init", *_SEARCHED)),
 }
 KNOBS = frozenset(k for m in METHODS.values() for k in m.knobs)   # keys only some methods read
 

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data import DeviceData
 from ..masking import Mask, kept_count, layer_shapes
@@ -89,7 +90,9 @@ def snip(ctx: SearchContext) -> Ticket:
 def grasp_hg(model: nn.Module, weights: list[Tensor], x: Tensor, y: Tensor, temperature: float) -> list[Tensor]:
     """H g for L = CE(f(x)/T, y): g = ∂L/∂w (detached), then Hg = ∂(g · ∂L/∂w)/∂w.
     The Hessian is taken with respect to ``weights`` only (the other parameters held fixed)."""
-    loss = F.cross_entropy(model(x) / temperature, y)
+    # Hg differentiates twice; the fused attention kernels cannot be, PyTorch's math attention can
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = F.cross_entropy(model(x) / temperature, y)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     z = sum((g.detach() * g_live).sum() for g, g_live in zip(grads, grads))
     return list(torch.autograd.grad(z, weights))

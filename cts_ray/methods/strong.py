@@ -9,13 +9,23 @@ BatchNorm running statistics recomputed for the final mask (cumulative average o
 the training set in train mode, no gradient), so that the ticket is evaluated in eval mode
 exactly as searched.
 
-Frozen parameters (both methods): biases of Conv/Linear layers 0, BatchNorm weight 1 and bias 0
-(PyTorch's default BN initialisation; for edge-popup this is its "non-affine BatchNorm").
+Frozen parameters (both methods): biases of Conv/Linear layers and attention input projections 0,
+BatchNorm and LayerNorm weight 1 and bias 0 (PyTorch's default initialisation; for edge-popup this
+is its "non-affine BatchNorm"). Other parameters (a ViT's class token and position embedding,
+Swin's relative position tables) stay as the search-point model holds them.
+
+Frozen prunable weights: ``search.strong_init`` (``strong_init(cfg)`` resolves it), drawn on CPU
+layer by layer in parameter order. Null = the method's paper default below, from the method's own
+generator (``<method>:init``), exactly the draw these methods made before the knob existed. Set
+to a value, both methods draw from one generator (``strong:init``), so gates and edge-popup at one
+seed select from identical weights and a sweep compares selection alone:
+- ``kaiming_uniform``: ``nn.init.kaiming_uniform_(w, a=0, nonlinearity="relu")``, U(±√(6/fan_in));
+- ``signed_constant``: ±√(2/fan_in), each sign +1/−1 with probability ½;
+- ``kaiming_normal``: N(0, 2/fan_in), the project's ordinary initialisation.
 
 **gates** (Tsayag & Lindenbaum, arXiv 2603.08914)
-- Weights: He-uniform, ``nn.init.kaiming_uniform_(w, a=0, nonlinearity="relu")``, i.e.
-  U(−√(6/fan_in), √(6/fan_in)) (the variance of the project's Kaiming-normal init), drawn on CPU
-  layer by layer from ``ctx.generator("init")``.
+- Weights (default): He-uniform, ``kaiming_uniform`` above (the variance of the project's
+  Kaiming-normal init; the paper's "uniform initialisation").
 - One gate parameter μ per prunable weight (one flat vector). Training gate
   z = clamp(μ + 0.5 + σε, 0, 1), ε ~ N(0, 1) per weight per step (``ctx.generator("noise")``);
   evaluation gate clamp(μ + 0.5, 0, 1). σ = ``search.gate_sigma``.
@@ -34,8 +44,7 @@ Frozen parameters (both methods): biases of Conv/Linear layers 0, BatchNorm weig
 - Final mask: global top-κd of μ (exact density, ties to the lower index).
 
 **edge_popup** (Ramanujan et al. 2020)
-- Weights: signed constant, sign(w)·√2/√fan_in per layer (the Kaiming-normal std), the signs
-  drawn from ``ctx.generator("init")`` (+1/−1 with probability ½ each).
+- Weights (default): ``signed_constant`` above, sign·√2/√fan_in per layer (the Kaiming-normal std).
 - Scores: ``kaiming_uniform_(s, a=√5)`` (the authors' code; U(−1/√fan_in, 1/√fan_in)) from
   ``ctx.generator("scores")``. Forward: each layer keeps its top-k_l by |score|,
   k_l = kept_count(κ, numel_l). Straight-through estimator: the binary mask passes the gradient
@@ -62,6 +71,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..masking import Mask, kept_count, layer_shapes
+from .. import runtime
 from ..models import prunable
 from ..train import DivergedError, autocast, to_input
 from . import SearchContext, Ticket
@@ -92,11 +102,42 @@ def _frozen_copy(ctx: SearchContext) -> nn.Module:
         for m in net.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None and id(m.bias) not in weights:
                 m.bias.zero_()
-        for m in _bn_modules(net):
-            if m.affine:
+            elif isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
+                m.in_proj_bias.zero_()
+        for m in _bn_modules(net) + [m for m in net.modules() if isinstance(m, nn.LayerNorm)]:
+            if m.weight is not None:
                 m.weight.fill_(1.0)
+            if m.bias is not None:
                 m.bias.zero_()
     return net
+
+
+STRONG_INITS = ("kaiming_uniform", "signed_constant", "kaiming_normal")
+DEFAULT_INIT = {"gates": "kaiming_uniform", "edge_popup": "signed_constant"}   # each paper's
+
+
+def strong_init(cfg) -> str:
+    """The frozen weights' initialisation: ``search.strong_init``, or the method's paper default."""
+    return cfg.search.strong_init or DEFAULT_INIT[cfg.search.method]
+
+
+@torch.no_grad()
+def _draw_frozen(ctx: SearchContext, params: dict) -> None:
+    """Replace the prunable weights in ``params`` by the strong ticket's frozen draw (module doc)."""
+    kind = strong_init(ctx.cfg)
+    # null: the method's own stream, as before the knob; set: one stream shared by both methods
+    gen = ctx.generator("init") if ctx.cfg.search.strong_init is None else \
+        runtime.generator(ctx.cfg.seed, "strong:init")
+    for p in params.values():
+        w = torch.empty(p.shape)
+        if kind == "kaiming_uniform":
+            nn.init.kaiming_uniform_(w, a=0, nonlinearity="relu", generator=gen)
+        elif kind == "kaiming_normal":
+            nn.init.kaiming_normal_(w, nonlinearity="relu", generator=gen)
+        else:
+            sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
+            w = sign * (_SQRT2 / math.sqrt(_fan_in(p.shape)))
+        p.copy_(w)
 
 
 def _fan_in(shape: torch.Size) -> int:
@@ -210,12 +251,7 @@ def gates(ctx: SearchContext) -> Ticket:
     net = _frozen_copy(ctx)
     params = prunable(net)
     names, shapes = list(params), layer_shapes(net)
-    init = ctx.generator("init")
-    with torch.no_grad():
-        for n in names:
-            w = torch.empty(params[n].shape)
-            nn.init.kaiming_uniform_(w, a=0, nonlinearity="relu", generator=init)
-            params[n].copy_(w)
+    _draw_frozen(ctx, params)
     weights = [params[n].detach() for n in names]
     sizes = [w.numel() for w in weights]
     d = sum(sizes)
@@ -261,7 +297,7 @@ def gates(ctx: SearchContext) -> Ticket:
     state = _finish(ctx, net, mask)
     return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=scores, history=history,
                   weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps,
-                                        "gate_mu_init": mu0})
+                                        "gate_mu_init": mu0, "strong_init": strong_init(cfg)})
 
 
 # ------------------------------------------------------------------------------ edge-popup
@@ -286,15 +322,12 @@ def edge_popup(ctx: SearchContext) -> Ticket:
     net = _frozen_copy(ctx)
     params = prunable(net)
     names, shapes = list(params), layer_shapes(net)
-    init, score_gen = ctx.generator("init"), ctx.generator("scores")
+    _draw_frozen(ctx, params)
+    score_gen = ctx.generator("scores")
     scores = []
     with torch.no_grad():
         for n in names:
-            shape = params[n].shape
-            std = _SQRT2 / math.sqrt(_fan_in(shape))
-            sign = torch.where(torch.rand(shape, generator=init) < 0.5, -1.0, 1.0)
-            params[n].copy_(sign * std)
-            sc = torch.empty(shape)
+            sc = torch.empty(params[n].shape)
             nn.init.kaiming_uniform_(sc, a=math.sqrt(5), generator=score_gen)
             scores.append(sc.to(device).requires_grad_(True))
     weights = [params[n].detach() for n in names]
@@ -321,7 +354,8 @@ def edge_popup(ctx: SearchContext) -> Ticket:
     flat_scores = torch.cat([sc.detach().abs().reshape(-1).cpu() for sc in scores])
     state = _finish(ctx, net, mask)
     return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=flat_scores, history=history,
-                  weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps})
+                  weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps,
+                                        "strong_init": strong_init(cfg)})
 
 
 # ---------------------------------------------------------------------------------- common
