@@ -307,6 +307,11 @@ def curve(ns: list[int], quick: bool = False) -> list[Row]:
             overhead = (span * CONCURRENCY - sum(dur)) / n
             gaps = slot_gaps(rows, CONCURRENCY)
             tenth = max(1, len(gaps) // 10)
+            # the same sweep's first and last tenth of trials: growth with N, free of load drift between sweeps
+            by_start = sorted(rows, key=lambda r: r["started_at"])
+            window = lambda rs: (max(r["ended_at"] for r in rs) - min(r["started_at"] for r in rs)) * CONCURRENCY / len(rs)
+            k = max(CONCURRENCY, n // 10)
+            first_k, last_k = window(by_start[:k]), window(by_start[-k:])
             early, late = summary(gaps[:tenth]), summary(gaps[-tenth:])
             finished, runs = _mlflow_runs(a["mlflow_db"])
             t_report, rc_report = _cli("report", a["root"], "--out", storage / "report")
@@ -325,6 +330,9 @@ def curve(ns: list[int], quick: bool = False) -> list[Row]:
         out += [
             Row(f"N={n}: cost per trial (first start → last end)×{CONCURRENCY}/N", cost, "s",
                 ratio=f"{cost / base:.2f}× N={ns[0]}", target=f"≤ 1.2× N={ns[0]}", met=ok(cost <= 1.2 * base)),
+            Row(f"N={n}: cost per trial, last tenth of this sweep's trials", last_k, "s",
+                ratio=f"{last_k / first_k:.2f}× its first tenth ({first_k:.4g} s)", target="≤ 1.2× first tenth",
+                met=ok(last_k <= 1.2 * first_k)),
             Row(f"N={n}: overhead per trial (span×{CONCURRENCY} − Σ in-trial)/N", overhead, "s",
                 ratio=f"in-trial {sum(dur) / n:.4f} s/trial"),
             Row(f"N={n}: cost per trial to the sweep's return (first start → returned)×{CONCURRENCY}/N",
