@@ -25,6 +25,9 @@ NOTES = {
 def title(name: str, a: argparse.Namespace, repeats: int) -> str:
     if name == "steps":
         return f"steps (steps/epoch 10, repeats {repeats})"
+    if name == "sweep" and a.trials:
+        return (f"sweep --trials {' '.join(map(str, a.trials))} (tiny trials, {sweep_overhead.CONCURRENCY} at a time, "
+                "a fresh Ray per N)")
     if name == "sweep":
         return (f"sweep (Ray Tune, {sweep_overhead.TRIALS} tiny + {sweep_overhead.LONG_TRIALS} × "
                 f"~{sweep_overhead.LONG_SECONDS:.0f} s trials, {sweep_overhead.CONCURRENCY} at a time)")
@@ -63,6 +66,9 @@ def main(argv=None) -> None:
                    help="ticket: training.epochs for both runs (default: the config's 10)")
     p.add_argument("--data", default=None,
                    help="paper: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
+    p.add_argument("--trials", type=int, nargs="+", default=None, metavar="N",
+                   help="sweep: the tiny-trial sweep at each N instead (e.g. 100 400 2000): cost per trial against "
+                        "N, driver peak memory, MLflow's queue, `cts-ray report`/`analyze` seconds")
     p.add_argument("--budget", type=float, default=None,
                    help=f"paper: seconds for the whole bench; retraining is shortened to fit (default "
                         f"{paper.BUDGET:.0f}; 0 = the full recipe)")
@@ -80,6 +86,8 @@ def main(argv=None) -> None:
                   "data": a.data, "budget": a.budget}
         if name == "steps":
             kwargs = {"repeats": repeats, "steps": 2 if a.quick else 10}
+        if name == "sweep" and a.trials:
+            kwargs["trials"] = a.trials
         rows = BENCHES[name](**kwargs)
         if not rows:
             continue

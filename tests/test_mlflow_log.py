@@ -57,3 +57,68 @@ def test_an_existing_experiment_is_tagged_for_model_training(tmp_path):
     exp_id = store.open()
     exp = MlflowClient(uri).get_experiment(exp_id)
     assert exp.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1] and exp.artifact_location == (tmp_path / "art").as_uri()
+
+
+def test_a_backlog_of_results_is_logged_whole_in_batches_and_a_restarted_logger_continues_its_runs(tmp_path):
+    """The sweep's logger (no Ray needed for its queue): 3 trials x 40 results queued faster than
+    the store writes are all logged (every step, params, final tags) in a few calls per run; a new
+    logger of the same sweep (a resumed driver) finds those runs with one search and adds no run."""
+    import threading
+
+    import yaml
+
+    from cts_ray.config import from_dict
+    from cts_ray.sweep.mlflow_log import MLflowLogger
+    base = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def logger():
+        lg = MLflowLogger(uri, "cts-ray", "backlog", {"searcher": "grid"},
+                          resolve=lambda params: from_dict({**base, "seed": params["seed"]}))
+        lg.start()
+        return lg
+
+    calls = []
+    lg = logger()
+    lg.flush()
+    real = lg.store.client.log_batch
+    lg.store.client.log_batch = lambda *a, **k: (calls.append(1), real(*a, **k))[1]   # counts, then logs
+    gate = threading.Event()
+    lg._later(gate.wait)   # the store is "slow": everything below queues up behind this
+    for seed in range(3):
+        tid = f"t{seed}"
+        lg._later(lg._child, tid, {"seed": seed})
+        for step in range(1, 41):
+            lg._later(lg._result, tid, {"seed": seed}, {"phase": "retrain", "phase_step": step, "step": step,
+                                                        "epoch": step, "test_accuracy": step / 100})
+        lg._later(lg._result, tid, {"seed": seed}, {"phase": "final", "status": "finished", "step": 41,
+                                                    "test_accuracy": 0.4})
+        lg._later(lg._end, tid, {"seed": seed}, "FINISHED")
+    lg._later(lg._end_parent, "FINISHED")
+    gate.set()
+    lg.flush()
+    assert lg.failed is None and len(calls) <= 2 * 3 + 1
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cts-ray")
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'backlog' and tags.`cts.role` = 'trial'")
+    assert len(runs) == 3
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["cts.status"] == "finished"
+        assert run.data.params["seed"] == run.data.tags["cts.trial_id"][1:] and "search.method" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "retrain/test_accuracy")
+        assert sorted((m.step, m.value) for m in history) == [(s, s / 100) for s in range(1, 41)]
+        assert run.data.metrics["test_accuracy"] == 0.4 and run.data.metrics["step"] == 41
+    # a resumed driver: its logger finds the runs, skips steps already logged, creates none
+    again = logger()
+    again._later(again._child, "t1", {"seed": 1})
+    again._later(again._result, "t1", {"seed": 1}, {"phase": "retrain", "phase_step": 40, "step": 40, "epoch": 40,
+                                                    "test_accuracy": 0.99})
+    again._later(again._result, "t1", {"seed": 1}, {"phase": "retrain", "phase_step": 41, "step": 42, "epoch": 41,
+                                                    "test_accuracy": 0.41})
+    again._later(again._end, "t1", {"seed": 1}, "FINISHED")
+    again.flush()
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'backlog'")
+    assert len(runs) == 4 and set(again.known) == {"t0", "t1", "t2"}
+    (t1,) = [r for r in runs if r.data.tags.get("cts.trial_id") == "t1"]
+    steps = [(m.step, m.value) for m in client.get_metric_history(t1.info.run_id, "retrain/test_accuracy")]
+    assert (40, 0.99) not in steps and (41, 0.41) in steps

@@ -61,8 +61,10 @@ def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
     for t in trials:   # the layers add up to the trial's effective count
         assert sum(r["effective_kept"] for r in layers if r["trial_id"] == t["trial_id"]) == t["effective_kept"]
     assert any(line.startswith("method") and "effective" in line for line in p.stdout.splitlines())
-    # plain pyarrow/pandas read the files too
-    assert len(pq.read_table(next((root / "tables" / "trials").rglob("*.parquet")))) == 1
+    # the finished sweep's tables are compacted: one file per method, which plain pyarrow/pandas read too
+    files = sorted((root / "tables" / "trials").rglob("*.parquet"))
+    assert [f.parent.name for f in files] == ["method=cts", "method=random"]
+    assert all(f.name.startswith(tables.COMPACTED) and len(pq.read_table(f)) == 4 for f in files)
 
     # shared dense runs: 2 seeds -> 2 dense trainings for 8 trials
     cache = tmp_path / "sweeps" / "_cache" / "dense"

@@ -13,6 +13,7 @@ artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs throu
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sys
 import threading
@@ -31,6 +32,8 @@ FINAL_METRICS = ("test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "
                  "ticket_seconds",
                  "effective_density", "effective_kept", "collapsed")   # ticket anatomy (anatomy.py)
 ARTIFACTS = ("mask.pt", "layers.json", "summary.json", "config.yaml")
+# MLflow's log_batch limits (mlflow.utils.validation): 100 params and 100 tags, 1000 entities in all
+BATCH_PARAMS_TAGS, BATCH_ENTITIES = 100, 1000
 # Without a kind MLflow 3's UI opens an experiment on its GenAI traces page, not on its runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
@@ -124,22 +127,63 @@ class Tracking:
         self.experiment_id = exp_id
         return exp_id
 
-    def create_run(self, cfg, name: str, tags: dict) -> Optional[str]:
+    def unsynced(self) -> bool:
+        """A local sqlite store written without an fsync per commit (``PRAGMA synchronous=OFF`` on
+        this client's connections; nothing in the file changes). A sweep makes about ten commits per
+        trial, which at ~7 ms each is slower than trivial trials finish, so logging fell ever
+        further behind. A killed driver loses nothing it committed; a power cut or OS crash during a
+        sweep can damage mlflow.db (the Parquet tables are the record).
+        ``CTS_RAY_MLFLOW_SYNC=full`` keeps sqlite's default."""
+        if not self.tracking_uri.startswith("sqlite:") or os.environ.get("CTS_RAY_MLFLOW_SYNC") == "full":
+            return False
+        engine = getattr(getattr(getattr(self.client, "_tracking_client", None), "store", None), "engine", None)
+        if engine is None:   # another MLflow layout: its default
+            return False
+        from sqlalchemy import event
+
+        def pragma(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.close()
+
+        event.listen(engine, "connect", pragma)
+        engine.dispose()   # connections already pooled reopen with it
+        return True
+
+    def create_run(self, cfg, name: str, tags: dict, with_params: bool = True) -> Optional[str]:
+        """A run tagged with the config's identity; its params too unless ``with_params`` is false
+        (the caller sends ``params(cfg)`` in a later batch)."""
         def create():
-            from mlflow.entities import Param
             run = self.client.create_run(self.experiment_id, run_name=name,
                                          tags={"cts.config_hash": cfg.hash, "cts.method": cfg.search.method,
                                                "cts.seed": str(cfg.seed), "cts.code_version": code_version(), **tags})
-            params = [Param(k, (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000])
-                      for k, v in run_params(cfg).items()]
-            self.client.log_batch(run.info.run_id, params=params)
+            if with_params:
+                self.client.log_batch(run.info.run_id, params=self.params(cfg))
             return run.info.run_id
         return self._call("create run", create)
+
+    @staticmethod
+    def params(cfg) -> list:
+        from mlflow.entities import Param
+        return [Param(k, (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000])
+                for k, v in run_params(cfg).items()]
 
     def log_result(self, run_id: str, result: dict, step: int) -> None:
         """One reported record: ``phase/metric`` at its epoch within the phase (``phase_step``),
         final metrics and ``system/...`` at the run's running ``step`` (also logged, as a metric,
         so a resumed run knows where it was)."""
+        self.log_batch(run_id, self.result_metrics(result, step))
+
+    def log_batch(self, run_id: str, metrics=(), tags=(), params=()) -> None:
+        """Metrics, tags and params in as few calls as MLflow's batch limits allow (one, mostly)."""
+        metrics, tags, params = list(metrics), list(tags), list(params)
+        while metrics or tags or params:
+            p, t = params[:BATCH_PARAMS_TAGS], tags[:BATCH_PARAMS_TAGS]
+            m = metrics[:BATCH_ENTITIES - len(p) - len(t)]
+            self._call("metrics", self.client.log_batch, run_id, metrics=m, params=p, tags=t)
+            metrics, tags, params = metrics[len(m):], tags[len(t):], params[len(p):]
+
+    def result_metrics(self, result: dict, step: int) -> list:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         phase = result.get("phase")
@@ -156,7 +200,7 @@ class Tracking:
             if "epoch" in result:
                 metrics.append(Metric(f"{phase}/epoch", float(result["epoch"]), now, at))
         metrics.append(Metric("step", float(step), now, step))
-        self._call("metrics", self.client.log_batch, run_id, metrics=metrics)
+        return metrics
 
     def log_outputs(self, run_id: str, run_dir: Path) -> None:
         """The run folder's artifacts, and its data set (from summary.json) as a dataset input."""
@@ -191,6 +235,8 @@ class MLflowLogger(Callback):
         self.parent_id: Optional[str] = None
         self.runs: dict[str, str] = {}       # trial id -> run id
         self.logged: dict[str, int] = {}     # run id -> last step logged
+        self.known: dict[str, str] = {}      # trial id -> run id of the runs this sweep had when it started
+        self.pending: dict[str, tuple] = {}  # run id -> (metrics, tags, params) not yet sent
 
     @property
     def failed(self) -> Optional[str]:
@@ -202,6 +248,7 @@ class MLflowLogger(Callback):
         """Start the logging thread and open the store and the parent run on it (overlapping Ray's
         own start when called before ``ray.init``)."""
         self._queue: queue.Queue = queue.Queue()
+        self.pending = {}
         self.store = Tracking(self.tracking_uri, self.experiment)
         threading.Thread(target=self._work, daemon=True).start()
         self._later(self._open)
@@ -211,10 +258,29 @@ class MLflowLogger(Callback):
             fn, args = self._queue.get()
             try:
                 fn(*args)
+                if self._queue.empty():   # caught up: send what was gathered (one call per run)
+                    self._send()
             except Exception as e:   # a bug here must not kill the thread and hang flush()
                 self.store.failed = self.store.failed or f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {e}"
             finally:
                 self._queue.task_done()
+
+    def _gather(self, run_id: str, metrics=(), tags=(), params=()) -> None:
+        """Keep a run's metrics, tags and params for one batched call, made when the queue is empty,
+        before the run ends, or when a batch is full. A backlog (trials finishing faster than the
+        store writes) then costs a few calls per trial, not one per result: logging catches up."""
+        m, t, p = self.pending.setdefault(run_id, ([], [], []))
+        m.extend(metrics)
+        t.extend(tags)
+        p.extend(params)
+        if len(m) + len(t) + len(p) >= BATCH_ENTITIES:
+            self._send(run_id)
+
+    def _send(self, run_id: Optional[str] = None) -> None:
+        for rid in ([run_id] if run_id is not None else list(self.pending)):
+            metrics, tags, params = self.pending.pop(rid, ([], [], []))
+            if metrics or tags or params:
+                self.store.log_batch(rid, metrics, tags, params)
 
     def _later(self, fn, *args):
         if getattr(self, "_queue", None) is None:
@@ -227,20 +293,34 @@ class MLflowLogger(Callback):
             self._queue.join()
 
     def _open(self):
-        self.store._call("parent run", lambda: (self.store.open(), self._parent()))
+        self.store._call("parent run", lambda: (self.store.open(), self.store.unsynced(), self._parent()))
 
     def __getstate__(self):   # Tune pickles its run config (callbacks included) into the sweep state
-        return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "store")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "store", "pending")}
 
     def setup(self, **info):
         if getattr(self, "_queue", None) is None:
             self.start()
 
     def _parent(self):
+        """Find the sweep's runs (a resumed or extended sweep's) with one search, newest first, as
+        the parent and each trial's run; create the parent if there is none."""
         client, exp = self.store.client, self.store.experiment_id
-        found = client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'parent'")
-        if found:
-            self.parent_id = found[0].info.run_id
+        token, parent = None, None
+        while True:
+            page = client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}'", max_results=1000,
+                                      page_token=token)
+            for run in page:
+                role, tid = run.data.tags.get("cts.role"), run.data.tags.get("cts.trial_id")
+                if role == "parent" and parent is None:
+                    parent = run.info.run_id
+                elif tid is not None:
+                    self.known.setdefault(tid, run.info.run_id)
+            token = page.token
+            if not token:
+                break
+        if parent is not None:
+            self.parent_id = parent
             return
         run = client.create_run(exp, run_name=self.sweep, tags={"cts.sweep": self.sweep, "cts.role": "parent",
                                                                 **{f"cts.{k}": str(v) for k, v in self.meta.items()}})
@@ -250,16 +330,16 @@ class MLflowLogger(Callback):
         if tid in self.runs:
             return self.runs[tid]
 
-        def find():
+        def find():   # a run this trial had before (a resumed sweep): continue it
             client = self.store.client
-            found = client.search_runs([self.store.experiment_id],
-                                       f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.trial_id` = '{tid}'")
-            if not found:
+            run_id = self.known.get(tid)
+            if run_id is None:
                 return None
-            run_id = found[0].info.run_id
             history = client.get_metric_history(run_id, "step")
             self.logged[run_id] = int(max((m.value for m in history), default=0))
             client.update_run(run_id, status="RUNNING")
+            if not client.get_run(run_id).data.params:   # created, then the driver died before its batch
+                self._gather(run_id, params=self.store.params(self.resolve(config)))
             return run_id
 
         if self.store.client is None or self.store.experiment_id is None:
@@ -269,7 +349,9 @@ class MLflowLogger(Callback):
             cfg = self.resolve(config)
             run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
                                            {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
-                                            "cts.trial_id": tid, "cts.role": "trial"})
+                                            "cts.trial_id": tid, "cts.role": "trial"}, with_params=False)
+            if run_id is not None:
+                self._gather(run_id, params=self.store.params(cfg))
         if run_id is not None:
             self.logged.setdefault(run_id, 0)
             self.runs[tid] = run_id
@@ -303,26 +385,32 @@ class MLflowLogger(Callback):
         step = int(result.get("step", 0))
         if run_id is None or step <= self.logged.get(run_id, 0):
             return
+        from mlflow.entities import RunTag
+        tags = []
         if result.get("phase") == "final":
-            self.store._call("tags", self.store.client.set_tag, run_id, "cts.status", result.get("status", ""))
+            tags.append(RunTag("cts.status", str(result.get("status", ""))))
             if result.get("run_dir"):
                 self.store.log_outputs(run_id, Path(result["run_dir"]))
-        self.store.log_result(run_id, result, step)
+        self._gather(run_id, self.store.result_metrics(result, step), tags)
         self.logged[run_id] = step
 
     def _end(self, tid: str, config: dict, status: str):
         run_id = self._child(tid, config)
         if run_id:
+            self._send(run_id)
             self.store.end(run_id, status)
 
     def _stopped(self, tid: str, config: dict, phase, epoch):
+        from mlflow.entities import RunTag
         run_id = self._child(tid, config)
         if run_id:
-            self.store._call("tags", self.store.client.set_tag, run_id, "cts.status", "stopped")
-            self.store._call("tags", self.store.client.set_tag, run_id, "cts.stopped_at", f"{phase} epoch {epoch}")
+            self._gather(run_id, tags=[RunTag("cts.status", "stopped"),
+                                       RunTag("cts.stopped_at", f"{phase} epoch {epoch}")])
+            self._send(run_id)
             self.store.end(run_id, "KILLED")
 
     def _end_parent(self, status: str):
+        self._send()
         if self.parent_id:
             self.store.end(self.parent_id, status)
 
