@@ -122,10 +122,12 @@ def test_gradbalance_step_rules():
 
 
 def test_compile_search_setting():
-    """null compiles only searches long enough to repay the compile; true/false force it."""
+    """null compiles long searches on CUDA only (on CPU it measured no faster); true/false force it."""
     from cts_ray.methods.cts import COMPILE_WORTH, use_compile
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     lenet_mnist = 266_200 * 1000 * 5       # MNIST LeNet-300-100, search length 0.5 of 10 epochs
     digits = 50_000 * 56 * 6               # the quickstart's CTS trials
-    assert use_compile(None, lenet_mnist) and not use_compile(None, digits)
-    assert use_compile(True, digits) and not use_compile(False, lenet_mnist)
+    assert use_compile(None, cuda, lenet_mnist) and not use_compile(None, cuda, digits)
+    assert not use_compile(None, cpu, lenet_mnist)
+    assert use_compile(True, cpu, digits) and not use_compile(False, cuda, lenet_mnist)
     assert COMPILE_WORTH > digits

@@ -229,10 +229,12 @@ def teacher_outputs(model: nn.Module, data, batch_size: int, need_features: bool
     return Outputs(torch.cat(logits), [torch.cat(f) for f in zip(*features)] if need_features else [])
 
 
-def use_compile(setting: Optional[bool], work: int) -> bool:
-    """``resources.compile_search``; null compiles where the search's passes over θ are many enough
-    to repay a compile (a few seconds on CPU, cached on disk after the first)."""
-    return work >= COMPILE_WORTH if setting is None else setting
+def use_compile(setting: Optional[bool], device: torch.device, work: int) -> bool:
+    """``resources.compile_search``; null compiles on CUDA where the search's passes over θ are many
+    enough to repay a compile. Not on CPU: there the step is bound by memory traffic over θ-sized
+    arrays, most of it in the parts that must stay ATen's (noise, Adam), and fusing the rest
+    measured no faster (bench steps)."""
+    return device.type == "cuda" and work >= COMPILE_WORTH if setting is None else setting
 
 
 COMPILE_WORTH = 10 ** 9   # θ entries x steps; MNIST LeNet-300-100 at search length 0.5: 266k x 1k steps x 5 epochs = 1.3e9
@@ -266,7 +268,7 @@ def search(ctx: SearchContext) -> Ticket:
     # The authors drop the mask LR after epoch int(0.88 * epochs); ours (the default) after that step.
     drop_step = (int(s.lr_drop * epochs) * steps_per_epoch if s.lr_drop_at == "epoch"
                  else int(s.lr_drop * epochs * steps_per_epoch))
-    compiled = use_compile(cfg.resources.compile_search, d * steps_per_epoch * epochs)
+    compiled = use_compile(cfg.resources.compile_search, device, d * steps_per_epoch * epochs)
     step_fn = Step(weights, s.temperature, s.rescale, s.controller, (1 + s.slack) * kappa * d, mask_lr,
                    s.loss_scale, opt, compiled)
 
