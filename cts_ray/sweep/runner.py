@@ -389,7 +389,8 @@ def preview(spec: SweepSpec) -> str:
                  + (" …" if len(dense) > 6 else "") + ")")
     if chains:
         lines.append("LTR levels: " + "; ".join(f"{r} rounds shared by {c} trial(s)" for r, _, c in chains.values()))
-    if _shared_work_grid(spec, None) is not None:
+    if SHARED_WORK and spec.searcher == "grid" and not spec.sample and (   # _shared_work_grid's test, without Ray
+            any(len(v[1]) > 1 for v in dense.values()) or any(c > 1 for _, _, c in chains.values())):
         lines.append("order: a trial starts once its dense run is cached (or to train it) and, for LTR, after the "
                      "shallower trials of its chain; LTR chains first — no trial holds a slot to wait")
     shared = sum(e for e, _ in dense.values()) + sum(r * e for r, e, _ in chains.values()) + scale * sum(own)

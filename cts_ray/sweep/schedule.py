@@ -18,9 +18,9 @@ order. Each trial stays one Tune trial with its own rows, so tables, MLflow, ret
 """
 from __future__ import annotations
 
-import pickle
+import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -115,10 +115,18 @@ class SharedWorkGrid(Searcher):
         if w.chain:
             self.outstanding[w.chain][w.rounds] -= 1
 
+    # JSON, not pickle: a sweep folder's files never run code when read (tests/test_safe_defaults.py)
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        state = {"cache_root": self.cache_root, "work": [asdict(w) for w in self.work], "todo": self.todo,
+                 "running": self.running, "training": self.training, "cached": sorted(self.cached),
+                 "outstanding": {c: list(n.items()) for c, n in self.outstanding.items()}, "depth": self.depth}
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        with open(checkpoint_path) as f:
+            s = json.load(f)
+        self.cache_root, self.work, self.todo = s["cache_root"], [Work(**w) for w in s["work"]], s["todo"]
+        self.running, self.training, self.cached = s["running"], Counter(s["training"]), set(s["cached"])
+        self.outstanding = {c: Counter(dict((int(r), n) for r, n in items)) for c, items in s["outstanding"].items()}
+        self.depth = s["depth"]
