@@ -140,7 +140,7 @@ def rescaled(masked: list, m: Tensor, rescale: str) -> list:
 
 def controlled(theta: Tensor, g_task: Tensor, lam: Tensor, sig: Tensor, total: Tensor, *, controller: str,
                budget: float, mask_lr: float, loss_scale: float):
-    """The controller's gradient times the loss scale, for one compiled graph (one pass for the
+    """The controller's gradient times the loss scale: eager, or one compiled graph (one pass for the
     norms, one for the gradient). σ(θ)'s sum comes in from ATen: summed in another order it would
     move λ, and through λ the masks."""
     g, lam = CONTROLLERS[controller](theta, g_task, lam, budget, mask_lr, sig, total)
@@ -162,33 +162,26 @@ class Step:
             self._update = torch.compile(controlled, dynamic=False, fullgraph=True)
 
     def masked(self, theta: Tensor, u: Tensor) -> list:
-        if self.compiled and not self._proven:   # the first compiled call compiles: on failure, go eager
-            try:
-                out = self._mask(theta, u, self.weights, self.tau)
-                self._proven = True
-            except Exception as e:   # e.g. no C++ compiler on this machine; the masks do not depend on it
-                warnings.warn(f"resources.compile_search: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); searching eagerly")
-                self.compiled, self._mask = False, masked_weights
-                out = masked_weights(theta, u, self.weights, self.tau)
-        else:
+        try:
             out = self._mask(theta, u, self.weights, self.tau)
-        if self.compiled:
-            self._sig = out[2]
+        except Exception as e:   # the first compiled call compiles (no C++ compiler here?): go eager
+            if not self.compiled or self._proven:
+                raise
+            warnings.warn(f"resources.compile_search: torch.compile failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); searching eagerly")
+            self.compiled, self._mask = False, masked_weights
+            out = masked_weights(theta, u, self.weights, self.tau)
+        self._proven = True
+        self._sig = out[2] if self.compiled else None
         return rescaled(out[0], out[1], self.rescale)
 
     def update(self, theta: Tensor, g_task: Tensor) -> None:
-        o = self.options
-        if not self.compiled or self.lam is None:   # step one eagerly: λ and Adam's state come into being
-            theta.grad, self.lam = CONTROLLERS[o["controller"]](theta.detach(), g_task, self.lam, o["budget"],
-                                                                 o["mask_lr"])
-            if o["loss_scale"] != 1:   # the authors' x100 on the objective and the controller's pull
-                theta.grad.mul_(o["loss_scale"])
-            self.opt.step()
-            return
-        # Adam stays torch's own: its fused-multiply-add lerp is not what a compiled graph computes
-        sig = self._sig
-        theta.grad, self.lam = self._update(theta.detach(), g_task, self.lam, sig, sig.sum(), **o)
+        # step one eagerly, where λ comes into being; Adam stays torch's own either way: its
+        # fused-multiply-add lerp is not what a compiled graph computes
+        fused = self.compiled and self.lam is not None
+        sig = self._sig if fused else None
+        theta.grad, self.lam = (self._update if fused else controlled)(
+            theta.detach(), g_task, self.lam, sig, None if sig is None else sig.sum(), **self.options)
         self.opt.step()
 
 
