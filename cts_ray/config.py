@@ -179,6 +179,10 @@ class SearchConfig:
                               "int(lr_drop x search epochs) as the authors' code")
     loss_scale: float = _f(1.0, check=_positive, allowed="a number > 0", identity="non_default",
                            help="cts: multiplies the search objective (and the controller's pull); authors: 100")
+    step: str = _f("exact", choices=["exact", "fused"], identity="non_default",
+                   help="cts: exact = the reference step (noise from the generator's stream, torch's Adam; the "
+                        "same masks eager or compiled); fused = counter-based noise drawn inside one compiled mask "
+                        "pass and torch's fused Adam: fewer passes over the logits, another random stream")
 
 
 @dataclass

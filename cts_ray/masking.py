@@ -22,6 +22,21 @@ def kept_count(density: float, total: int) -> int:
     return max(1, min(total, int(round(density * total))))
 
 
+def top_k_flat(scores: Tensor, k: int) -> Tensor:
+    """The k highest of a flat vector as a bool vector, ties to the lower index: what a stable
+    descending sort keeps, found by selection (one kthvalue, no sort of d entries)."""
+    n = scores.numel()
+    if k <= 0 or k >= n or torch.isnan(scores).any():   # NaN sorts first; leave that to the sort
+        flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        flat[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+        return flat
+    t = torch.kthvalue(scores, n - k + 1).values     # the k-th highest value
+    flat = scores > t
+    ties = (scores == t).nonzero().squeeze(1)
+    flat[ties[:k - int(flat.sum())]] = True
+    return flat
+
+
 @dataclass
 class Mask:
     """Ordered layer name -> bool tensor shaped like the weight."""
@@ -41,10 +56,7 @@ class Mask:
     @classmethod
     def top_k(cls, scores: Tensor, k: int, shapes: dict[str, torch.Size]) -> "Mask":
         """Keep the k highest scores of a flat vector; ties go to the lower index (stable sort)."""
-        order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
-        flat = torch.zeros(scores.numel(), dtype=torch.bool)
-        flat[order[:k]] = True
-        return cls.from_flat(flat, shapes)
+        return cls.from_flat(top_k_flat(scores.detach().float().cpu(), k), shapes)
 
     @classmethod
     def top_k_per_layer(cls, scores: Tensor, counts: dict[str, int], shapes: dict[str, torch.Size]) -> "Mask":

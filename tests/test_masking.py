@@ -32,6 +32,21 @@ def test_ties_are_broken_deterministically_towards_lower_index():
     assert Mask.top_k(scores, 4, shapes).sha256() == m.sha256()
 
 
+@pytest.mark.parametrize("kind", ["distinct", "few values", "all equal", "signed zeros", "nan"])
+def test_top_k_by_selection_keeps_what_a_stable_sort_keeps(kind):
+    """top_k selects (kthvalue) instead of sorting d scores: the same entries as the stable sort."""
+    from cts_ray.masking import top_k_flat
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000, 30_000):
+        s = {"distinct": lambda: torch.randn(n, generator=g), "few values": lambda: torch.randint(0, 4, (n,), generator=g).float(),
+             "all equal": lambda: torch.zeros(n), "signed zeros": lambda: torch.randint(0, 2, (n,), generator=g).float() * -0.0,
+             "nan": lambda: torch.where(torch.rand(n, generator=g) < 0.1, float("nan"), torch.randn(n, generator=g))}[kind]()
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+            assert torch.equal(top_k_flat(s, k), ref), (n, k)
+
+
 def test_report_save_load_and_hash(tmp_path):
     model = _model()
     shapes = layer_shapes(model)

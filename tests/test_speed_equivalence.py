@@ -115,6 +115,69 @@ def test_compiled_search_step_finds_the_eager_masks(over):
                                                                        rel=1e-5)
 
 
+def test_counter_noise_is_logistic_and_new_every_step():
+    """The fused step's noise: logistic (Kolmogorov–Smirnov distance from σ under the 0.1 % critical
+    value), uncorrelated between keys, with the index and with its neighbour."""
+    from cts_ray.methods.cts import counter_noise, draw_key
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    a, b = counter_noise(draw_key(g), n), counter_noise(draw_key(g), n)
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = (empirical - torch.sigmoid(a.double().sort().values)).abs().max().item()
+    assert ks < 1.95 / n ** 0.5, ks
+    assert abs(a.mean().item()) < 0.02 and a.var().item() == pytest.approx(torch.pi ** 2 / 3, rel=0.02)
+    corr = lambda x, y: torch.corrcoef(torch.stack([x, y]))[0, 1].abs().item()
+    assert corr(a, b) < 0.01 and corr(a, torch.arange(n, dtype=torch.float32)) < 0.01
+    assert corr(a[1:], a[:-1]) < 0.01
+
+
+class _Reseeded:
+    """A SearchContext whose noise generator has another seed: the same search with another stream."""
+
+    def __init__(self, ctx, seed):
+        self.__dict__.update(ctx.__dict__)
+        self._seed, self._ctx = seed, ctx
+
+    def generator(self, tag, device="cpu"):
+        g = self._ctx.generator(tag, device)
+        return torch.Generator(device=device).manual_seed(self._seed) if tag == "noise" else g
+
+
+def _cts_ctx(over, noise_seed=None):
+    from cts_ray.methods import METHODS, SearchContext
+    cfg = C.load(None, over)
+    data = load(cfg.data, torch.device("cpu"))
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    model = models.from_config(cfg.model, data.input_shape, data.num_classes)
+    ctx = SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu"))
+    return METHODS["cts"].search(ctx if noise_seed is None else _Reseeded(ctx, noise_seed))
+
+
+def test_fused_step_is_the_same_search_with_another_noise_stream():
+    """search.step: fused differs from exact only as another noise stream of the exact step does: the
+    overlap of its mask with exact's, the density it holds and the objective it reaches all lie
+    where another stream's do. Eager and compiled fused steps find the same search (logit's last-bit
+    rounding aside) and a fused search repeats itself."""
+    exact = _cts_ctx(QUICK)
+    other = _cts_ctx(QUICK, noise_seed=12345)
+    fused = _cts_ctx(QUICK + ["search.step=fused"])
+    eager = _cts_ctx(QUICK + ["search.step=fused", "resources.compile_search=false"])
+    assert fused.extra["compiled"] and not eager.extra["compiled"] and not exact.extra["compiled"]
+
+    def overlap(a, b):
+        a, b = a.mask.flat().bool(), b.mask.flat().bool()
+        return ((a & b).sum() / a.sum()).item()
+    assert exact.mask.sha256() != other.mask.sha256() and exact.mask.sha256() != fused.mask.sha256()
+    assert abs(overlap(exact, fused) - overlap(exact, other)) < 0.1, (overlap(exact, fused), overlap(exact, other))
+    last = lambda t, k: t.history[-1][k]
+    for key, tol in (("expected_density", 0.25), ("objective", 0.5)):
+        spread = abs(last(exact, key) - last(other, key)) + tol * last(exact, key)
+        assert abs(last(fused, key) - last(exact, key)) <= spread, (key, last(exact, key), last(other, key), last(fused, key))
+    assert overlap(fused, eager) > 0.99
+    assert [h["objective"] for h in fused.history] == pytest.approx([h["objective"] for h in eager.history], rel=1e-3)
+    assert _cts_ctx(QUICK + ["search.step=fused"]).mask.sha256() == fused.mask.sha256()
+
+
 @pytest.mark.parametrize("objective", ["kl_reverse", "feature_mse"])
 def test_teacher_outputs_computed_once_per_example_change_nothing(monkeypatch, objective):
     """Without batch-statistics layers the frozen teacher's outputs (logits, features) are computed

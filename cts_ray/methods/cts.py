@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..masking import Mask, kept_count, layer_shapes
+from ..masking import Mask, kept_count, layer_shapes, top_k_flat
 from ..models import prunable, prunable_modules
 from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
 from ..runtime import cpu_copy
@@ -90,6 +90,33 @@ def logistic_noise(u: Tensor) -> Tensor:
     return torch.logit(u.clamp_(min=1e-10))
 
 
+# lowbias32's multipliers (C. Wellons' hash-prospector), the second as the int32 it wraps to
+_MIX = (0x7feb352d, 0x846ca68b - (1 << 32))
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit hash on int32 (multiplies wrap alike on every backend; ``>>`` is arithmetic on
+    int32, so the sign bits it shifts in are masked off)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX[0]
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX[1]
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def counter_noise(key: Tensor, n: int) -> Tensor:
+    """Logistic noise L_i = logit(u_i) with u_i from a keyed hash of the index i (``search.step: fused``):
+    nothing serial and nothing stored, so it is computed inside the fused mask pass. ``key``: two int32
+    words drawn per step from the search's noise generator. u takes 2^24 centred values in (0, 1), all
+    distinct within a step (the hash of i is a bijection)."""
+    x = _mix32(_mix32(torch.arange(n, dtype=torch.int32, device=key.device) ^ key[0]) ^ key[1])
+    return torch.logit(((x >> 8) & 0xFFFFFF).float() * 2.0 ** -24 + 2.0 ** -25)
+
+
+def draw_key(generator: torch.Generator) -> Tensor:
+    return torch.randint(-2 ** 31, 2 ** 31 - 1, (2,), dtype=torch.int32, device=generator.device, generator=generator)
+
+
 def masked_weights(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tuple[list, Tensor]:
     """The relaxed mask m = σ(θ + L/τ) applied to each frozen weight (eager reference)."""
     m = torch.sigmoid(theta + noise / tau)
@@ -126,6 +153,11 @@ def _masked_fused(theta: Tensor, noise: Tensor, weights: list, tau: float) -> tu
     return masked, m, sig
 
 
+def _masked_counter(theta: Tensor, key: Tensor, weights: list, tau: float) -> tuple[list, Tensor, Tensor]:
+    """``search.step: fused``: the noise, the mask and the masked weights in one pass."""
+    return _masked_fused(theta, counter_noise(key, theta.numel()), weights, tau)
+
+
 def rescaled(masked: list, m: Tensor, rescale: str) -> list:
     """Inverted-dropout scaling (a constant: not a gradient path). Always eager: its sums must be
     ATen's, summed in ATen's order, for the compiled search to find the eager search's masks."""
@@ -148,40 +180,47 @@ def controlled(theta: Tensor, g_task: Tensor, lam: Tensor, sig: Tensor, total: T
 
 
 class Step:
-    """One search step's mask and update, eager (the reference) or through ``torch.compile``: the same
-    operations fused into a few passes over θ, with weights, noise and λ as inputs (no recompiles per
-    step). Adam is torch's own either way (its state in ``opt``, checkpointable)."""
+    """One search step's mask and update. ``exact`` (the reference): noise from the generator's stream,
+    eager or through ``torch.compile`` (the same operations fused into a few passes over θ, bit for bit
+    the eager result), then torch's Adam. ``fused`` (``search.step``): counter-based noise computed
+    inside the compiled mask pass, the controller's sums in its graph, torch's fused Adam: fewer
+    passes, another random stream. Weights, noise (or its key) and λ are inputs: no recompiles per
+    step. Adam's state stays torch's (``opt``, checkpointable) either way."""
 
-    def __init__(self, weights, tau, rescale, controller, budget, mask_lr, loss_scale, opt, compiled: bool):
+    def __init__(self, weights, tau, rescale, controller, budget, mask_lr, loss_scale, opt, compiled: bool,
+                 fused: bool = False):
         self.weights, self.tau, self.rescale, self.opt, self.compiled = weights, tau, rescale, opt, compiled
-        self.lam, self._proven = None, False
+        self.fused, self.lam, self._proven = fused, None, False
         self.options = dict(controller=controller, budget=budget, mask_lr=mask_lr, loss_scale=loss_scale)
-        self._mask, self._update = masked_weights, None
+        self._eager = _masked_counter if fused else masked_weights
+        self._mask, self._update = self._eager, None
         if compiled:
-            self._mask = torch.compile(_masked_fused, dynamic=False, fullgraph=True)
+            self._mask = torch.compile(_masked_counter if fused else _masked_fused, dynamic=False, fullgraph=True)
             self._update = torch.compile(controlled, dynamic=False, fullgraph=True)
 
-    def masked(self, theta: Tensor, u: Tensor) -> list:
+    def masked(self, theta: Tensor, noise: Tensor) -> list:
+        """``noise``: logistic noise (exact) or the step's two-word key (fused)."""
         try:
-            out = self._mask(theta, u, self.weights, self.tau)
+            out = self._mask(theta, noise, self.weights, self.tau)
         except Exception as e:   # the first compiled call compiles (no C++ compiler here?): go eager
             if not self.compiled or self._proven:
                 raise
             warnings.warn(f"resources.compile_search: torch.compile failed ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); searching eagerly")
-            self.compiled, self._mask = False, masked_weights
-            out = masked_weights(theta, u, self.weights, self.tau)
+            self.compiled, self._mask = False, self._eager
+            out = self._eager(theta, noise, self.weights, self.tau)
         self._proven = True
-        self._sig = out[2] if self.compiled else None
+        self._sig = out[2] if self.compiled or self.fused else None
         return rescaled(out[0], out[1], self.rescale)
 
     def update(self, theta: Tensor, g_task: Tensor) -> None:
-        # step one eagerly, where λ comes into being; Adam stays torch's own either way: its
-        # fused-multiply-add lerp is not what a compiled graph computes
-        fused = self.compiled and self.lam is not None
-        sig = self._sig if fused else None
-        theta.grad, self.lam = (self._update if fused else controlled)(
-            theta.detach(), g_task, self.lam, sig, None if sig is None else sig.sum(), **self.options)
+        # step one eagerly, where λ comes into being. Exact: σ(θ)'s sum is ATen's and so is Adam (its
+        # fused-multiply-add lerp is not what a compiled graph computes); fused: both in the graph/kernel
+        compiled = self.compiled and self.lam is not None
+        sig = self._sig if compiled or self.fused else None
+        total = None if sig is None or self.fused else sig.sum()
+        theta.grad, self.lam = (self._update if compiled else controlled)(
+            theta.detach(), g_task, self.lam, sig, total, **self.options)
         self.opt.step()
 
 
@@ -222,12 +261,14 @@ def teacher_outputs(model: nn.Module, data, batch_size: int, need_features: bool
     return Outputs(torch.cat(logits), [torch.cat(f) for f in zip(*features)] if need_features else [])
 
 
-def use_compile(setting: Optional[bool], device: torch.device, work: int) -> bool:
-    """``resources.compile_search``; null compiles on CUDA where the search's passes over θ are many
-    enough to repay a compile. Not on CPU: there the step is bound by memory traffic over θ-sized
-    arrays, most of it in the parts that must stay ATen's (noise, Adam), and fusing the rest
-    measured no faster (bench steps)."""
-    return device.type == "cuda" and work >= COMPILE_WORTH if setting is None else setting
+def use_compile(setting: Optional[bool], device: torch.device, work: int, fused: bool = False) -> bool:
+    """``resources.compile_search``; null compiles a fused step always (that is what it is for) and an
+    exact one on CUDA where the search's passes over θ are many enough to repay a compile. Not an
+    exact one on CPU: there the step is bound by memory traffic over θ-sized arrays, most of it in the
+    parts that must stay ATen's (noise, Adam), and fusing the rest measured no faster (bench steps)."""
+    if setting is not None:
+        return setting
+    return fused or (device.type == "cuda" and work >= COMPILE_WORTH)
 
 
 COMPILE_WORTH = 10 ** 9   # θ entries x steps; MNIST LeNet-300-100 at search length 0.5: 266k x 1k steps x 5 epochs = 1.3e9
@@ -249,7 +290,8 @@ def search(ctx: SearchContext) -> Ticket:
     theta = torch.full((d,), math.log(kappa / (1 - kappa)) if kappa < 1 else 20.0,
                        device=device, requires_grad=True)
     mask_lr = cfg.mask_lr
-    opt = torch.optim.Adam([theta], lr=mask_lr)
+    fused = s.step == "fused"
+    opt = torch.optim.Adam([theta], lr=mask_lr, fused=fused or None)
     objective = OBJECTIVES[s.objective]
     need_teacher = s.objective != "ce"
     need_features = s.objective in NEEDS_FEATURES
@@ -261,9 +303,9 @@ def search(ctx: SearchContext) -> Ticket:
     # The authors drop the mask LR after epoch int(0.88 * epochs); ours (the default) after that step.
     drop_step = (int(s.lr_drop * epochs) * steps_per_epoch if s.lr_drop_at == "epoch"
                  else int(s.lr_drop * epochs * steps_per_epoch))
-    compiled = use_compile(cfg.resources.compile_search, device, d * steps_per_epoch * epochs)
+    compiled = use_compile(cfg.resources.compile_search, device, d * steps_per_epoch * epochs, fused)
     step_fn = Step(weights, s.temperature, s.rescale, s.controller, (1 + s.slack) * kappa * d, mask_lr,
-                   s.loss_scale, opt, compiled)
+                   s.loss_scale, opt, compiled, fused)
 
     history, step, prev_top, first_epoch, seconds_before = [], 0, None, 0, 0.0
     if ctx.resume is not None:   # continue an interrupted search after its last finished epoch
@@ -301,7 +343,7 @@ def search(ctx: SearchContext) -> Ticket:
                     else:
                         dense = Outputs(None)
                     feats.clear()
-                    L = logistic_noise(torch.rand(d, device=device, generator=noise))
+                    L = draw_key(noise) if fused else logistic_noise(torch.rand(d, device=device, generator=noise))
                     masked = dict(zip(names, step_fn.masked(theta, L)))
                     sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
                     loss = objective(sparse, dense, y)
@@ -311,8 +353,7 @@ def search(ctx: SearchContext) -> Ticket:
                     n_batches += 1
                     step += 1
                 with torch.no_grad():
-                    top = torch.zeros(d, dtype=torch.bool, device=device)
-                    top[torch.topk(theta, k).indices] = True
+                    top = top_k_flat(theta.detach(), k)
                     changed = 1.0 if prev_top is None else ((top & ~prev_top).sum() / k).item()
                     prev_top = top
                     lam = step_fn.lam
@@ -338,5 +379,5 @@ def search(ctx: SearchContext) -> Ticket:
     scores = theta.detach().cpu()
     mask = Mask.top_k(scores, k, shapes)
     return Ticket(mask=mask, seconds=seconds_before + time.perf_counter() - t_start, scores=scores, history=history,
-                  extra={"search_epochs": epochs, "search_steps": step, "compiled": compiled,
+                  extra={"search_epochs": epochs, "search_steps": step, "compiled": step_fn.compiled,
                          "teacher_cached": bool(cached)})
