@@ -12,7 +12,7 @@ BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
-    "ticket": "Single long runs (CTS, short-search CTS, then LTR), not alternated; times are the runs' summary.json training "
+    "ticket": "Single long runs (CTS, short-search CTS, fused CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
     "slots": "Two real sweeps, one after the other (Tune's grid order, then the shared-work scheduler); useful "

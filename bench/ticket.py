@@ -3,7 +3,8 @@
 Real runs of ``cts_ray.pipeline.run`` (what ``cts-ray run`` does) on configs/mnist_lenet300.yaml
 into a temporary folder that is removed afterwards: CTS (the config's method, search length 0.5),
 CTS with the paper's default search length 0.125 (20 of 160 epochs on CIFAR; 1 epoch here), and LTR
-(``search.method=ltr``; rounds = nearest r with 0.8^r to the density: 22 at 0.0074). Both come
+(``search.method=ltr``; rounds = nearest r with 0.8^r to the density: 22 at 0.0074), and CTS with
+``search.step: fused`` (its compile included, from inductor's disk cache when warm). All come
 from the same config, seed and dense recipe (checked: equal ``dense_identity``), and neither gets a
 ``DenseCache``: each trains its own dense network in-process, nothing from an earlier run is read.
 
@@ -41,6 +42,7 @@ def configs(quick: bool, epochs: int | None) -> dict[str, config.Config]:
         base.append(f"training.epochs={epochs}")
     cfgs = {"cts": config.load(CONFIG, base + ["search.method=cts"]),
             "cts_short": config.load(CONFIG, base + ["search.method=cts", f"search.length={SHORT_SEARCH}"]),
+            "cts_fused": config.load(CONFIG, base + ["search.method=cts", "search.step=fused"]),
             "ltr": config.load(CONFIG, base + ["search.method=ltr"])}
     ids = [c.dense_identity() for c in cfgs.values()]
     assert all(i == ids[0] for i in ids), "CTS and LTR must share the dense run"
@@ -53,7 +55,7 @@ def run(repeats: int | None = None, quick: bool = False, ticket_epochs: int | No
     c, t = cfgs["cts"], cfgs["ltr"]
     rounds = ltr.rounds_for(t.search.density, t.search.ltr_fraction)
     print(f"  MNIST / LeNet-300-100 on CPU, {c.training.epochs} epochs, density {c.search.density:g}, "
-          f"LTR {rounds} rounds; single long runs (CTS, short-search CTS, LTR), not alternated; "
+          f"LTR {rounds} rounds; single long runs (CTS, short-search CTS, fused CTS, LTR), not alternated; "
           f"{repeats} repeat(s)", flush=True)
     keys = ("ticket_seconds", "search_seconds", "wall", "test_accuracy", "dense_test_accuracy")
     res = {m: {k: [] for k in keys} for m in cfgs}
@@ -80,6 +82,7 @@ def run(repeats: int | None = None, quick: bool = False, ticket_epochs: int | No
     med = {m: {k: one(v) for k, v in res[m].items()} for m in res}
     labels = {"cts": f"CTS (search length {c.search.length:g}: {c.search_epochs} epochs)",
               "cts_short": f"CTS (search length {SHORT_SEARCH}: {cfgs['cts_short'].search_epochs} epochs)",
+              "cts_fused": f"CTS, fused step (search length {c.search.length:g})",
               "ltr": f"LTR ({rounds} rounds)"}
     rows = []
     for m, label in labels.items():
@@ -91,7 +94,7 @@ def run(repeats: int | None = None, quick: bool = False, ticket_epochs: int | No
     rows.append(Row("dense test accuracy (same recipe and seed for all)",
                     100 * med["cts"]["dense_test_accuracy"][0], "%"))
     acc_l = med["ltr"]["test_accuracy"][0]
-    for m in ("cts", "cts_short"):
+    for m in ("cts", "cts_short", "cts_fused"):
         x = [a / b for a, b in zip(res["ltr"]["ticket_seconds"], res[m]["ticket_seconds"])]
         speed, acc_c = summary(x)[0], med[m]["test_accuracy"][0]
         failed = [why for why, bad in (("ratio", speed < TARGET), ("accuracy", acc_c < acc_l)) if bad]
