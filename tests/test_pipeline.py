@@ -65,13 +65,13 @@ def test_same_seed_same_mask_different_seed_different_mask(tmp_path):
     assert c["mask_sha256"] != a["mask_sha256"] and c["config_hash"] != a["config_hash"]
 
 
-@pytest.mark.parametrize("phase, epoch", [("search", 2), ("retrain", 3)])
-def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(tmp_path, phase, epoch):
+@pytest.mark.parametrize("phase, epoch, step", [("search", 2, "exact"), ("retrain", 3, "exact"), ("search", 2, "fused")])
+def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(tmp_path, phase, epoch, step):
     """What a sweep trial checkpoints (``Progress`` after a CTS search epoch or a retraining epoch,
     through torch.save / weights_only load) continues to the same mask and accuracy, with only the
-    remaining epochs run."""
+    remaining epochs run; the fused search step too (its fused Adam's state, its noise keys)."""
     import io
-    cfg = C.load(None, QUICK + ["training.dense_baseline=false"])
+    cfg = C.load(None, QUICK + ["training.dense_baseline=false", f"search.step={step}"])
     saved = {}
 
     def on_record(record, progress):
