@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 11 in one go, for a session that has a GPU (nothing else needs one):
-#   1. `python -m bench gpu`   — dense / search / retrain epoch times of the authors' ResNet-20 recipe,
+#   1. `python -m bench gpu`   — dense / search (exact and fused step) / retrain epoch times of the authors' ResNet-20 recipe,
 #      the recipe's pipeline extrapolated, 4 trials per GPU, peak memory per trial;
 #   2. `python -m bench paper` — one real CTS ticket, ResNet-20 / CIFAR-10-JPEG, 9 dense + 80 search +
 #      151 retraining epochs at density 0.0074, sized to finish within 9 minutes (it times a dense and

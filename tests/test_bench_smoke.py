@@ -38,7 +38,7 @@ def test_quick_data_and_gpu_benches_give_finite_rows_and_record_nothing(monkeypa
         assert any("num_workers=0" in n and kind in n for n in names["data"])
         assert any("num_workers=2" in n and kind in n for n in names["data"])
     for prefix, count in (("a: dense epoch", 3), ("a: torch.compile time", 1), ("b: CTS pipeline", 4),
-                          ("c: ", 2)):
+                          ("c: ", 2), ("b*: one search epoch, fused step", 1)):
         assert sum(n.startswith(prefix) for n in names["gpu"]) == count, (prefix, names["gpu"])
     assert all("extrapolated" in n for n in names["gpu"] if n.startswith("b:"))
     assert not any(n.startswith("d:") for n in names["gpu"])   # GPU memory: CUDA only
