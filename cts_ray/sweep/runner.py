@@ -51,14 +51,22 @@ def _searcher(spec: SweepSpec):
 SHARED_WORK = True   # False: Tune's own grid order even where trials share work (bench/slots.py compares)
 
 
-def _shared_work_grid(spec: SweepSpec, points: Optional[list]):
-    """The dependency-aware grid searcher (schedule.py) where a grid's trials share work, else None."""
+def _shared_work(spec: SweepSpec, points: Optional[list] = None) -> Optional[list]:
+    """The grid's work (work.plan) where its trials share some, else None: when the shared-work
+    searcher is used. No Ray."""
     if not SHARED_WORK or spec.searcher != "grid" or spec.sample:
         return None
-    from .schedule import SharedWorkGrid, plan, shares_work
+    from .work import plan, shares_work
     work = plan(spec, points if points is not None else spec.grid_points() or [{}])
-    if not shares_work(work):
+    return work if shares_work(work) else None
+
+
+def _shared_work_grid(spec: SweepSpec, points: Optional[list]):
+    """The dependency-aware grid searcher (schedule.py) where a grid's trials share work, else None."""
+    work = _shared_work(spec, points)
+    if work is None:
         return None
+    from .schedule import SharedWorkGrid
     return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense", repeats=spec.num_samples)
 
 
@@ -389,8 +397,7 @@ def preview(spec: SweepSpec) -> str:
                  + (" …" if len(dense) > 6 else "") + ")")
     if chains:
         lines.append("LTR levels: " + "; ".join(f"{r} rounds shared by {c} trial(s)" for r, _, c in chains.values()))
-    if SHARED_WORK and spec.searcher == "grid" and not spec.sample and (   # _shared_work_grid's test, without Ray
-            any(len(v[1]) > 1 for v in dense.values()) or any(c > 1 for _, _, c in chains.values())):
+    if _shared_work(spec) is not None:
         lines.append("order: a trial starts once its dense run is cached (or to train it) and, for LTR, after the "
                      "shallower trials of its chain; LTR chains first — no trial holds a slot to wait")
     shared = sum(e for e, _ in dense.values()) + sum(r * e for r, e, _ in chains.values()) + scale * sum(own)

@@ -20,43 +20,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from ray.tune.search import Searcher
 
-
-@dataclass
-class Work:
-    """What one grid point needs before it can run, and what it provides."""
-    point: dict            # the trial's swept values (dotted keys), as Tune's grid would give them
-    dense: str             # its DenseCache key
-    chain: Optional[str]   # LTR: the chain of rounds it shares (dense key, fraction, output fraction)
-    rounds: int            # LTR: rounds it trains or reads (0 otherwise)
-
-
-def plan(spec, points: list) -> list[Work]:
-    """The work of each point (configs only: nothing is started)."""
-    from ..cache import DenseCache
-    from ..config import from_dict
-    from ..methods.ltr import rounds_for
-    cache = DenseCache(spec.root.parent / "_cache" / "dense")
-    out = []
-    for p in points:
-        cfg = from_dict(spec.trial_raw(p))
-        key = cache.key(cfg)
-        s = cfg.search
-        ltr = s.method == "ltr"
-        out.append(Work(p, key, f"{key}-ltr-{s.ltr_fraction:g}-{s.ltr_output_fraction}" if ltr else None,
-                        rounds_for(s.density, s.ltr_fraction) if ltr else 0))
-    return out
-
-
-def shares_work(work: list[Work]) -> bool:
-    dense = [w.dense for w in work]
-    chains = [w.chain for w in work if w.chain]
-    return len(set(dense)) < len(dense) or len(set(chains)) < len(chains)
+from .work import Work, plan, shares_work  # noqa: F401  (the searcher's inputs)
 
 
 class SharedWorkGrid(Searcher):
