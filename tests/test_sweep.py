@@ -224,31 +224,47 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     f = _sweep_file(tmp_path, "resumed", {"base": str(REPO / "configs" / "digits.yaml"),
                                           "set": {**SMALL, "resources.cpus": 1, "training.epochs": 30,
                                                   "training.milestones": [20]},
-                                          "grid": {"seed": [0, 1, 2, 3, 4, 5]}, "max_concurrent": 2})
+                                          # two densities a seed: trials share dense runs, so the
+                                          # shared-work searcher (whose trial ids are random) runs them
+                                          "grid": {"seed": [0, 1, 2], "search.density": [0.05, 0.1]},
+                                          "max_concurrent": 2})
     root = tmp_path / "sweeps" / "resumed"
+    # Tune snapshots its state at its first step and then not for an hour: every trial it starts
+    # later is one the resumed sweep's Tune state does not know (as happens, in the 10 s or more
+    # between real snapshots, to trials that start and end in between)
     driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+                              start_new_session=True, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "3600"})
     deadline = time.time() + 240
     while time.time() < deadline:
         done = list((root / "tables" / "trials").rglob("*.parquet")) if (root / "tables").exists() else []
-        if len(done) >= 2:
+        if len(done) >= 3:
             break
-        time.sleep(0.5)
-    time.sleep(3)                       # let Tune snapshot its state after those trials
+        time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     killed_at = time.time()
     before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
-    assert 2 <= len(before) < 6, "the kill came too late to test resuming"
+    assert 3 <= len(before) < 6, "the kill came too late to test resuming"
+    running = {p.stem for p in (root / "progress").glob("*.pt")}   # saved an epoch, not finished
+    from ray.tune import ExperimentAnalysis
+    from cts_ray.sweep.runner import orphans, tune_trial_ids
+    assert tune_trial_ids(root / "tune") == {t.trial_id for t in ExperimentAnalysis(str(root / "tune")).trials}
+    forgotten = [o for os_ in orphans(root).values() for o in os_]
+    assert any(o["status"] == "finished" for o in forgotten), "no finished trial unknown to Tune's state"
     _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
     after = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
     assert len(after) == 6 and {t["status"] for t in after.values()} == {"finished"}
-    assert sorted(t["seed"] for t in after.values()) == [0, 1, 2, 3, 4, 5]
+    assert sorted((t["seed"], t["target_density"]) for t in after.values()) == \
+        [(s, d) for s in (0, 1, 2) for d in (0.05, 0.1)]
     for tid, row in before.items():     # finished before the kill: not run again
         assert after[tid]["started_at"] == row["started_at"] and after[tid]["ended_at"] == row["ended_at"]
     rerun = [t for t in after.values() if t["ended_at"] > killed_at]
     assert len(rerun) == 6 - len(before)   # only the unfinished ones ran after the kill
+    for tid in running:   # those running went on from their last saved epoch, under their own id
+        assert after[tid]["started_at"] < killed_at < after[tid]["ended_at"], tid
+    assert not list((root / "progress").iterdir()) and not list((root / "trials").glob(".*partial*"))
+    assert {p.name for p in (root / "trials").iterdir()} == set(after)
     # the same trials as an uninterrupted sweep: one per grid point, by config
     from cts_ray.config import from_dict
     spec = spec_mod.load(f)
@@ -259,6 +275,11 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     exp = client.get_experiment_by_name("cts-ray")
     runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'resumed'")
     assert sorted(r.data.tags["cts.role"] for r in runs) == ["parent"] + ["trial"] * 6   # no duplicates
+    trial_runs = [r for r in runs if r.data.tags["cts.role"] == "trial"]
+    assert {r.data.tags["cts.trial_id"] for r in trial_runs} == set(after)   # one each, by the rows' ids
+    assert {r.info.status for r in trial_runs} == {"FINISHED"}
+    for r in trial_runs:
+        assert r.data.metrics["test_accuracy"] == pytest.approx(after[r.data.tags["cts.trial_id"]]["test_accuracy"])
     # each trial's epochs appear once
     epochs = tables.read(root, "epochs").to_pylist()
     keys = [(r["trial_id"], r["phase"], r["epoch"]) for r in epochs]
@@ -391,3 +412,37 @@ def test_mlflow_server_down_loses_no_parquet_results(ray_cluster, tmp_path):
     for seed in (0, 1):   # every epoch of every phase is there: 4 dense, 2 search, 3 retraining
         phases = [r["phase"] for r in epochs if r["seed"] == seed]
         assert (phases.count("dense"), phases.count("search"), phases.count("retrain")) == (4, 2, 3), phases
+
+
+def _claim(args):
+    from cts_ray.sweep.trainable import adopt
+    root, tune_id, forgotten = args
+    return tune_id, adopt(Path(root), "h", tune_id, forgotten)[0]
+
+
+def test_each_forgotten_trial_is_adopted_once_and_a_void_claim_frees_it(tmp_path):
+    """trainable.adopt, from several processes at once; runner.orphans on the next resume."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cts_ray.sweep.runner import orphans
+    from cts_ray.sweep.trainable import adopt
+    root = tmp_path / "s"
+    root.mkdir()
+    forgotten = {"h": [{"trial_id": f"o{i}", "status": None} for i in range(4)]}
+    with ProcessPoolExecutor(4) as pool:
+        got = dict(pool.map(_claim, [(str(root), f"t{i}", forgotten) for i in range(8)]))
+    adopted = sorted(v for v in got.values() if v.startswith("o"))
+    assert adopted == ["o0", "o1", "o2", "o3"]                     # each once
+    assert sum(k == v for k, v in got.items()) == 4                # the other four run as themselves
+    holder = {v: k for k, v in got.items() if v.startswith("o")}
+    assert adopt(root, "h", holder["o2"], forgotten)[0] == "o2"    # a retried trial: its own claim again
+    assert adopt(root, "other", "t9", forgotten) == ("t9", None)   # another point adopts nothing
+    # the next resume's Tune state knows the holders of o0 and o1 only: o2 and o3 are free again
+    (root / "tune").mkdir()
+    state = {"trial_data": [[json.dumps({"trial_id": holder[o]}), "{}"] for o in ("o0", "o1")]}
+    (root / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    (root / "progress").mkdir()
+    for i in range(4):
+        (root / "progress" / f"o{i}.json").write_text(json.dumps({"config_hash": "h"}))
+    assert orphans(root) == {"h": [{"trial_id": "o2", "status": None}, {"trial_id": "o3", "status": None}]}
+    assert sorted(p.name for p in (root / "adopted").iterdir()) == ["o0", "o1"]

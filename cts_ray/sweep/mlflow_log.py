@@ -237,6 +237,8 @@ class MLflowLogger(Callback):
         self.logged: dict[str, int] = {}     # run id -> last step logged
         self.known: dict[str, str] = {}      # trial id -> run id of the runs this sweep had when it started
         self.pending: dict[str, tuple] = {}  # run id -> (metrics, tags, params) not yet sent
+        self.defer: set = set()              # config hashes of forgotten trials a resumed one may adopt
+        self.alias: dict[str, str] = {}      # Tune's trial id -> id of the forgotten trial it adopted
 
     @property
     def failed(self) -> Optional[str]:
@@ -327,6 +329,7 @@ class MLflowLogger(Callback):
         self.parent_id = run.info.run_id
 
     def _child(self, tid: str, config: dict) -> Optional[str]:
+        tid = self.alias.get(tid, tid)
         if tid in self.runs:
             return self.runs[tid]
 
@@ -359,7 +362,7 @@ class MLflowLogger(Callback):
 
     # ---- Tune's callbacks (on Tune's thread): copy what the event says and queue it
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._later(self._child, trial.trial_id, dict(trial.config))
+        self._later(self._start, trial.trial_id, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._later(self._result, trial.trial_id, dict(trial.config), dict(result))
@@ -380,7 +383,14 @@ class MLflowLogger(Callback):
         self.flush()
 
     # ---- what the thread does for each event
+    def _start(self, tid: str, config: dict):
+        # a trial that may adopt a forgotten one gets its run at its first result, which says
+        if not (self.defer and self.resolve(config).hash in self.defer):
+            self._child(tid, config)
+
     def _result(self, tid: str, config: dict, result: dict):
+        if result.get("adopted_from"):
+            self.alias[tid] = result["adopted_from"]
         run_id = self._child(tid, config)
         step = int(result.get("step", 0))
         if run_id is None or step <= self.logged.get(run_id, 0):

@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, from_dict
@@ -188,7 +189,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         _connect(address, verbose)
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
     resources = {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus}
-    trainable = tune.with_resources(tune.with_parameters(trial, spec_state=spec_state(spec)), resources)
+    state = spec_state(spec)
+    if resume:
+        try:
+            state["orphans"] = orphans(root)
+        except Exception as e:   # e.g. a Tune whose snapshot reads otherwise: resuming still works
+            print(f"cts-ray: finding trials Tune's state forgot failed ({type(e).__name__}: {e}); trials that "
+                  "ended after its last snapshot may run again", file=sys.stderr)
+            state["orphans"] = {}
+        logger.defer = set(state["orphans"])
+    trainable = tune.with_resources(tune.with_parameters(trial, spec_state=state), resources)
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     callbacks = [logger, JsonLoggerCallback(), CSVLoggerCallback()]
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
@@ -226,6 +236,56 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
               file=sys.stderr)
     return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+
+
+def orphans(root) -> dict:
+    """Trials of the sweep at ``root`` that the Tune state about to be restored does not know:
+    created after its last snapshot (Tune takes one every 10 s or more), they finished, failed or
+    saved progress before the driver died. Tune creates their points again under new trial ids;
+    such a trial adopts one of these (trainable.adopt) and goes on as it, so no point runs twice
+    or gets two rows. Returns {config hash: [{trial_id, status, steps, final numbers}]}."""
+    known = set()
+    for d in [root / TUNE_DIR, *sorted(root.glob(f"{TUNE_DIR}.*"))]:   # --extend keeps older ones aside
+        known |= tune_trial_ids(d)
+    for claim in (root / "adopted").glob("*"):   # claimed by a trial Tune forgot as well: void
+        if claim.read_text() not in known:
+            claim.unlink()
+    skip = known | {c.name for c in (root / "adopted").glob("*")}
+    out = defaultdict(list)
+    rows = [r for r in _rows(root, "trials") if r["trial_id"] not in skip]
+    if rows:
+        steps = defaultdict(int)   # a finished trial's records, so its final report's step is the one it had
+        for r in _rows(root, "epochs", ["trial_id"]):
+            steps[r["trial_id"]] += 1
+        for r in rows:
+            out[r["config_hash"]].append({"trial_id": r["trial_id"], "steps": steps[r["trial_id"]],
+                                          **{k: r[k] for k in ADOPTED_FIELDS}})
+    with_rows = {r["trial_id"] for r in rows}
+    for p in sorted((root / "progress").glob("*.json")):   # started, no row yet
+        if p.stem not in skip and p.stem not in with_rows:
+            out[json.loads(p.read_text())["config_hash"]].append({"trial_id": p.stem, "status": None})
+    return dict(out)
+
+
+def tune_trial_ids(path) -> set:
+    """The trial ids in a Tune experiment folder's newest state snapshot, the one Tuner.restore
+    loads (read directly: ray.tune.ExperimentAnalysis would also parse every trial's results)."""
+    snapshots = sorted(Path(path).glob("experiment_state-*.json"))   # named by time: the last is newest
+    if not snapshots:
+        return set()
+    return {json.loads(trial)["trial_id"] for trial, _ in json.loads(snapshots[-1].read_text())["trial_data"]}
+
+
+def _rows(root, table: str, columns=None) -> list:
+    try:
+        return tables.read(root, table, columns).to_pylist()
+    except FileNotFoundError:
+        return []
+
+
+# what a trial adopting a finished one reports of it (the rest stays in its rows)
+ADOPTED_FIELDS = ("status", "node_id", "run_dir", "test_accuracy", "peak_test_accuracy", "achieved_density",
+                  "ticket_seconds")
 
 
 def _connect(address: Optional[str], verbose: int) -> None:

@@ -42,9 +42,11 @@ def trial(params: dict, spec_state: dict) -> None:
     cfg = from_dict(spec.trial_raw(params))
     if cfg.resources.threads is None:   # one torch thread per CPU the trial holds, never more
         torch.set_num_threads(max(1, int(cfg.resources.cpus)))
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
     root = Path(spec_state["root"])
+    # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
+    # trial the resumed Tune state forgot and this one goes on as (runner.orphans)
+    trial_id, orphan = adopt(root, cfg.hash, tune.get_context().get_trial_id(), spec_state.get("orphans", {}))
+    adopted = {"adopted_from": trial_id} if orphan is not None else {}
     run_dir = root / "trials" / trial_id
     node_id = _node_id()
     started = time.time()
@@ -62,12 +64,17 @@ def trial(params: dict, spec_state: dict) -> None:
         system = SystemMetrics()
 
     done = _finished_row(root, cfg.search.method, trial_id)
+    if done is None and orphan is not None and orphan["status"] in FINAL:
+        done = orphan
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
-        tune.report({"phase": "final", "status": done["status"], "step": 1, "node_id": done["node_id"],
-                     "run_dir": done["run_dir"], "already_finished": 1,
+        tune.report({"phase": "final", "status": done["status"], "step": done["steps"] + 1,
+                     "node_id": done["node_id"], "run_dir": done["run_dir"], "already_finished": 1, **adopted,
                      **{k: done[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
                                              "ticket_seconds") if done[k] is not None}})
         return
+    ident = progress_path(root, trial_id).with_suffix(".json")   # what runner.orphans matches it by
+    ident.parent.mkdir(exist_ok=True)
+    ident.write_text(json.dumps({"config_hash": cfg.hash}))
 
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
     # snapshot names the new one, so a driver killed in between would resume from a deleted one.
@@ -92,6 +99,7 @@ def trial(params: dict, spec_state: dict) -> None:
         if step[0] == 1:
             record["started_at"] = started
         metrics = {**running, **_numeric(record), "phase": record["phase"], "step": step[0], "node_id": node_id,
+                   **adopted,
                    "row": json.dumps(tables.epoch_row(record)),   # what the driver keeps of a stopped trial
                    **(system.sample() if system else {})}
         if record["phase"] != "dense":
@@ -137,14 +145,14 @@ def trial(params: dict, spec_state: dict) -> None:
         tables.write(root, "layers", method, trial_id,
                      [{k: r[k] for k in ("layer", "numel", "kept", "density", "units", "effective_kept",
                                          "alive_units")} for r in layers], common)
-    final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id,
+    final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id, **adopted,
              "run_dir": str(run_dir), "ticket_iteration": ticket_iteration[0] + 1, **running}
     if summary is not None:
         final.update({k: summary[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
                                               "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
         final.update(effective_density=summary["effective_density"], effective_kept=summary["effective_kept"],
                      collapsed=len(summary["collapsed_layers"]))
-    progress_path(root, trial_id).unlink(missing_ok=True)   # done: nothing to continue
+    _forget_progress(root, trial_id)   # done: nothing to continue
     tune.report(final)
 
 
@@ -154,12 +162,46 @@ def progress_path(root: Path, trial_id: str) -> Path:
     return root / "progress" / f"{trial_id}.pt"
 
 
+def _forget_progress(root: Path, trial_id: str) -> None:
+    path = progress_path(root, trial_id)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
+    """(trial id to go on as, the orphan adopted or None). ``orphans``: runner.orphans, by config
+    hash. Each orphan is claimed once (``<sweep>/adopted/<its id>`` holds the claimer's Tune id,
+    created exclusively, on the shared storage), so two trials of one point never adopt the same
+    one; a retried trial finds its own claim again."""
+    candidates = orphans.get(config_hash, [])
+    claims = root / "adopted"
+    for o in candidates:
+        claim = claims / o["trial_id"]
+        if claim.exists() and claim.read_text() == tune_id:
+            return o["trial_id"], o
+    for o in candidates:
+        claims.mkdir(exist_ok=True)
+        try:
+            fd = os.open(claims / o["trial_id"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(tune_id)
+        return o["trial_id"], o
+    return tune_id, None
+
+
+FINAL = ("finished", "diverged")   # statuses a rerun would only repeat
+
+
 def _finished_row(root: Path, method: str, trial_id: str):
     path = root / "tables" / "trials" / f"method={method}" / f"{trial_id}.parquet"
     if not path.exists():
         return None
     row = pq.read_table(path).to_pylist()[0]
-    return row if row["status"] in ("finished", "diverged") else None
+    epochs = root / "tables" / "epochs" / f"method={method}" / f"{trial_id}.parquet"
+    row["steps"] = pq.read_metadata(epochs).num_rows if epochs.exists() else 0
+    return row if row["status"] in FINAL else None
 
 
 def write_stopped(root: Path, spec, result, scheduler: str) -> None:
@@ -167,7 +209,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     ``result``: the trial's ``ray.tune.Result``."""
     history = [json.loads(line) for line in (Path(result.path) / "result.json").read_text().splitlines() if line]
     last = history[-1]
-    tid = last["trial_id"]
+    tid = last.get("adopted_from") or last["trial_id"]
     cfg = from_dict(spec.trial_raw(result.config))
     common = {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
     rows = {}
@@ -184,7 +226,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     tables.write(root, "epochs", cfg.search.method, tid, list(rows.values()), {**common, "node_id": last.get("node_id")})
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
         shutil.rmtree(staging, ignore_errors=True)
-    progress_path(root, tid).unlink(missing_ok=True)
+    _forget_progress(root, tid)
 
 
 def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False,
