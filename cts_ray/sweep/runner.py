@@ -244,6 +244,7 @@ def orphans(root) -> dict:
     saved progress before the driver died. Tune creates their points again under new trial ids;
     such a trial adopts one of these (trainable.adopt) and goes on as it, so no point runs twice
     or gets two rows. Returns {config hash: [{trial_id, status, steps, final numbers}]}."""
+    from .trainable import REPORTED
     known = set()
     for d in [root / TUNE_DIR, *sorted(root.glob(f"{TUNE_DIR}.*"))]:   # --extend keeps older ones aside
         known |= tune_trial_ids(d)
@@ -259,7 +260,7 @@ def orphans(root) -> dict:
             steps[r["trial_id"]] += 1
         for r in rows:
             out[r["config_hash"]].append({"trial_id": r["trial_id"], "steps": steps[r["trial_id"]],
-                                          **{k: r[k] for k in ADOPTED_FIELDS}})
+                                          **{k: r[k] for k in REPORTED}})
     with_rows = {r["trial_id"] for r in rows}
     for p in sorted((root / "progress").glob("*.json")):   # started, no row yet
         if p.stem not in skip and p.stem not in with_rows:
@@ -281,11 +282,6 @@ def _rows(root, table: str, columns=None) -> list:
         return tables.read(root, table, columns).to_pylist()
     except FileNotFoundError:
         return []
-
-
-# what a trial adopting a finished one reports of it (the rest stays in its rows)
-ADOPTED_FIELDS = ("status", "node_id", "run_dir", "test_accuracy", "peak_test_accuracy", "achieved_density",
-                  "ticket_seconds")
 
 
 def _connect(address: Optional[str], verbose: int) -> None:

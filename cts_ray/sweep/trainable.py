@@ -67,10 +67,8 @@ def trial(params: dict, spec_state: dict) -> None:
     if done is None and orphan is not None and orphan["status"] in FINAL:
         done = orphan
     if done is not None:   # finished before the driver died, after Tune's last state snapshot
-        tune.report({"phase": "final", "status": done["status"], "step": done["steps"] + 1,
-                     "node_id": done["node_id"], "run_dir": done["run_dir"], "already_finished": 1, **adopted,
-                     **{k: done[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
-                                             "ticket_seconds") if done[k] is not None}})
+        tune.report({"phase": "final", "step": done["steps"] + 1, "already_finished": 1, **adopted,
+                     **{k: done[k] for k in REPORTED if done[k] is not None}})
         return
     ident = progress_path(root, trial_id).with_suffix(".json")   # what runner.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
@@ -174,13 +172,15 @@ def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
     created exclusively, on the shared storage), so two trials of one point never adopt the same
     one; a retried trial finds its own claim again."""
     candidates = orphans.get(config_hash, [])
+    if not candidates:
+        return tune_id, None
     claims = root / "adopted"
     for o in candidates:
         claim = claims / o["trial_id"]
         if claim.exists() and claim.read_text() == tune_id:
             return o["trial_id"], o
+    claims.mkdir(exist_ok=True)
     for o in candidates:
-        claims.mkdir(exist_ok=True)
         try:
             fd = os.open(claims / o["trial_id"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -192,6 +192,9 @@ def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
 
 
 FINAL = ("finished", "diverged")   # statuses a rerun would only repeat
+# what a trial reports of a row that already ended (its own, or an adopted one's: runner.orphans)
+REPORTED = ("status", "node_id", "run_dir", "test_accuracy", "peak_test_accuracy", "achieved_density",
+            "ticket_seconds")
 
 
 def _finished_row(root: Path, method: str, trial_id: str):
@@ -199,9 +202,11 @@ def _finished_row(root: Path, method: str, trial_id: str):
     if not path.exists():
         return None
     row = pq.read_table(path).to_pylist()[0]
+    if row["status"] not in FINAL:
+        return None
     epochs = root / "tables" / "epochs" / f"method={method}" / f"{trial_id}.parquet"
-    row["steps"] = pq.read_metadata(epochs).num_rows if epochs.exists() else 0
-    return row if row["status"] in FINAL else None
+    row["steps"] = pq.read_metadata(epochs).num_rows if epochs.exists() else 0   # its records: the final's step
+    return row
 
 
 def write_stopped(root: Path, spec, result, scheduler: str) -> None:
