@@ -65,7 +65,7 @@ def trial(params: dict, spec_state: dict) -> None:
     except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
         status, error, summary = "error", f"ConfigError: {e}", None
     except Exception as e:
-        _write_trial_row(root, cfg, common, Trial(
+        write_trial_row(root, cfg, common, Trial(
             status="error", error=f"{type(e).__name__}: {e}", node_id=reporter.node_id,
             started_at=reporter.started, run_dir=str(run_dir), dense_cache_hit=False), None)
         raise
@@ -166,7 +166,7 @@ def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, 
     those that show how it diverged."""
     records = [] if status == "error" else reporter.records
     last = records[-1] if records else {}
-    _write_trial_row(root, cfg, common, Trial(
+    write_trial_row(root, cfg, common, Trial(
         status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
         dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
         mask_path=str(run_dir / "mask.pt") if summary is not None else None,
@@ -246,7 +246,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
                "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
-    _write_trial_row(root, cfg, common, Trial(
+    write_trial_row(root, cfg, common, Trial(
         status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=False,
         started_at=started, hostname=last.get("hostname"), ended_at=last.get("timestamp"),
         last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
@@ -256,7 +256,7 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     _forget_progress(root, tid)
 
 
-def _write_trial_row(root, cfg, common: dict, trial: Trial, summary) -> None:
+def write_trial_row(root, cfg, common: dict, trial: Trial, summary) -> None:
     """``summary``: the run's (``records.Summary`` as a dict), a stopped trial's partial one, or None."""
     trial.hostname = trial.hostname or socket.gethostname()
     trial.ended_at = trial.ended_at or time.time()
