@@ -28,6 +28,7 @@ from .cache import DenseCache
 from .config import Config, ConfigError, check_folder
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
+from .records import Summary
 from .train import evaluate, prepare, train_epochs
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.json", "mask.pt", "search_point.pt", "ticket.pt")
@@ -106,44 +107,61 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
     return Dense(snapshot, trained, records, pretrain, seconds, acc if until == cfg.training.epochs else None)
 
 
-def make_retrain(cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[..., None]):
+@dataclass
+class _Tally:
+    """A retraining's running totals, kept current after every epoch (and checkpointed with it)."""
+    seconds: float = 0.0
+    final: Optional[dict] = None
+    best: float = 0.0
+
+    def keep(self, rec: dict) -> None:
+        self.seconds += rec["seconds"]
+        self.final, self.best = rec, max(self.best, rec["test_accuracy"])
+
+
+class Retrain:
     """The one retraining path: train (mask, search-point weights) from epoch k to the end.
     With ``progress`` given, its ``retrain`` field is kept current after every epoch and handed to
-    ``emit(record, progress)``, so a caller can checkpoint; ``resume`` (such a state) continues."""
-    k, t = cfg.search_epoch, cfg.training
+    ``emit(record, progress)``, so a caller can checkpoint; ``resume`` (such a state) continues.
+    Returns {"final": last epoch record, "peak_test_accuracy", "seconds", "records", "start", "state"}."""
 
-    def retrain(mask: Mask, phase: str = "retrain", start_state=None, tags=None,
-                progress: Optional["Progress"] = None) -> dict:
-        model.load_state_dict(snapshot if start_state is None else start_state)   # rewind
+    def __init__(self, cfg: Config, model, snapshot: dict, data, amp: bool, emit: Callable[..., None]):
+        self.cfg, self.model, self.snapshot, self.data, self.amp, self.emit = cfg, model, snapshot, data, amp, emit
+
+    def __call__(self, mask: Mask, phase: str = "retrain", start_state=None, tags=None,
+                 progress: Optional["Progress"] = None) -> dict:
+        cfg, model, t = self.cfg, self.model, self.cfg.training
+        model.load_state_dict(self.snapshot if start_state is None else start_state)   # rewind
         mask.apply_(model)
         start = runtime.cpu_copy(model.state_dict())
-        seconds, final, best, first, records = 0.0, None, 0.0, k, []
+        tally, first = _Tally(), cfg.search_epoch
         resume = progress.retrain if progress is not None else None
         if resume is not None:
             model.load_state_dict(resume["model"])
-            seconds, final, best, first = resume["seconds"], resume["final"], resume["best"], resume["epoch"]
+            tally, first = _Tally(resume["seconds"], resume["final"], resume["best"]), resume["epoch"]
 
         def keep(rec, opt):
-            nonlocal seconds, final, best
             rec.update(tags or {})
-            seconds += rec["seconds"]
-            final, best = rec, max(best, rec["test_accuracy"])
+            tally.keep(rec)
             if progress is not None:
                 progress.retrain = dict(epoch=rec["epoch"], model=runtime.cpu_copy(model.state_dict()),
-                                        optimizer=opt.state_dict(), seconds=seconds, final=final, best=best)
+                                        optimizer=opt.state_dict(), seconds=tally.seconds, final=tally.final,
+                                        best=tally.best)
 
-        for rec in train_epochs(model, data, t, start=first, end=t.epochs, mask=mask, amp=amp, phase=phase, compile=cfg.resources.compile,
-                                order_seed=runtime.derive_seed(cfg.seed, "retrain-order"),
+        records = []
+        for rec in train_epochs(model, self.data, t, start=first, end=t.epochs, mask=mask, amp=self.amp, phase=phase,
+                                compile=cfg.resources.compile, order_seed=runtime.derive_seed(cfg.seed, "retrain-order"),
                                 optimizer_state=resume["optimizer"] if resume else None, on_epoch_end=keep):
             records.append(rec)
-            emit(rec, progress)
-        if final is None:  # search point at the end of training: nothing left to train
-            final = {"phase": phase, **(tags or {}), **evaluate(model, data, amp)}
-            best = final["test_accuracy"]
-        return {"final": final, "peak_test_accuracy": best, "seconds": seconds, "records": records,
+            self.emit(rec, progress)
+        if tally.final is None:  # search point at the end of training: nothing left to train
+            tally.final = {"phase": phase, **(tags or {}), **evaluate(model, self.data, self.amp)}
+            tally.best = tally.final["test_accuracy"]
+        return {"final": tally.final, "peak_test_accuracy": tally.best, "seconds": tally.seconds, "records": records,
                 "start": start, "state": runtime.cpu_copy(model.state_dict())}
 
-    return retrain
+
+make_retrain = Retrain   # the name methods/ and tests know it by
 
 
 def ticket_weights(state: dict, mask: Mask) -> dict:
@@ -213,113 +231,137 @@ class Progress:
 def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True,
         on_record: Optional[Callable[[dict, Optional[Progress]], None]] = None,
         cache: Optional[DenseCache] = None, resume: Optional[Progress] = None) -> dict:
-    """Run one experiment into ``out``. ``on_record(record, progress)`` sees every metrics record;
+    """Run one experiment into ``out``; returns its summary (``records.Summary`` as a dict, as
+    summary.json holds it). ``on_record(record, progress)`` sees every metrics record;
     ``progress`` is given with each CTS search epoch and each retraining epoch, and is what
     ``resume`` continues from."""
     out = Path(out) if out is not None else default_out(cfg)
     check_out(out, overwrite)
     device = runtime.configure(cfg.resources)
-    amp = runtime.use_amp(cfg.resources, device)
-    t, s = cfg.training, cfg.search
-    method = METHODS[s.method]
     data = data_mod.load(cfg.data, device)           # ConfigError here still precedes any writing
     if cfg.resources.threads is None and device.type == "cpu":
         params = sum(p.numel() for p in models.build(cfg.model.name, data.input_shape, data.num_classes).parameters())
         torch.set_num_threads(runtime.default_threads(params))
-
     for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
         shutil.rmtree(old, ignore_errors=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     staging.mkdir(parents=True)
-    k = cfg.search_epoch
-    prog = resume if resume is not None else Progress()
-    method_epochs = method.epochs(cfg) - (t.epochs if method.needs_trained else 0)
-    bar = _Progress(dense_until(cfg) + method_epochs + (t.epochs - k if cfg.retrain and not method.needs_trained
-                                                        else 0) - len(prog.records), progress)
-
-    def emit(record: dict, progress_: Optional[Progress] = None) -> None:
-        # epochs counted within each phase (MLflow's steps: retrain/test_accuracy against retraining epoch)
-        record.setdefault("phase_step", 1 + sum(r["phase"] == record["phase"] for r in prog.records))
-        prog.records.append(record)
-        bar(record)
-        if on_record is not None:
-            on_record(record, progress_)
-
+    experiment = _Experiment(cfg, data, device, staging, resume, on_record, progress)
     try:
-        (staging / "config.yaml").write_text(cfg.to_yaml())
+        summary = experiment.run(cache)
+        experiment.bar.close()
+        _publish(staging, out)
+        return summary
+    except BaseException:
+        experiment.bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
-        # 1. dense training, with the weights at the search point (shared across trials via the cache)
-        if cache is not None:
-            dense, hit = cache.get_or_train(cfg, lambda: train_dense(cfg, data, device, amp))
-            if resume is None:
-                for rec in dense.records:
-                    emit({**rec, "cached": hit})
-        else:
-            dense = train_dense(cfg, data, device, amp, emit if resume is None else (lambda r: None))
+
+class _Experiment:
+    """One run's stages, writing into ``staging``: dense training to the search point, the ticket
+    search, retraining (or evaluation as is), and the run folder's files."""
+
+    def __init__(self, cfg: Config, data, device, staging: Path, resume: Optional[Progress], on_record,
+                 progress: bool):
+        self.cfg, self.data, self.device, self.staging = cfg, data, device, staging
+        self.resumed, self.prog = resume is not None, resume if resume is not None else Progress()
+        self.amp = runtime.use_amp(cfg.resources, device)
+        self.method, self.on_record = METHODS[cfg.search.method], on_record
+        t, k = cfg.training, cfg.search_epoch
+        method_epochs = self.method.epochs(cfg) - (t.epochs if self.method.needs_trained else 0)
+        retrained = t.epochs - k if cfg.retrain and not self.method.needs_trained else 0
+        self.bar = _Progress(dense_until(cfg) + method_epochs + retrained - len(self.prog.records), progress)
+
+    def emit(self, record: dict, progress: Optional[Progress] = None) -> None:
+        # epochs counted within each phase (MLflow's steps: retrain/test_accuracy against retraining epoch)
+        record.setdefault("phase_step", 1 + sum(r["phase"] == record["phase"] for r in self.prog.records))
+        self.prog.records.append(record)
+        self.bar(record)
+        if self.on_record is not None:
+            self.on_record(record, progress)
+
+    def run(self, cache: Optional[DenseCache]) -> dict:
+        cfg, data, staging = self.cfg, self.data, self.staging
+        (staging / "config.yaml").write_text(cfg.to_yaml())
+        dense = self.dense(cache)   # shared across trials via the cache
         torch.save(dense.snapshot, staging / "search_point.pt")
         torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), device, amp)
+        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), self.device, self.amp)
         model.load_state_dict(dense.snapshot)
+        retrain = Retrain(cfg, model, dense.snapshot, data, self.amp, self.emit)
+        ticket = self.search(model, dense, retrain, cache)
+        mask = sanity.apply(cfg.search.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
+        result = self.ticket_result(model, ticket, mask, dense, retrain)
+        return self.write(model, ticket, mask, dense, result)
 
-        retrain = make_retrain(cfg, model, dense.snapshot, data, amp, emit)
+    def dense(self, cache: Optional[DenseCache]) -> Dense:
+        """The dense run to the search point (and to the end where the baseline or the method needs it)."""
+        cfg, fresh = self.cfg, not self.resumed
+        if cache is None:
+            return train_dense(cfg, self.data, self.device, self.amp, self.emit if fresh else (lambda r: None))
+        dense, hit = cache.get_or_train(cfg, lambda: train_dense(cfg, self.data, self.device, self.amp))
+        if fresh:
+            for rec in dense.records:
+                self.emit({**rec, "cached": hit})
+        return dense
 
-        # 2. ticket search on the search-point weights
+    def search(self, model, dense: Dense, retrain: Retrain, cache) -> Ticket:
+        """The method's ticket on the search-point weights (a resumed run: the one it found)."""
+        prog = self.prog
         if prog.ticket is None:
             def on_search_epoch(record: dict, state: Optional[dict] = None) -> None:
                 if state is None:
-                    emit(record)
+                    self.emit(record)
                 else:   # a search that can continue from here: checkpoint it with this record
                     prog.search = state
-                    emit(record, prog)
+                    self.emit(record, prog)
 
-            ctx = SearchContext(cfg=cfg, model=model, data=data, device=device, amp=amp, on_epoch=on_search_epoch,
-                                resume=prog.search, trained_state=dense.trained, dense_seconds=dense.dense_seconds,
-                                retrain=retrain, cache=cache)
-            prog.ticket = ticket_to_state(method.search(ctx))   # checkpointed with the next record
+            ctx = SearchContext(cfg=self.cfg, model=model, data=self.data, device=self.device, amp=self.amp,
+                                on_epoch=on_search_epoch, resume=prog.search, trained_state=dense.trained,
+                                dense_seconds=dense.dense_seconds, retrain=retrain, cache=cache)
+            prog.ticket = ticket_to_state(self.method.search(ctx))   # checkpointed with the next record
             prog.search = None
-        ticket = ticket_from_state(prog.ticket)
-        mask = sanity.apply(s.sanity, ticket.mask, ticket.scores, runtime.generator(cfg.seed, "sanity"))
+        return ticket_from_state(prog.ticket)
 
-        # 3. retraining of (mask, search-point weights), or evaluation as is for strong tickets
+    def ticket_result(self, model, ticket: Ticket, mask: Mask, dense: Dense, retrain: Retrain) -> dict:
+        """Retraining of (mask, search-point weights), or evaluation as is for strong tickets."""
+        cfg, s = self.cfg, self.cfg.search
         start = ticket.weights if ticket.weights is not None else dense.snapshot
         if s.sanity == "reinit":
             torch.manual_seed(runtime.derive_seed(cfg.seed, "reinit"))
-            start = models.from_config(cfg.model, data.input_shape, data.num_classes).state_dict()
+            start = models.from_config(cfg.model, self.data.input_shape, self.data.num_classes).state_dict()
         if ticket.retrained is not None and s.sanity == "none":
-            result = ticket.retrained           # the method already retrained this very ticket
-        elif cfg.retrain:
-            result = retrain(mask, start_state=start, progress=prog)
-        else:
-            model.load_state_dict(start)
-            mask.apply_(model)
-            final = {"phase": "evaluate", **evaluate(model, data, amp)}
-            result = {"final": final, "peak_test_accuracy": final["test_accuracy"], "seconds": 0.0,
-                      "state": runtime.cpu_copy(model.state_dict())}
-        final = result["final"]
+            return ticket.retrained           # the method already retrained this very ticket
+        if cfg.retrain:
+            return retrain(mask, start_state=start, progress=self.prog)
+        model.load_state_dict(start)
+        mask.apply_(model)
+        final = {"phase": "evaluate", **evaluate(model, self.data, self.amp)}
+        return {"final": final, "peak_test_accuracy": final["test_accuracy"], "seconds": 0.0,
+                "state": runtime.cpu_copy(model.state_dict())}
 
+    def write(self, model, ticket: Ticket, mask: Mask, dense: Dense, result: dict) -> dict:
+        """The run folder's files; returns the summary."""
+        staging = self.staging
         mask.save(staging / "mask.pt")
         if result.get("state") is not None:   # the ticket as evaluated (absent only from old LTR caches)
             torch.save(ticket_weights(result["state"], mask), staging / "ticket.pt")
         if ticket.level_masks:
             torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
-        anat = anatomy(model, mask, data.input_shape)
+        anat = anatomy(model, mask, self.data.input_shape)
         layers = anat.report()
         (staging / "layers.json").write_text(json.dumps(layers, indent=1))
         with open(staging / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in prog.records)
-        summary = _summary(cfg, method, ticket, mask, layers, dense, result, device, anat, data)
+            f.writelines(json.dumps(r) + "\n" for r in self.prog.records)
+        summary = _summary(self.cfg, self.method, ticket, mask, layers, dense, result, self.device, anat,
+                           self.data).to_dict()
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
-        bar.close()
-        _publish(staging, out)
         return summary
-    except BaseException:
-        bar.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
-             device, anat, data) -> dict:
+             device, anat, data) -> Summary:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
     own_retrain = ticket.retrained is not None and s.sanity == "none"
     retrain_seconds = 0.0 if own_retrain else result["seconds"]
@@ -328,35 +370,27 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
     ticket_seconds = (ticket.seconds if method.needs_trained else dense.pretrain_seconds + ticket.seconds) \
         + retrain_seconds
     retrained_epochs = t.epochs - k if (cfg.retrain and not own_retrain) else 0
-    return {
-        "method": s.method, **{k: getattr(s, k) if applies(s.method, f"search.{k}") else None
-                               for k in ("objective", "controller", "temperature")},
-        "sanity": s.sanity, "strong_ticket": method.strong, "retrained": bool(cfg.retrain),
-        "strong_init": ticket.extra.get("strong_init"),   # the frozen weights' init, resolved (strong tickets)
-        "seed": cfg.seed, "config_hash": cfg.hash, "dataset": cfg.data.name, "model": cfg.model.name,
-        "data": data_mod.provenance(cfg.data, data),   # what it was, as used, and how it was normalised
-        "search_point": s.point, "search_epoch": k,
-        "target_density": s.density, "achieved_density": mask.density,
-        "kept_weights": mask.kept, "prunable_weights": mask.numel,
-        "layer_densities": {r["layer"]: r["density"] for r in layers[:-1]},
-        **anat.summary(),   # kept weights on an input→output path, and the layers with none
-        "layer_alive_units": {r["layer"]: r["alive_units"] for r in layers[:-1]},
-        "test_accuracy": result["final"]["test_accuracy"],
-        # max over retraining epochs of the test accuracy: a curve's peak, not a result selected on data
-        "peak_test_accuracy": result["peak_test_accuracy"],
-        "dense_test_accuracy": dense.test_accuracy if t.dense_baseline else None,
-        "pretrain_seconds": dense.pretrain_seconds, "dense_seconds": dense.dense_seconds,
-        "search_seconds": ticket.seconds, "retrain_seconds": retrain_seconds,
-        "ticket_seconds": ticket_seconds,
-        "epochs_equivalent": (method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg))
-        + retrained_epochs,
-        "mask_sha256": mask.sha256(),
-        "final_search_metrics": ticket.history[-1] if ticket.history else None,
-        "levels": ticket.levels or None,
-        "code_version": runtime.code_version(), "library_versions": runtime.library_versions(),
-        "device": runtime.device_string(device), "device_name": runtime.device_name(device),
-        "threads": torch.get_num_threads(), "config": cfg.to_dict(),
-    }
+    return Summary(
+        method=s.method, **{k: getattr(s, k) if applies(s.method, f"search.{k}") else None
+                            for k in ("objective", "controller", "temperature")},
+        sanity=s.sanity, strong_ticket=method.strong, retrained=bool(cfg.retrain),
+        strong_init=ticket.extra.get("strong_init"), seed=cfg.seed, config_hash=cfg.hash,
+        dataset=cfg.data.name, model=cfg.model.name, data=data_mod.provenance(cfg.data, data),
+        search_point=s.point, search_epoch=k, target_density=s.density, achieved_density=mask.density,
+        kept_weights=mask.kept, prunable_weights=mask.numel,
+        layer_densities={r["layer"]: r["density"] for r in layers[:-1]},
+        effective_density=anat.effective_density, effective_kept=anat.effective_kept,
+        collapsed_layers=anat.collapsed_layers,
+        layer_alive_units={r["layer"]: r["alive_units"] for r in layers[:-1]},
+        test_accuracy=result["final"]["test_accuracy"], peak_test_accuracy=result["peak_test_accuracy"],
+        dense_test_accuracy=dense.test_accuracy if t.dense_baseline else None,
+        pretrain_seconds=dense.pretrain_seconds, dense_seconds=dense.dense_seconds,
+        search_seconds=ticket.seconds, retrain_seconds=retrain_seconds, ticket_seconds=ticket_seconds,
+        epochs_equivalent=(method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg)) + retrained_epochs,
+        mask_sha256=mask.sha256(), final_search_metrics=ticket.history[-1] if ticket.history else None,
+        levels=ticket.levels or None, code_version=runtime.code_version(),
+        library_versions=runtime.library_versions(), device=runtime.device_string(device),
+        device_name=runtime.device_name(device), threads=torch.get_num_threads(), config=cfg.to_dict())
 
 
 def _publish(staging: Path, out: Path) -> None:

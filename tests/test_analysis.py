@@ -264,6 +264,7 @@ def test_strong_ticket_table_from_real_runs(tmp_path):
     holds the runs' own accuracies; a CTS trial beside them stays out, and alone gets no table."""
     import time
     from cts_ray import pipeline
+    from cts_ray.records import Trial
     from cts_ray.sweep import trainable
 
     def run(root, method, density, seed, init=None):
@@ -274,7 +275,8 @@ def test_strong_ticket_table_from_real_runs(tmp_path):
         folder = root / "trials" / f"{method}-{cfg.hash}"
         s = pipeline.run(cfg, folder, progress=False)
         common = {"sweep": root.name, "trial_id": folder.name, "config_hash": cfg.hash, **tables.axes(cfg)}
-        trainable._write_trial_row(root, cfg, common, "finished", None, s, folder, "n0", time.time())
+        trainable.write_trial_row(root, cfg, common, Trial(status="finished", run_dir=str(folder), node_id="n0",
+                                                           started_at=time.time()), s)
         return 100 * s["test_accuracy"]
 
     root = tmp_path / "strong"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from ..sweep.tables import AXIS_KEYS
+from ..records import AXIS_KEYS
 from .load import AXES, AnalysisError, Results, context
 
 ALPHA = 0.05

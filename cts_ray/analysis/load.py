@@ -15,11 +15,12 @@ from typing import Optional
 import pandas as pd
 
 from ..config import Config, flatten, stable_hash
+from ..records import COMPARED
 from ..sweep import tables
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
-METRICS = ("test_accuracy", "peak_test_accuracy")
+METRICS = COMPARED   # the metrics tickets are compared by (records.py)
 
 
 class AnalysisError(ValueError):

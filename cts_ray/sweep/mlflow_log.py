@@ -24,13 +24,9 @@ from typing import Optional
 from ray.tune import Callback
 
 from ..config import flatten
+from ..records import FINAL_METRICS, Epoch, final_metrics
 from ..runtime import code_version
 
-PHASE_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "objective", "expected_density",
-                 "hard_density", "lambda", "topk_changed", "lr", "seconds")
-FINAL_METRICS = ("test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "achieved_density",
-                 "ticket_seconds",
-                 "effective_density", "effective_kept", "collapsed")   # ticket anatomy (anatomy.py)
 ARTIFACTS = ("mask.pt", "layers.json", "summary.json", "config.yaml")
 # MLflow's log_batch limits (mlflow.utils.validation): 100 params and 100 tags, 1000 entities in all
 BATCH_PARAMS_TAGS, BATCH_ENTITIES = 100, 1000
@@ -194,11 +190,8 @@ class Tracking:
         else:
             at = int(result.get("phase_step", step))
             # the record's own values (a sweep's result also carries the ticket's, for Tune's schedulers)
-            own = json.loads(result["row"]) if result.get("row") else result
-            own = {**own, "objective": own.get("search_objective", own.get("objective"))}
-            metrics += [Metric(f"{phase}/{k}", float(own[k]), now, at) for k in PHASE_METRICS if number(own.get(k))]
-            if "epoch" in result:
-                metrics.append(Metric(f"{phase}/epoch", float(result["epoch"]), now, at))
+            epoch = Epoch.from_row(json.loads(result["row"])) if result.get("row") else Epoch.from_record(result)
+            metrics += [Metric(k, v, now, at) for k, v in epoch.metrics().items()]
         metrics.append(Metric("step", float(step), now, step))
         return metrics
 
@@ -447,6 +440,6 @@ def logged_run(tracking_uri: str, experiment: str, cfg, out: Path, run) -> dict:
         raise
     if run_id:
         store.log_outputs(run_id, Path(out))
-        store.log_result(run_id, {"phase": "final", **summary}, step + 1)
+        store.log_result(run_id, {"phase": "final", **final_metrics(summary)}, step + 1)
         store.end(run_id, "FINISHED")
     return summary

@@ -244,7 +244,7 @@ def orphans(root) -> dict:
     saved progress before the driver died. Tune creates their points again under new trial ids;
     such a trial adopts one of these (trainable.adopt) and goes on as it, so no point runs twice
     or gets two rows. Returns {config hash: [{trial_id, status, steps, final numbers}]}."""
-    from .trainable import REPORTED
+    from ..records import REPORTED
     known = set()
     for d in [root / TUNE_DIR, *sorted(root.glob(f"{TUNE_DIR}.*"))]:   # --extend keeps older ones aside
         known |= tune_trial_ids(d)

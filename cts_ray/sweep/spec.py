@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from .. import config as C
 from ..config import ConfigError
+from ..records import TUNE_METRICS
 
 SEARCHERS = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
@@ -45,7 +46,7 @@ TOP_KEYS = ("name", "base", "set", "grid", "sample", "searcher", "num_samples", 
 RECORD_KEYS = ("base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed", "scheduler")
 POINT = "grid_point"   # a trial's values as one dict: the trials `--extend` adds (runner.py)
 # what trials report and a searcher may optimise
-METRICS = ("test_accuracy", "peak_test_accuracy", "ticket_seconds", "achieved_density")
+METRICS = TUNE_METRICS   # what a trial reports with every result (records.py)
 
 
 @dataclass

@@ -30,46 +30,27 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from .. import records
+
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "layers")
 
-_KEYS = [("sweep", pa.string()), ("trial_id", pa.string()), ("config_hash", pa.string())]
-_AXES = [("objective", pa.string()), ("controller", pa.string()), ("sanity", pa.string()),
-         ("target_density", pa.float64()), ("temperature", pa.float64()), ("seed", pa.int64()),
-         ("dataset", pa.string()), ("model", pa.string()), ("search_point", pa.string()),
-         ("search_length", pa.float64()), ("mask_lr", pa.float64())]
+_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 
+
+def _schema_of(*parts) -> pa.Schema:
+    """``parts``: record classes (records.py) and (name, Python type) pairs, in column order."""
+    cols = [("schema_version", int)]
+    for p in parts:
+        cols += [p] if isinstance(p, tuple) else records.columns(p)
+    return pa.schema([(n, pa.int32() if n == "schema_version" else _TYPES[t]) for n, t in cols])
+
+
+# every table's columns come from the records they hold (records.py): add a field there, not here
 SCHEMAS = {
-    "trials": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES,
-                         ("status", pa.string()), ("error", pa.string()),
-                         ("last_phase", pa.string()), ("last_epoch", pa.int64()), ("strong_ticket", pa.bool_()),
-                         ("achieved_density", pa.float64()), ("kept_weights", pa.int64()),
-                         ("prunable_weights", pa.int64()),
-                         ("test_accuracy", pa.float64()), ("peak_test_accuracy", pa.float64()),
-                         ("dense_test_accuracy", pa.float64()),
-                         ("pretrain_seconds", pa.float64()), ("search_seconds", pa.float64()),
-                         ("retrain_seconds", pa.float64()), ("ticket_seconds", pa.float64()),
-                         ("epochs_equivalent", pa.float64()), ("dense_cache_hit", pa.bool_()),
-                         ("mask_sha256", pa.string()), ("mask_path", pa.string()), ("run_dir", pa.string()),
-                         ("node_id", pa.string()), ("hostname", pa.string()),
-                         ("started_at", pa.float64()), ("ended_at", pa.float64()),
-                         ("code_version", pa.string()), ("library_versions", pa.string()),
-                         ("levels", pa.string()), ("config", pa.string()),
-                         # ticket anatomy (anatomy.py); null in tables written before it existed
-                         ("effective_density", pa.float64()), ("effective_kept", pa.int64()),
-                         ("collapsed", pa.int64())]),
-    "epochs": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES, ("node_id", pa.string()),
-                         ("phase", pa.string()), ("epoch", pa.int64()), ("round", pa.int64()),
-                         ("cached", pa.bool_()), ("lr", pa.float64()),
-                         ("train_loss", pa.float64()), ("train_accuracy", pa.float64()),
-                         ("test_loss", pa.float64()), ("test_accuracy", pa.float64()),
-                         ("search_objective", pa.float64()), ("expected_density", pa.float64()),
-                         ("hard_density", pa.float64()), ("lambda", pa.float64()),
-                         ("topk_changed", pa.float64()), ("seconds", pa.float64())]),
-    "layers": pa.schema([("schema_version", pa.int32()), *_KEYS, *_AXES,
-                         ("layer", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()),
-                         ("density", pa.float64()),
-                         ("units", pa.int64()), ("effective_kept", pa.int64()), ("alive_units", pa.int64())]),
+    "trials": _schema_of(records.Keys, records.Axes, records.Trial, records.Summary),
+    "epochs": _schema_of(records.Keys, records.Axes, ("node_id", str), records.Epoch),
+    "layers": _schema_of(records.Keys, records.Axes, records.Layer),
 }
 # columns renamed since version 1 (old name -> new): files written before are read under the new name
 RENAMED = {"trials": {"best_test_accuracy": "peak_test_accuracy"}}
@@ -77,16 +58,11 @@ RENAMED = {"trials": {"best_test_accuracy": "peak_test_accuracy"}}
 PARTITIONING = ds.partitioning(pa.schema([("method", pa.string())]), flavor="hive")
 
 
-# each axis column and the config key it comes from
-AXIS_KEYS = {"objective": "search.objective", "controller": "search.controller", "sanity": "search.sanity",
-             "target_density": "search.density", "temperature": "search.temperature", "seed": "seed",
-             "dataset": "data.name", "model": "model.name", "search_point": "search.point",
-             "search_length": "search.length", "mask_lr": "search.lr"}
+AXIS_KEYS = records.AXIS_KEYS   # each axis column and the config key it comes from
 
 
 def axes(cfg) -> dict:
-    """The swept axes of a trial, from its resolved Config; null where the knob does not apply to
-    the trial's method (SNIP has no temperature)."""
+    """The swept axes of a trial (``records.Axes``), from its resolved Config."""
     from ..methods import applies
     out = {}
     for column, key in AXIS_KEYS.items():
@@ -99,14 +75,6 @@ def axes(cfg) -> dict:
         if not applies(cfg.search.method, key):
             out[column] = None
     return out
-
-
-def epoch_row(record: dict) -> dict:
-    row = {k: record.get(k) for k in ("phase", "epoch", "round", "cached", "lr", "train_loss", "train_accuracy",
-                                      "test_loss", "test_accuracy", "expected_density", "hard_density",
-                                      "lambda", "topk_changed", "seconds")}
-    row["search_objective"] = record.get("objective")
-    return row
 
 
 def write(root, table: str, method: str, trial_id: str, rows: list[dict], common: dict) -> Path:

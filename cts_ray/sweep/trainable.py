@@ -30,128 +30,154 @@ from .. import pipeline, runtime
 from ..cache import DenseCache
 from ..config import ConfigError, from_dict
 from ..train import DivergedError
+from ..records import (FINAL_STATUSES, REPORTED, TUNE_METRICS, Epoch, Layer, Trial,
+                       final_metrics)
 from . import tables
 
 
 def trial(params: dict, spec_state: dict) -> None:
     """``params``: this trial's sampled values (dotted keys); ``spec_state``: base config and folders."""
-    raw = spec_state["base"]
-    from .spec import SweepSpec
-    spec = SweepSpec(name=spec_state["name"], base=raw, set=spec_state["set"], storage=spec_state["storage"],
-                     cwd=spec_state["cwd"])
-    cfg = from_dict(spec.trial_raw(params))
-    if cfg.resources.threads is None:   # one torch thread per CPU the trial holds, never more
-        torch.set_num_threads(max(1, int(cfg.resources.cpus)))
+    spec, cfg = _resolve(params, spec_state)
     root = Path(spec_state["root"])
     # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
     # trial the resumed Tune state forgot and this one goes on as (runner.orphans)
     trial_id, orphan = adopt(root, cfg.hash, tune.get_context().get_trial_id(), spec_state.get("orphans", {}))
     adopted = {"adopted_from": trial_id} if orphan is not None else {}
-    run_dir = root / "trials" / trial_id
-    node_id = _node_id()
-    started = time.time()
-    # every report carries these (the ticket's, as known so far), so Tune finds the metric in each
-    running = {"test_accuracy": 0.0, "peak_test_accuracy": 0.0, "ticket_seconds": 0.0,
-               "achieved_density": cfg.search.density}
-    step, ticket_iteration = [0], [0]
-    final_round = None
-    if cfg.search.method == "ltr":   # LTR's last round retrains the ticket itself
-        from ..methods.ltr import rounds_for
-        final_round = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
-    system = None
-    if spec_state.get("system_metrics"):
-        from .mlflow_log import SystemMetrics
-        system = SystemMetrics()
-
-    done = _finished_row(root, cfg.search.method, trial_id)
-    if done is None and orphan is not None and orphan["status"] in FINAL:
-        done = orphan
-    if done is not None:   # finished before the driver died, after Tune's last state snapshot
-        tune.report({"phase": "final", "step": done["steps"] + 1, "already_finished": 1, **adopted,
-                     **{k: done[k] for k in REPORTED if done[k] is not None}})
+    if _report_ended(root, cfg.search.method, trial_id, orphan, adopted):
         return
     ident = progress_path(root, trial_id).with_suffix(".json")   # what runner.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
     ident.write_text(json.dumps({"config_hash": cfg.hash}))
-
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
     # snapshot names the new one, so a driver killed in between would resume from a deleted one.
     saved = progress_path(root, trial_id)
-    resume = None
-    if saved.exists():
-        resume = pipeline.Progress.from_state(torch.load(saved, weights_only=True))
-        step[0] = len(resume.records)
-        ticket_iteration[0] = sum(1 for r in resume.records if r["phase"] != "dense")
-        started = resume.records[0].get("started_at", started) if resume.records else started
+    resume = pipeline.Progress.from_state(torch.load(saved, weights_only=True)) if saved.exists() else None
+    reporter = Reporter(cfg, saved, adopted, resume, spec_state.get("system_metrics"))
+    run_dir = root / "trials" / trial_id
+    common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
+    cache = DenseCache(Path(spec_state["storage_root"]) / "_cache" / "dense")
+    try:
+        summary = pipeline.run(cfg, run_dir, overwrite=True, progress=False, on_record=reporter,
+                               cache=cache, resume=resume)
+        status, error = "finished", None
+    except DivergedError as e:   # deterministic: retrying would diverge again
+        status, error, summary = "diverged", str(e), None
+    except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
+        status, error, summary = "error", f"ConfigError: {e}", None
+    except Exception as e:
+        write_trial_row(root, cfg, common, Trial(
+            status="error", error=f"{type(e).__name__}: {e}", node_id=reporter.node_id,
+            started_at=reporter.started, run_dir=str(run_dir), dense_cache_hit=False), None)
+        raise
+    _write_rows(root, cfg, common, reporter, status, error, summary, run_dir)
+    _forget_progress(root, trial_id)   # done: nothing to continue
+    tune.report(reporter.final(status, summary, run_dir))
 
-    records = list(resume.records) if resume is not None else []
 
-    def on_record(record: dict, progress) -> None:
-        records.append(record)
-        step[0] += 1
-        ticket = record["phase"] in ("retrain", "evaluate") and record.get("round", final_round) == final_round
+def _resolve(params: dict, spec_state: dict):
+    """The sweep spec and this trial's resolved Config; torch threads for the CPUs it holds."""
+    from .spec import SweepSpec
+    spec = SweepSpec(name=spec_state["name"], base=spec_state["base"], set=spec_state["set"],
+                     storage=spec_state["storage"], cwd=spec_state["cwd"])
+    cfg = from_dict(spec.trial_raw(params))
+    if cfg.resources.threads is None:   # one torch thread per CPU the trial holds, never more
+        torch.set_num_threads(max(1, int(cfg.resources.cpus)))
+    return spec, cfg
+
+
+def _report_ended(root: Path, method: str, trial_id: str, orphan, adopted: dict) -> bool:
+    """A trial that ended before the driver died, after Tune's last state snapshot: report its row
+    again instead of running it."""
+    done = _finished_row(root, method, trial_id)
+    if done is None and orphan is not None and orphan["status"] in FINAL_STATUSES:
+        done = orphan
+    if done is None:
+        return False
+    tune.report({"phase": "final", "step": done["steps"] + 1, "already_finished": 1, **adopted,
+                 **{k: done[k] for k in REPORTED if done[k] is not None}})
+    return True
+
+
+class Reporter:
+    """``pipeline.run``'s ``on_record``: reports every record to Tune, after saving the trial's
+    progress with it, and keeps what the trial's final report and rows need."""
+
+    def __init__(self, cfg, saved: Path, adopted: dict, resume, system_metrics: bool):
+        self.saved, self.adopted, self.node_id = saved, adopted, _node_id()
+        self.started = time.time()
+        # every report carries these (the ticket's, as known so far), so Tune finds the metric in each
+        self.running = {**dict.fromkeys(TUNE_METRICS, 0.0), "achieved_density": cfg.search.density}
+        self.final_round = None
+        if cfg.search.method == "ltr":   # LTR's last round retrains the ticket itself
+            from ..methods.ltr import rounds_for
+            self.final_round = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
+        self.system = None
+        if system_metrics:
+            from .mlflow_log import SystemMetrics
+            self.system = SystemMetrics()
+        self.records, self.step, self.ticket_iteration = [], 0, 0
+        if resume is not None and resume.records:
+            self.records = list(resume.records)
+            self.step = len(self.records)
+            self.ticket_iteration = sum(1 for r in self.records if r["phase"] != "dense")
+            self.started = self.records[0].get("started_at", self.started)
+            # the last saved epoch may not have reached Tune (killed between saving and reporting):
+            last = self.records.pop()   # report it again; MLflow skips a step it already has
+            self.step -= 1
+            self.ticket_iteration -= last["phase"] != "dense"
+            self(last, None)
+
+    def __call__(self, record: dict, progress) -> None:
+        self.records.append(record)
+        self.step += 1
+        ticket = record["phase"] in ("retrain", "evaluate") and record.get("round", self.final_round) == self.final_round
         if ticket and record.get("test_accuracy") is not None:
-            running["test_accuracy"] = record["test_accuracy"]
-            running["peak_test_accuracy"] = max(running["peak_test_accuracy"], record["test_accuracy"])
-        running["ticket_seconds"] += record.get("seconds", 0.0) if not record.get("cached") else 0.0
-        if step[0] == 1:
-            record["started_at"] = started
-        metrics = {**running, **_numeric(record), "phase": record["phase"], "step": step[0], "node_id": node_id,
-                   **adopted,
-                   "row": json.dumps(tables.epoch_row(record)),   # what the driver keeps of a stopped trial
-                   **(system.sample() if system else {})}
+            self.running["test_accuracy"] = record["test_accuracy"]
+            self.running["peak_test_accuracy"] = max(self.running["peak_test_accuracy"], record["test_accuracy"])
+        self.running["ticket_seconds"] += record.get("seconds", 0.0) if not record.get("cached") else 0.0
+        if self.step == 1:
+            record["started_at"] = self.started
+        metrics = {**self.running, **_numeric(record), "phase": record["phase"], "step": self.step,
+                   "node_id": self.node_id, **self.adopted,
+                   "row": json.dumps(Epoch.from_record(record).row()),   # what the driver keeps of a stopped trial
+                   **(self.system.sample() if self.system else {})}
         if record["phase"] != "dense":
-            ticket_iteration[0] += 1
+            self.ticket_iteration += 1
         if ticket:   # the scheduler's time axis: only beside this trial's own ticket metrics
-            metrics["ticket_iteration"] = ticket_iteration[0]
+            metrics["ticket_iteration"] = self.ticket_iteration
         if progress is not None:   # written before the report: what Tune saw is never ahead of it
-            saved.parent.mkdir(exist_ok=True)
-            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+            self.saved.parent.mkdir(exist_ok=True)
+            tmp = self.saved.with_suffix(f".{os.getpid()}.tmp")
             torch.save(progress.to_state(), tmp)
-            os.replace(tmp, saved)
+            os.replace(tmp, self.saved)
         tune.report(metrics)
 
-    common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
-    if records:   # the last saved epoch may not have reached Tune (killed between saving and reporting):
-        last = records.pop()   # report it again; MLflow skips a step it already has
-        step[0] -= 1
-        ticket_iteration[0] -= last["phase"] != "dense"
-        on_record(last, None)
-    cache = DenseCache(Path(spec_state["storage_root"]) / "_cache" / "dense")
-    status, error, summary = "finished", None, None
-    try:
-        summary = pipeline.run(cfg, run_dir, overwrite=True, progress=False, on_record=on_record,
-                               cache=cache, resume=resume)
-    except DivergedError as e:   # deterministic: retrying would diverge again
-        status, error = "diverged", str(e)
-    except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
-        status, error = "error", f"ConfigError: {e}"
-    except Exception as e:
-        _write_trial_row(root, cfg, common, "error", f"{type(e).__name__}: {e}", None, run_dir, node_id,
-                         started)
-        raise
-    if status == "error":   # a diverged trial keeps the epochs that show how it diverged
-        records = []
-    hit = any(r.get("cached") for r in records if r["phase"] == "dense")
-    _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit,
-                     last={k: records[-1].get(k) for k in ("phase", "epoch")} if records else None)
+    def final(self, status: str, summary, run_dir: Path) -> dict:
+        """The trial's last report: its status and the ticket's final metrics (``Summary.final``)."""
+        out = {"phase": "final", "status": status, "step": self.step + 1, "node_id": self.node_id,
+               **self.adopted, "run_dir": str(run_dir), "ticket_iteration": self.ticket_iteration + 1,
+               **self.running}
+        return {**out, **final_metrics(summary)} if summary is not None else out
+
+
+def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, error, summary,
+                run_dir: Path) -> None:
+    """The trial's rows of the three tables. A failed trial keeps no epochs; a diverged one keeps
+    those that show how it diverged."""
+    records = [] if status == "error" else reporter.records
+    last = records[-1] if records else {}
+    write_trial_row(root, cfg, common, Trial(
+        status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
+        dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
+        mask_path=str(run_dir / "mask.pt") if summary is not None else None,
+        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
     method = cfg.search.method
-    tables.write(root, "epochs", method, trial_id, [tables.epoch_row(r) for r in records],
-                 {**common, "node_id": node_id})
+    tables.write(root, "epochs", method, common["trial_id"], [Epoch.from_record(r).row() for r in records],
+                 {**common, "node_id": reporter.node_id})
     if summary is not None:
         layers = json.loads((run_dir / "layers.json").read_text())[:-1]
-        tables.write(root, "layers", method, trial_id,
-                     [{k: r[k] for k in ("layer", "numel", "kept", "density", "units", "effective_kept",
-                                         "alive_units")} for r in layers], common)
-    final = {"phase": "final", "status": status, "step": step[0] + 1, "node_id": node_id, **adopted,
-             "run_dir": str(run_dir), "ticket_iteration": ticket_iteration[0] + 1, **running}
-    if summary is not None:
-        final.update({k: summary[k] for k in ("test_accuracy", "peak_test_accuracy", "achieved_density",
-                                              "ticket_seconds", "dense_test_accuracy") if summary[k] is not None})
-        final.update(effective_density=summary["effective_density"], effective_kept=summary["effective_kept"],
-                     collapsed=len(summary["collapsed_layers"]))
-    _forget_progress(root, trial_id)   # done: nothing to continue
-    tune.report(final)
+        tables.write(root, "layers", method, common["trial_id"], [Layer.from_record(r).row() for r in layers],
+                     common)
 
 
 def progress_path(root: Path, trial_id: str) -> Path:
@@ -191,18 +217,12 @@ def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
     return tune_id, None
 
 
-FINAL = ("finished", "diverged")   # statuses a rerun would only repeat
-# what a trial reports of a row that already ended (its own, or an adopted one's: runner.orphans)
-REPORTED = ("status", "node_id", "run_dir", "test_accuracy", "peak_test_accuracy", "achieved_density",
-            "ticket_seconds")
-
-
 def _finished_row(root: Path, method: str, trial_id: str):
     path = root / "tables" / "trials" / f"method={method}" / f"{trial_id}.parquet"
     if not path.exists():
         return None
     row = pq.read_table(path).to_pylist()[0]
-    if row["status"] not in FINAL:
+    if row["status"] not in FINAL_STATUSES:
         return None
     epochs = root / "tables" / "epochs" / f"method={method}" / f"{trial_id}.parquet"
     row["steps"] = pq.read_metadata(epochs).num_rows if epochs.exists() else 0   # its records: the final's step
@@ -226,34 +246,23 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
                "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
-    _write_trial_row(root, cfg, common, "stopped", f"stopped by {scheduler} at {where}", summary, None,
-                     last.get("node_id"), started, last=last)
+    write_trial_row(root, cfg, common, Trial(
+        status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=False,
+        started_at=started, hostname=last.get("hostname"), ended_at=last.get("timestamp"),
+        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
     tables.write(root, "epochs", cfg.search.method, tid, list(rows.values()), {**common, "node_id": last.get("node_id")})
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
         shutil.rmtree(staging, ignore_errors=True)
     _forget_progress(root, tid)
 
 
-def _write_trial_row(root, cfg, common, status, error, summary, run_dir, node_id, started, hit=False,
-                     last=None):
-    """``last``: the last record (or, for a stopped trial, Tune result) the trial reached."""
-    s = summary or {}
-    done = summary is not None and status != "stopped"
-    row = {"status": status, "error": error, "strong_ticket": s.get("strong_ticket"),
-           "dense_cache_hit": hit, "run_dir": str(run_dir) if run_dir else None,
-           "mask_path": str(run_dir / "mask.pt") if done else None, "node_id": node_id,
-           "hostname": (last or {}).get("hostname") or socket.gethostname(), "started_at": started,
-           "ended_at": (last or {}).get("timestamp") or time.time(),
-           "last_phase": (last or {}).get("phase"), "last_epoch": (last or {}).get("epoch"),
-           "code_version": runtime.code_version(), "library_versions": tables.json_text(runtime.library_versions()),
-           "levels": tables.json_text(s.get("levels")), "config": tables.json_text(cfg.to_dict())}
-    for k in ("achieved_density", "kept_weights", "prunable_weights", "test_accuracy", "peak_test_accuracy",
-              "dense_test_accuracy", "pretrain_seconds", "search_seconds", "retrain_seconds", "ticket_seconds",
-              "epochs_equivalent", "mask_sha256", "effective_density", "effective_kept"):
-        row[k] = s.get(k)
-    if "collapsed_layers" in s:   # number of collapsed layers: > 0 means no path from input to output
-        row["collapsed"] = len(s["collapsed_layers"])   # (a stopped trial has no ticket, so no anatomy)
-    tables.write(root, "trials", cfg.search.method, common["trial_id"], [row], common)
+def write_trial_row(root, cfg, common: dict, trial: Trial, summary) -> None:
+    """``summary``: the run's (``records.Summary`` as a dict), a stopped trial's partial one, or None."""
+    trial.hostname = trial.hostname or socket.gethostname()
+    trial.ended_at = trial.ended_at or time.time()
+    trial.code_version, trial.library_versions = runtime.code_version(), runtime.library_versions()
+    trial.config = cfg.to_dict()
+    tables.write(root, "trials", cfg.search.method, common["trial_id"], [trial.row(summary)], common)
 
 
 def _numeric(record: dict) -> dict:
