@@ -30,6 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from ..errors import SchemaError
+from ..methods import applies
+
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "layers")
 
@@ -87,7 +90,6 @@ AXIS_KEYS = {"objective": "search.objective", "controller": "search.controller",
 def axes(cfg) -> dict:
     """The swept axes of a trial, from its resolved Config; null where the knob does not apply to
     the trial's method (SNIP has no temperature)."""
-    from ..methods import applies
     out = {}
     for column, key in AXIS_KEYS.items():
         node = cfg
@@ -121,10 +123,6 @@ def write(root, table: str, method: str, trial_id: str, rows: list[dict], common
     pq.write_table(data, tmp)
     os.replace(tmp, path)
     return path
-
-
-class SchemaError(ValueError):
-    pass
 
 
 READ_CHUNK = 256   # per-trial files read per pyarrow dataset: 2,000 at once held ~300 MiB more for the read
