@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError
+from .errors import AnalysisError, ConfigError, DivergedError, SchemaError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +97,7 @@ def _analysis(args) -> int:
     for text in args.where:
         key, sep, value = text.partition("=")
         if not sep or not key:
-            raise load_mod.AnalysisError(f"where: {text!r} is not COLUMN=VALUE")
+            raise AnalysisError(f"where: {text!r} is not COLUMN=VALUE")
         where[key.strip()] = value.strip()
     if args.command == "report":
         path = report.build(args.results, args.out, metric=args.metric, allow_incomplete=args.allow_incomplete,
@@ -107,7 +107,7 @@ def _analysis(args) -> int:
     res = load_mod.load(args.results, metric=args.metric, allow_incomplete=args.allow_incomplete, where=where)
     options = {"axes": args.axis, "method": args.method} if args.kind == "insensitivity" else {}
     if args.kind != "insensitivity" and (args.axis or args.method):
-        raise load_mod.AnalysisError("--axis/--method: only for `analyze insensitivity`")
+        raise AnalysisError("--axis/--method: only for `analyze insensitivity`")
     from pathlib import Path
     text, files = report.run_kind(args.kind, res, Path(args.out) if args.out else None, **options)
     print(f"Used: {res.describe()}\n")
@@ -238,17 +238,10 @@ def _main(argv=None) -> int:
             print(f"mlflow: {uri}")
         _print_summary(summary, out)
         return 0
-    except ConfigError as e:
+    except (ConfigError, AnalysisError, SchemaError) as e:   # bad input, or data that cannot answer: one line
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:   # AnalysisError, SchemaError: the data cannot answer; one line
-        if type(e).__name__ not in ("AnalysisError", "SchemaError"):
-            raise
-        print(f"cts-ray: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:   # DivergedError: a result of the settings, not a bug; one line
-        if type(e).__name__ != "DivergedError":
-            raise
+    except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)
         return 1

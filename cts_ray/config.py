@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value or key; the message is one line naming the field and what is allowed."""
+from . import names
+from .datasets import DATASETS, check_root
+from .errors import ConfigError
+from .methods import METHODS, STRONG_INITS
 
 
 def _f(default, *, choices=None, check=None, allowed=None, identity=True, help=""):
@@ -59,28 +60,9 @@ def _gpus(v):
     return v == 0 or 1e-4 <= v <= 1 or (v > 1 and float(v).is_integer())
 
 
-# Registries are imported lazily (they import torch); their names are the allowed values.
-def _registry(name):
-    def names():
-        if name == "datasets":
-            from .data import DATASETS
-            return sorted(DATASETS)
-        if name == "models":
-            from .models import MODELS
-            return sorted(MODELS)
-        if name == "objectives":
-            from .objectives import OBJECTIVES
-            return sorted(OBJECTIVES)
-        if name == "methods":
-            from .methods import METHODS
-            return sorted(METHODS)
-        raise KeyError(name)
-    return names
-
-
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices=_registry("datasets"), help="data set")
+    name: str = _f("digits", choices=sorted(DATASETS), help="data set")
     root: Optional[str] = _f(None, identity=False,
                              help="folder holding the data set (torchvision layout); not needed for digits")
     download: bool = _f(False, identity=False, help="let torchvision download into root")
@@ -96,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("mlp_digits", choices=_registry("models"), help="architecture")
+    name: str = _f("mlp_digits", choices=sorted(names.MODELS), help="architecture")
     # The CTS authors' model details (SPEC §4); the defaults are open_lth's classic ones.
     batchnorm: str = _f("running", choices=["running", "batch"], identity="non_default",
                         help="BatchNorm statistics: running (tracked, used in eval) or batch "
@@ -130,13 +112,13 @@ class TrainingConfig:
 
 @dataclass
 class SearchConfig:
-    method: str = _f("cts", choices=_registry("methods"), help="ticket method")
+    method: str = _f("cts", choices=sorted(METHODS), help="ticket method")
     density: float = _f(0.05, check=_fraction, allowed="a number in (0, 1]",
                         help="fraction of prunable weights kept")
     point: str = _f("rewind", choices=["init", "rewind"], help="weights the mask is searched on")
     rewind_epochs: int = _f(1, check=_non_negative, allowed="an integer >= 0",
                             help="dense epochs before the search when point = rewind")
-    objective: str = _f("kl_reverse", choices=_registry("objectives"))
+    objective: str = _f("kl_reverse", choices=sorted(names.OBJECTIVES))
     controller: str = _f("gradbalance", choices=["gradbalance", "lagrange"])
     temperature: float = _f(2 / 3, check=_positive, allowed="a number > 0",
                             help="Concrete temperature tau")
@@ -169,7 +151,7 @@ class SearchConfig:
                                                    "(Frankle & Carbin: 0.1); null = pruned globally")
     gate_sigma: float = _f(0.5, check=_positive, allowed="a number > 0",
                            help="gates: noise std of the relaxed Bernoulli gates")
-    strong_init: Optional[str] = _f(None, choices=[None, "kaiming_uniform", "signed_constant", "kaiming_normal"],
+    strong_init: Optional[str] = _f(None, choices=[None, *STRONG_INITS],
                                     identity="non_default",
                                     help="gates/edge_popup: the frozen weights a strong ticket selects from; null = the "
                                          "method's paper default (gates: kaiming_uniform, edge_popup: signed_constant); "
@@ -231,7 +213,6 @@ class Config:
     @property
     def retrain(self) -> bool:
         """Whether the ticket is retrained (resolved ``training.retrain``)."""
-        from .methods import METHODS
         if self.training.retrain is None:
             return not METHODS[self.search.method].strong
         return self.training.retrain
@@ -350,10 +331,8 @@ def _names(choices) -> str:
 
 def _check_value(key, v, f):
     choices = f.metadata.get("choices")
-    if choices is not None:
-        allowed = choices() if callable(choices) else choices
-        if v not in allowed:
-            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {_names(allowed)}")
+    if choices is not None and v not in choices:
+        raise ConfigError(f"{key}: {v!r} is not allowed; choose one of: {_names(choices)}")
     check = f.metadata.get("check")
     if check is not None and v is not None and not check(v):
         raise ConfigError(f"{key}: {v!r} is out of range; expected {f.metadata.get('allowed')}")
@@ -398,7 +377,6 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
     if s.point == "rewind" and s.rewind_epochs > t.epochs:
         raise ConfigError(f"search.rewind_epochs: {s.rewind_epochs} exceeds training.epochs "
                           f"({t.epochs}); expected 0..{t.epochs}")
-    from .methods import METHODS
     method = METHODS[s.method]
     if method.strong and t.retrain:
         raise ConfigError(f"training.retrain: true contradicts search.method={s.method} (a strong ticket: "
@@ -410,13 +388,11 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
         raise ConfigError(f"search.density: {s.density} is above LTR's first round "
                           f"({1 - s.ltr_fraction:g}); expected a density <= {1 - s.ltr_fraction:g} for ltr")
     m = cfg.model
-    from .models import RESNETS
-    if m.shortcut != "conv1x1" and m.name not in RESNETS:
-        raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(RESNETS))}), "
+    if m.shortcut != "conv1x1" and m.name not in names.RESNETS:
+        raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(names.RESNETS))}), "
                           f"not {m.name}; expected conv1x1")
     if d.image_size is not None and d.name != "image_folder":
         raise ConfigError(f"data.image_size: applies to data.name=image_folder only, not {d.name}; expected null")
-    from .data import DATASETS
     if d.name == "image_folder":   # the user's own images: checked here, never downloaded
         if d.download:
             raise ConfigError("data.download: true is impossible for data.name=image_folder; expected false")
@@ -433,7 +409,6 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
         if not d.download and not Path(d.root).expanduser().is_dir():
             raise ConfigError(f"data.root: folder {d.root!r} does not exist; expected an existing "
                               "folder in torchvision's layout (or data.download: true)")
-        from .data import check_root
         if not d.download:   # the loader's own checks, cheap: names, headers, lengths
             check_root(d.name, d.root)
 
@@ -533,7 +508,7 @@ def describe() -> list[tuple[str, Any, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
-            allowed = (_names(choices() if callable(choices) else choices) if choices
+            allowed = (_names(choices) if choices
                        else f.metadata.get("allowed") or _type_name(typing.get_type_hints(cls)[f.name]))
             rows.append((f"{sec}.{f.name}", default, allowed, f.metadata.get("help", "")))
     return rows

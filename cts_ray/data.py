@@ -1,8 +1,9 @@
-"""Data sets by name, loaded once into tensors on the compute device (airbench style).
+"""Data sets loaded once into tensors on the compute device (airbench style).
 
-``DATASETS`` maps a name to a ``DatasetInfo`` whose ``loader(root, download)`` returns CPU tensors
-(x float32 in [0, 1], shape (N, C, H, W); y int64). ``load(cfg, device)`` reads them (cached per
-process), takes the configured subsets, moves them to the device and normalises them there.
+``DATASETS`` (``datasets.py``, torch-free) maps a name to a ``DatasetInfo`` whose
+``loader(root, download)`` calls one of the readers below, which return CPU tensors (x float32 in
+[0, 1], shape (N, C, H, W); y int64). ``load(cfg, device)`` reads them (cached per process), takes
+the configured subsets, moves them to the device and normalises them there.
 ``DeviceData.train_batches`` shuffles with a seeded CPU generator and augments on the device, so a
 seed gives the same batches on CPU and CUDA. No DataLoader, no worker processes, no PIL.
 """
@@ -12,37 +13,23 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import math
 import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ConfigError
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: Optional[int]         # None (image_folder): from the folder, like the next four
-    input_shape: Optional[tuple[int, int, int]]  # (C, H, W)
-    needs_root: bool                   # False only for digits (bundled with scikit-learn)
-    augment: Optional[bool]            # default augmentation (flip + pad-4 crop); image_folder: 32x32 RGB
-    loader: Optional[Callable]         # (root, download) -> (train_x, train_y, test_x, test_y) on CPU
-    mean: Optional[tuple[float, ...]]  # per-channel normalisation constants
-    std: Optional[tuple[float, ...]]
-    files: Optional[Callable] = None   # root -> [(a needed file, or its alternatives), ...]
-    check: Optional[Callable] = None   # root -> None: validates contents cheaply (ConfigError), as the loader does
-    notes: Optional[Callable] = None   # root -> per-file provenance (which file was read, its md5)
+from .datasets import DATASETS, IdxFile, mnist_check, mnist_files
+from .errors import ConfigError
 
 
 # ---------------------------------------------------------------- loaders (CPU tensors)
 
-def _digits(root=None, download=False):
+def read_digits(root=None, download=False):
     """scikit-learn's 8x8 digits, values 0..16; a fixed stratified split (360 test), seed 0."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -55,79 +42,8 @@ def _digits(root=None, download=False):
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-# MNIST-family files are trusted by content, not by checksum: a valid IDX file loads whether it is
-# extracted or gzipped by any tool (md5s that differ from the official release are only noted in
-# the run's provenance). The pre-flight check (``check_root``) and the loader run the same
-# validation, ``_mnist_check``: it reads headers and, for truncation, the gzip trailer (ISIZE, the
-# uncompressed length mod 2**32) or the file size, so it is cheap; only the loader reads it all.
-
-@dataclass(frozen=True)
-class IdxFile:
-    """A validated IDX file of unsigned bytes: where it is, whether gzipped, the shape it holds."""
-    path: Path
-    gz: bool
-    shape: tuple[int, ...]
-
-    @property
-    def offset(self) -> int:   # header: magic (4 bytes) and one 4-byte big-endian size per dimension
-        return 4 + 4 * len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return self.offset + math.prod(self.shape)
-
-
-def _gz_length(path: Path) -> int:
-    """Uncompressed length of a whole gzip stream (every member); raises EOFError when truncated."""
-    n = 0
-    with gzip.open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            n += len(chunk)
-    return n
-
-
-def _idx_header(path: Path, what: str) -> IdxFile:
-    """Check ``path`` is a complete IDX file of unsigned bytes (gzip detected by its magic bytes)
-    without reading its data; errors say what is wrong with ``what`` (the file's name for users)."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open if gz else open)(path, "rb") as f:
-            head = f.read(4)
-            ok = len(head) == 4 and head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4
-            dims = f.read(4 * head[3]) if ok else b""
-    except EOFError:
-        raise ConfigError(f"data.root: {what} is truncated (its gzip stream ends inside the IDX header)") from None
-    except (OSError, zlib.error) as e:
-        raise ConfigError(f"data.root: {what} is not a readable gzip file ({type(e).__name__}: {e})") from None
-    if not ok:
-        raise ConfigError(f"data.root: {what} is not an IDX file of unsigned bytes (starts with {head.hex()!r}; "
-                          "expected magic 0x0000080N)")
-    if len(dims) < 4 * head[3]:
-        raise ConfigError(f"data.root: {what} is truncated (its IDX header is incomplete)")
-    idx = IdxFile(path, gz, tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)))
-    if gz:
-        with open(path, "rb") as f:
-            f.seek(-4, 2)
-            isize = int.from_bytes(f.read(4), "little")
-        try:   # the trailer disagrees: several gzip members, or a cut-off stream; measure it
-            length = idx.size if isize == idx.size % 2 ** 32 else _gz_length(path)
-        except (EOFError, OSError, zlib.error):
-            raise ConfigError(f"data.root: {what} is truncated (its gzip stream ends early; expected "
-                              f"{idx.size} bytes for shape {list(idx.shape)})") from None
-    else:
-        length = path.stat().st_size
-    if length < idx.size:
-        raise ConfigError(f"data.root: {what} is truncated ({length} of the {idx.size} bytes its header announces "
-                          f"for shape {list(idx.shape)})")
-    if length > idx.size:
-        raise ConfigError(f"data.root: {what} has {length - idx.size} bytes beyond the {idx.size} its header "
-                          f"announces for shape {list(idx.shape)}")
-    return idx
-
-
 def _read_idx(idx: IdxFile) -> Tensor:
-    """The data of a file ``_idx_header`` validated, as a uint8 tensor of its shape."""
+    """The data of a file ``mnist_check`` validated, as a uint8 tensor of its shape."""
     try:
         data = gzip.decompress(idx.path.read_bytes()) if idx.gz else idx.path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:   # e.g. a CRC error: damaged inside, not cut short
@@ -137,125 +53,26 @@ def _read_idx(idx: IdxFile) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=idx.offset).view(*idx.shape)
 
 
-def _mnist_check(cls_name: str, root) -> list[IdxFile]:
-    """The four files (train images, labels, test images, labels), each extracted or gzipped,
-    validated: present, complete IDX files, 28 x 28 images, as many labels as images."""
-    folder = Path(root).expanduser()
-    found = []
-    for choices in _mnist_files(cls_name)(folder):
-        path = next((p for p in choices if p.is_file()), None)
-        if path is None:
-            raise ConfigError(f"data.root: {str(root)!r} has no {cls_name} in torchvision's layout "
-                              f"(no {choices[0].relative_to(folder)}); expected the folder torchvision downloads "
-                              "into (or data.download: true)")
-        found.append(_idx_header(path, str(path.relative_to(folder))))
-    for images, labels in (found[:2], found[2:]):
-        name = lambda f: f.path.relative_to(folder)
-        if len(images.shape) != 3 or images.shape[1:] != (28, 28):
-            raise ConfigError(f"data.root: {name(images)} holds shape {list(images.shape)}; expected N x 28 x 28 images")
-        if len(labels.shape) != 1 or labels.shape[0] != images.shape[0]:
-            raise ConfigError(f"data.root: count mismatch: {name(labels)} holds shape {list(labels.shape)}, "
-                              f"{name(images)} {images.shape[0]} images; expected one label per image")
-    return found
-
-
-def _mnist_like(cls_name: str):
+def read_mnist(cls_name: str, root, download=False):
     """MNIST, FashionMNIST, KMNIST: uint8 N x 28 x 28 images and labels, read from the IDX files
     (extracted or gzipped) in torchvision's layout, without writing anything (the folder may be
     a read-only shared copy). ``download`` lets torchvision fetch missing files first."""
-    def loader(root, download=False):
-        if download and any(not any(p.is_file() for p in c) for c in _mnist_files(cls_name)(Path(root))):
-            import torchvision.datasets as tvd
-            getattr(tvd, cls_name)(root, train=True, download=True)
-        x_tr, y_tr, x_te, y_te = (_read_idx(f) for f in _mnist_check(cls_name, root))
-        x = lambda d: d.to(torch.float32).div_(255).unsqueeze(1)
-        return x(x_tr), y_tr.long(), x(x_te), y_te.long()
-    return loader
-
-
-def _mnist_files(cls_name: str):
-    """The raw files the loader reads, each either extracted or as the release's ``.gz``."""
-    def files(root):
+    if download and any(not any(p.is_file() for p in c) for c in mnist_files(cls_name)(Path(root))):
         import torchvision.datasets as tvd
-        raw = Path(root) / cls_name / "raw"
-        return [(raw / n.removesuffix(".gz"), raw / n) for n, _ in getattr(tvd, cls_name).resources]
-    return files
+        getattr(tvd, cls_name)(root, train=True, download=True)
+    x_tr, y_tr, x_te, y_te = (_read_idx(f) for f in mnist_check(cls_name, root))
+    x = lambda d: d.to(torch.float32).div_(255).unsqueeze(1)
+    return x(x_tr), y_tr.long(), x(x_te), y_te.long()
 
 
-def _mnist_provenance(cls_name: str):
-    """Per file: which one was read and whether its md5 is the official release's (a difference,
-    e.g. another gzip tool, is noted here, never refused)."""
-    def notes(root):
-        import torchvision.datasets as tvd
-        official = dict(getattr(tvd, cls_name).resources)
-        out = []
-        for idx in _mnist_check(cls_name, root):
-            md5 = hashlib.md5(idx.path.read_bytes()).hexdigest()
-            out.append({"file": str(idx.path.relative_to(Path(root).expanduser())), "gzip": idx.gz, "md5": md5,
-                        "official_md5": md5 == official[idx.path.name] if idx.path.name in official else None})
-        return out
-    return notes
-
-
-def _mnist_family(cls_name: str, mean: float, std: float) -> DatasetInfo:
-    return DatasetInfo(10, (1, 28, 28), True, False, _mnist_like(cls_name), (mean,), (std,), _mnist_files(cls_name),
-                       functools.partial(_mnist_check, cls_name), _mnist_provenance(cls_name))
-
-
-def _cifar_files(cls_name: str):
-    def files(root):
-        import torchvision.datasets as tvd
-        cls = getattr(tvd, cls_name)
-        folder = Path(root) / cls.base_folder
-        return [(folder / n,) for n, _ in [*cls.train_list, *cls.test_list]] + [(folder / cls.meta["filename"],)]
-    return files
-
-
-def missing_file(name: str, root: str) -> Optional[Path]:
-    """The first file (relative to ``root``) that data set's loader needs and ``root`` lacks (None:
-    all there). A check of names only; ``check_root`` adds the data set's content check."""
-    folder = Path(root).expanduser()
-    for choices in DATASETS[name].files(folder):
-        if not any(p.is_file() for p in choices):
-            return choices[0].relative_to(folder)
-    return None
-
-
-def check_root(name: str, root: str) -> None:
-    """The pre-flight check of a data folder (before a run or sweep starts): every file the loader
-    needs is there and, where the data set has a content check, valid as the loader will read it."""
-    if gap := missing_file(name, root):
-        raise ConfigError(f"data.root: {root!r} has no {name} in torchvision's layout (no {gap}); "
-                          "expected the folder torchvision downloads into (or data.download: true)")
-    if DATASETS[name].check is not None:
-        DATASETS[name].check(root)
-
-
-def _cifar(cls_name: str):
+def read_cifar(cls_name: str, root, download=False):
     """CIFAR-10/100: torchvision's ``.data`` (uint8 N x 32 x 32 x 3 numpy) and ``.targets``."""
-    def loader(root, download=False):
-        import torchvision.datasets as tvd
-        cls = getattr(tvd, cls_name)
-        tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
-        x = lambda d: torch.from_numpy(d).permute(0, 3, 1, 2).to(torch.float32).div_(255).contiguous()
-        y = lambda t: torch.tensor(t, dtype=torch.int64)
-        return x(tr.data), y(tr.targets), x(te.data), y(te.targets)
-    return loader
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    # digits mean/std: computed once from its (fixed) training split, pixels/16.
-    "digits": DatasetInfo(10, (1, 8, 8), False, False, _digits, (0.3054,), (0.3761,)),
-    "mnist": _mnist_family("MNIST", 0.1307, 0.3081),
-    "fashion_mnist": _mnist_family("FashionMNIST", 0.2860, 0.3530),
-    "kmnist": _mnist_family("KMNIST", 0.1918, 0.3483),
-    "cifar10": DatasetInfo(10, (3, 32, 32), True, True, _cifar("CIFAR10"),
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _cifar_files("CIFAR10")),
-    "cifar100": DatasetInfo(100, (3, 32, 32), True, True, _cifar("CIFAR100"),
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _cifar_files("CIFAR100")),
-    # The user's own images (image_folder.py): classes, shape and mean/std come from the folder.
-    "image_folder": DatasetInfo(None, None, True, None, None, None, None),
-}
+    import torchvision.datasets as tvd
+    cls = getattr(tvd, cls_name)
+    tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    x = lambda d: torch.from_numpy(d).permute(0, 3, 1, 2).to(torch.float32).div_(255).contiguous()
+    y = lambda t: torch.tensor(t, dtype=torch.int64)
+    return x(tr.data), y(tr.targets), x(te.data), y(te.targets)
 
 
 @functools.lru_cache(maxsize=None)

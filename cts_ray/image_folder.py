@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .config import ConfigError
+from .errors import ConfigError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = ("train", "test")

@@ -202,6 +202,7 @@ TRANSFORMERS = {"vit_tiny", "swin_t"}   # keep torchvision's initialisation (``b
 
 # ---------------------------------------------------------------------- registry
 
+# keyed by names.MODELS (torch-free, for config validation; tests check the two agree)
 MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "mlp_digits": lambda s, k: mlp(s, k, [256, 128]),
     "lenet_300_100": lambda s, k: mlp(s, k, [300, 100]),
@@ -218,7 +219,6 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "vit_tiny": vit_tiny,
     "swin_t": swin_t,
 }
-RESNETS = {"resnet20", "resnet32", "resnet56", "resnet18"}   # the builders that take ``shortcut``
 
 
 def initialize(model: nn.Module, classifier_bias: str = "zero") -> None:

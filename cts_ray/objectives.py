@@ -49,6 +49,7 @@ def feature_mse(s: Outputs, d: Outputs, y: Tensor) -> Tensor:
     return torch.stack(losses).mean()
 
 
+# keyed by names.OBJECTIVES (torch-free, for config validation; tests check the two agree)
 OBJECTIVES = {"ce": ce, "kl_reverse": kl_reverse, "kl_forward": kl_forward,
               "mse_logits": mse_logits, "feature_mse": feature_mse}
 NEEDS_FEATURES = {"feature_mse"}

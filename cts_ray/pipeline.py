@@ -24,7 +24,7 @@ import torch
 from . import data as data_mod
 from . import models, runtime, sanity
 from .anatomy import anatomy
-from .cache import DenseCache
+from .cache import Dense, DenseCache, dense_until
 from .config import Config, ConfigError, check_folder
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
@@ -71,22 +71,6 @@ class _Progress:
 
 
 # ---------------------------------------------------------------- stages
-
-@dataclass
-class Dense:
-    """The dense run: weights at the search point (and at the end when trained that far)."""
-    snapshot: dict
-    trained: Optional[dict]
-    records: list
-    pretrain_seconds: float
-    dense_seconds: float
-    test_accuracy: Optional[float]
-
-
-def dense_until(cfg: Config) -> int:
-    method = METHODS[cfg.search.method]
-    return cfg.training.epochs if (cfg.training.dense_baseline or method.needs_trained) else cfg.search_epoch
-
 
 def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], None] = lambda r: None) -> Dense:
     """Initialise from the seed and train densely, keeping the weights at the search point."""

@@ -7,15 +7,18 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ResourcesConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import ResourcesConfig
 
 
 def select_device(res: ResourcesConfig) -> torch.device:
     if res.device == "cuda" and not torch.cuda.is_available():
-        from .config import ConfigError
         raise ConfigError("resources.device: 'cuda' requested but no CUDA device is visible; "
                           "choose one of: auto, cpu")
     if res.device == "cpu" or (res.device == "auto" and not torch.cuda.is_available()):

@@ -8,20 +8,19 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainingConfig
-from .data import DeviceData
+from .errors import DivergedError
 from .masking import Mask, MaskedParams
 from .runtime import derive_seed
 
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss."""
+if TYPE_CHECKING:
+    from .config import TrainingConfig
+    from .data import DeviceData
 
 
 def lr_at(t: TrainingConfig, epoch: int) -> float:

@@ -15,16 +15,14 @@ from typing import Optional
 import pandas as pd
 
 from ..config import Config, flatten, stable_hash
+from ..errors import AnalysisError
+from ..methods import METHODS, effective
 from ..records import COMPARED
 from ..sweep import tables
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
 METRICS = COMPARED   # the metrics tickets are compared by (records.py)
-
-
-class AnalysisError(ValueError):
-    """The data cannot answer the question; the message says why, in one line."""
 
 
 def _non_identity_keys() -> set:
@@ -55,7 +53,6 @@ class Results:
 
 def method_key(method: str) -> tuple:
     """Tables list methods in the registry's order."""
-    from ..methods import METHODS
     order = list(METHODS)
     return (order.index(method) if method in order else len(order), method)
 
@@ -127,7 +124,7 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     if df.empty:
         raise AnalysisError(f"results: no finished trials with a {metric} in {', '.join(map(str, folders))}")
     df["accuracy"] = 100.0 * df[metric]          # percentage points everywhere in the analysis
-    from ..methods import effective   # knobs a method does not read make no setting of it
+    # knobs a method does not read make no setting of it
     flat = [effective(flatten(json.loads(c))) for c in df["config"]]
     df["_flat"] = flat
     # one experiment run twice (SNIP under two CTS temperatures): counted once

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 
-from ..methods import METHODS
-from ..methods.strong import DEFAULT_INIT
+from ..methods import DEFAULT_INIT, METHODS
 from . import stats
 from .comparison import _ms
 from .load import AnalysisError, Results, method_key

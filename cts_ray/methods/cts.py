@@ -23,7 +23,7 @@ from ..models import prunable, prunable_modules
 from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
 from ..runtime import cpu_copy
 from ..train import to_input
-from . import SearchContext, Ticket
+from .base import SearchContext, Ticket
 
 
 def _norm(x: Tensor) -> Tensor:

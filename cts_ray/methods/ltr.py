@@ -8,25 +8,13 @@ collapsed layers (anatomy.py), accuracy, cumulative seconds) so one LTR run serv
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..anatomy import anatomy
 from ..masking import Mask
 from ..models import prunable_names
-from . import SearchContext, Ticket
-
-
-def rounds_for(density: float, fraction: float) -> int:
-    return max(1, round(math.log(density) / math.log(1 - fraction)))
-
-
-def epochs(cfg, rounds=None) -> int:
-    """Training epochs LTR spends: dense to the end, then every round's retraining."""
-    if rounds is None:
-        rounds = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
-    return cfg.training.epochs + rounds * (cfg.training.epochs - cfg.search_epoch)
+from . import ltr_epochs as epochs, rounds_for  # the schedule: in the torch-free registry
+from .base import SearchContext, Ticket
 
 
 def next_count(remaining: int, fraction: float) -> int:

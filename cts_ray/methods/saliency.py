@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..data import DeviceData
 from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable
-from . import SearchContext, Ticket
+from .base import SearchContext, Ticket
 
 
 # ---------------------------------------------------------------- shared helpers

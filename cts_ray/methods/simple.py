@@ -7,7 +7,7 @@ import torch
 
 from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable
-from . import SearchContext, Ticket
+from .base import SearchContext, Ticket
 
 
 def magnitude(ctx: SearchContext) -> Ticket:

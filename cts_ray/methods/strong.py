@@ -74,7 +74,8 @@ from ..masking import Mask, kept_count, layer_shapes
 from .. import runtime
 from ..models import prunable
 from ..train import DivergedError, autocast, to_input
-from . import SearchContext, Ticket
+from . import DEFAULT_INIT  # the paper defaults: in the torch-free registry
+from .base import SearchContext, Ticket
 from .cts import _norm
 
 _SQRT2 = math.sqrt(2.0)
@@ -110,10 +111,6 @@ def _frozen_copy(ctx: SearchContext) -> nn.Module:
             if m.bias is not None:
                 m.bias.zero_()
     return net
-
-
-STRONG_INITS = ("kaiming_uniform", "signed_constant", "kaiming_normal")
-DEFAULT_INIT = {"gates": "kaiming_uniform", "edge_popup": "signed_constant"}   # each paper's
 
 
 def strong_init(cfg) -> str:

@@ -412,9 +412,8 @@ LIST_AT_MOST = 40   # a dry run lists the trials of sweeps up to this size, else
 def preview(spec: SweepSpec) -> str:
     """What ``cts-ray sweep FILE --dry-run`` prints: the trials, the dense runs and LTR rounds they
     share, and the compute in epochs. Builds configs only: no Ray, no files."""
-    from ..cache import DenseCache
-    from ..methods import METHODS
-    from ..pipeline import dense_until
+    from ..cache import DenseCache, dense_until
+    from ..methods import METHODS, rounds_for
     from .spec import _sample_probes
     points = spec.grid_points() if spec.grid else [{}]
     probes = [{}]
@@ -440,7 +439,6 @@ def preview(spec: SweepSpec) -> str:
         dense.setdefault(cache.key(cfg), (dense_until(cfg), []))[1].append(cfg)
         method = METHODS[cfg.search.method]
         if cfg.search.method == "ltr":
-            from ..methods.ltr import rounds_for
             chain = (cache.key(cfg), cfg.search.ltr_fraction, cfg.search.ltr_output_fraction)
             rounds = rounds_for(cfg.search.density, cfg.search.ltr_fraction)
             old = chains.get(chain, (0, 0, 0))

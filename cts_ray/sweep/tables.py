@@ -31,6 +31,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .. import records
+from ..errors import SchemaError
+from ..methods import applies
 
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "layers")
@@ -63,7 +65,6 @@ AXIS_KEYS = records.AXIS_KEYS   # each axis column and the config key it comes f
 
 def axes(cfg) -> dict:
     """The swept axes of a trial (``records.Axes``), from its resolved Config."""
-    from ..methods import applies
     out = {}
     for column, key in AXIS_KEYS.items():
         node = cfg
@@ -89,10 +90,6 @@ def write(root, table: str, method: str, trial_id: str, rows: list[dict], common
     pq.write_table(data, tmp)
     os.replace(tmp, path)
     return path
-
-
-class SchemaError(ValueError):
-    pass
 
 
 READ_CHUNK = 256   # per-trial files read per pyarrow dataset: 2,000 at once held ~300 MiB more for the read

@@ -1,9 +1,14 @@
 """The work each grid point of a sweep needs and provides (its dense run, its LTR chain): what the
-shared-work searcher (schedule.py) orders trials by. Configs only, no Ray: ``--dry-run`` uses it too."""
+shared-work searcher (schedule.py) orders trials by. Configs only, no Ray or torch: ``--dry-run``
+uses it too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+from ..cache import DenseCache
+from ..config import from_dict
+from ..methods import rounds_for
 
 
 @dataclass
@@ -17,9 +22,6 @@ class Work:
 
 def plan(spec, points: list) -> list[Work]:
     """The work of each point (configs only: nothing is started)."""
-    from ..cache import DenseCache
-    from ..config import from_dict
-    from ..methods.ltr import rounds_for
     cache = DenseCache(spec.root.parent / "_cache" / "dense")
     out = []
     for p in points:
