@@ -9,7 +9,7 @@ from cts_ray import config as C
 from cts_ray import data as D
 from cts_ray import models
 from cts_ray.methods import METHODS, SearchContext
-from cts_ray.methods.cts import _norm, gradbalance
+from cts_ray.methods.cts import float64_norm, gradbalance
 from cts_ray.objectives import OBJECTIVES, Outputs
 from cts_ray.train import train_epochs
 
@@ -117,8 +117,8 @@ def test_gradbalance_step_rules():
     _, lam2 = gradbalance(torch.full((d,), -10.0), g, lam1, budget, 0.1)   # under budget: λ* = 0, λ decays by 0.99
     assert lam2.item() == pytest.approx(0.99 * lam1.item(), rel=1e-6)
     # norms cannot overflow or underflow
-    assert _norm(torch.full((10,), 1e30)).item() == pytest.approx(1e30 * math.sqrt(10), rel=1e-5)
-    assert _norm(torch.full((10,), 1e-30)).item() == pytest.approx(1e-30 * math.sqrt(10), rel=1e-5)
+    assert float64_norm(torch.full((10,), 1e30)).item() == pytest.approx(1e30 * math.sqrt(10), rel=1e-5)
+    assert float64_norm(torch.full((10,), 1e-30)).item() == pytest.approx(1e-30 * math.sqrt(10), rel=1e-5)
 
 
 def test_compile_search_setting():

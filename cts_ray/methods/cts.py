@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 from typing import Optional
 
@@ -21,12 +20,12 @@ from torch.func import functional_call
 from ..masking import Mask, kept_count, layer_shapes, top_k_flat
 from ..models import prunable, prunable_modules
 from ..objectives import NEEDS_FEATURES, OBJECTIVES, Outputs
-from ..runtime import cpu_copy
 from ..train import to_input
 from .base import SearchContext, Ticket
+from .search_loop import Clock, Searcher, search_loop
 
 
-def _norm(x: Tensor) -> Tensor:
+def float64_norm(x: Tensor) -> Tensor:
     """‖x‖₂ accumulated in float64: squares of any float32/bf16 value neither overflow nor underflow
     there, and it is one pass over x (the search is bound by passes over d elements)."""
     return torch.linalg.vector_norm(x, dtype=torch.float64)
@@ -39,7 +38,7 @@ def gradbalance(theta: Tensor, g_task: Tensor, lam, budget: float, mask_lr: floa
     sig = torch.sigmoid(theta) if sig is None else sig
     over = (sig.sum() if total is None else total) > budget   # C(θ) > 0
     s1 = sig * (1 - sig)                                # g_c = σ(1 − σ) / budget
-    nt, nc = _norm(g_task), _norm(s1) / budget
+    nt, nc = float64_norm(g_task), float64_norm(s1) / budget
     lam_star = torch.where(over & (nc > 0), nt / nc.clamp_min(1e-300), torch.zeros_like(nt))
     lam = lam_star if lam is None else 0.99 * lam + 0.01 * lam_star
     return g_task + (lam / budget).to(g_task.dtype) * s1, lam
@@ -274,110 +273,106 @@ def use_compile(setting: Optional[bool], device: torch.device, work: int, fused:
 COMPILE_WORTH = 10 ** 9   # θ entries x steps; MNIST LeNet-300-100 at search length 0.5: 266k x 1k steps x 5 epochs = 1.3e9
 
 
-def search(ctx: SearchContext) -> Ticket:
-    cfg, s, model, device = ctx.cfg, ctx.cfg.search, ctx.model, ctx.device
-    t_start = time.perf_counter()
-    params = prunable(model)
-    names, shapes = list(params), layer_shapes(model)
-    weights = [params[n].detach() for n in names]
-    d = sum(w.numel() for w in weights)
-    kappa = s.density
-    k = kept_count(kappa, d)
+class ConcreteSearch(Searcher):
+    """CTS's part of the search loop: θ, its optimiser and step, the noise, the frozen teacher."""
 
+    resumable = True
+
+    def __init__(self, ctx: SearchContext):
+        cfg, s, self.ctx = ctx.cfg, ctx.cfg.search, ctx
+        params = prunable(ctx.model)
+        self.names = list(params)
+        weights = [params[n].detach() for n in self.names]
+        self.d = d = sum(w.numel() for w in weights)
+        kappa = s.density
+        self.k = kept_count(kappa, d)
+        self.theta = torch.full((d,), math.log(kappa / (1 - kappa)) if kappa < 1 else 20.0,
+                                device=ctx.device, requires_grad=True)
+        self.fused = s.step == "fused"
+        self.opt = torch.optim.Adam([self.theta], lr=cfg.mask_lr, fused=self.fused or None)
+        self.objective = OBJECTIVES[s.objective]
+        self.need_teacher, self.need_features = s.objective != "ce", s.objective in NEEDS_FEATURES
+        self.noise = ctx.generator("noise", ctx.device)
+        work = d * ctx.data.steps_per_epoch(cfg.training.batch_size) * cfg.search_epochs
+        compiled = use_compile(cfg.resources.compile_search, ctx.device, work, self.fused)
+        self.step_fn = Step(weights, s.temperature, s.rescale, s.controller, (1 + s.slack) * kappa * d,
+                            cfg.mask_lr, s.loss_scale, self.opt, compiled, self.fused)
+        self.prev_top, self.cached, self.feats = None, None, []
+
+    def feature_hooks(self):
+        """Hooks putting each prunable layer's output into ``feats`` (for objectives that need them)."""
+        return capture_features(self.ctx.model, self.feats) if self.need_features else contextlib.nullcontext()
+
+    def prepare(self) -> None:
+        if self.need_teacher and self.cached is None:   # once, timed with the search
+            ctx = self.ctx
+            self.cached = teacher_outputs(ctx.model, ctx.data, ctx.cfg.training.batch_size, self.need_features,
+                                          ctx.amp) or False
+
+    def teacher(self, x: Tensor, idx: Tensor) -> Outputs:
+        if self.cached:
+            return Outputs(self.cached.logits[idx], [f[idx] for f in self.cached.features])
+        if not self.need_teacher:
+            return Outputs(None)
+        self.feats.clear()
+        with torch.no_grad():
+            return Outputs(self.ctx.model(x), list(self.feats))
+
+    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+        x = to_input(x, self.ctx.amp)
+        dense = self.teacher(x, idx)
+        self.feats.clear()
+        L = draw_key(self.noise) if self.fused else \
+            logistic_noise(torch.rand(self.d, device=self.ctx.device, generator=self.noise))
+        masked = dict(zip(self.names, self.step_fn.masked(self.theta, L)))
+        sparse = Outputs(functional_call(self.ctx.model, masked, (x,)), list(self.feats))
+        loss = self.objective(sparse, dense, y)
+        (g_task,) = torch.autograd.grad(loss, self.theta)
+        self.step_fn.update(self.theta, g_task)
+        return loss
+
+    def record(self) -> dict:
+        theta, lam = self.theta.detach(), self.step_fn.lam
+        top = top_k_flat(theta, self.k)
+        changed = 1.0 if self.prev_top is None else ((top & ~self.prev_top).sum() / self.k).item()
+        self.prev_top = top
+        return {"expected_density": torch.sigmoid(theta).mean().item(),
+                "hard_density": (theta > 0).float().mean().item(),
+                "lambda": 0.0 if lam is None else float(lam), "topk_changed": changed}
+
+    def state(self) -> dict:
+        return {"theta": self.theta.detach(), "noise": self.noise.get_state(), "prev_top": self.prev_top,
+                "lam": self.step_fn.lam}
+
+    def load(self, state: dict) -> None:
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        self.step_fn.lam = None if state["lam"] is None else state["lam"].to(self.ctx.device)
+        self.noise.set_state(state["noise"])
+        self.prev_top = state["prev_top"].to(self.ctx.device)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Every parameter without gradient inside, as it was after."""
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    theta = torch.full((d,), math.log(kappa / (1 - kappa)) if kappa < 1 else 20.0,
-                       device=device, requires_grad=True)
-    mask_lr = cfg.mask_lr
-    fused = s.step == "fused"
-    opt = torch.optim.Adam([theta], lr=mask_lr, fused=fused or None)
-    objective = OBJECTIVES[s.objective]
-    need_teacher = s.objective != "ce"
-    need_features = s.objective in NEEDS_FEATURES
-    noise = ctx.generator("noise", device)
-    order = ctx.generator("order")
-    batch_size = cfg.training.batch_size
-    steps_per_epoch = ctx.data.steps_per_epoch(batch_size)
-    epochs = cfg.search_epochs
-    # The authors drop the mask LR after epoch int(0.88 * epochs); ours (the default) after that step.
-    drop_step = (int(s.lr_drop * epochs) * steps_per_epoch if s.lr_drop_at == "epoch"
-                 else int(s.lr_drop * epochs * steps_per_epoch))
-    compiled = use_compile(cfg.resources.compile_search, device, d * steps_per_epoch * epochs, fused)
-    step_fn = Step(weights, s.temperature, s.rescale, s.controller, (1 + s.slack) * kappa * d, mask_lr,
-                   s.loss_scale, opt, compiled, fused)
-
-    history, step, prev_top, first_epoch, seconds_before = [], 0, None, 0, 0.0
-    if ctx.resume is not None:   # continue an interrupted search after its last finished epoch
-        r = ctx.resume
-        with torch.no_grad():
-            theta.copy_(r["theta"])
-        opt.load_state_dict(r["optimizer"])
-        step_fn.lam = None if r["lam"] is None else r["lam"].to(device)
-        noise.set_state(r["noise"])
-        order.set_state(r["order"])
-        prev_top = r["prev_top"].to(device)
-        history, step, first_epoch, seconds_before = list(r["history"]), r["step"], r["epoch"], r["seconds"]
-    feats: list = []
-    hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
-    cached = None
     try:
-        with batch_statistics(model), hooks, torch.autocast(device.type, enabled=False):
-            for epoch in range(first_epoch, epochs):
-                t0 = time.perf_counter()
-                if need_teacher and cached is None and epoch == first_epoch:   # once, timed with the search
-                    cached = teacher_outputs(model, ctx.data, batch_size, need_features, ctx.amp) or False
-                obj_sum = torch.zeros((), device=device)
-                n_batches = 0
-                for x, y, idx in ctx.data.train_batches(batch_size, order, augment=False, indices=True):
-                    if step == drop_step:
-                        for g in opt.param_groups:
-                            g["lr"] = mask_lr * 0.1
-                    x = to_input(x, ctx.amp)
-                    if cached:
-                        dense = Outputs(cached.logits[idx], [f[idx] for f in cached.features])
-                    elif need_teacher:
-                        feats.clear()
-                        with torch.no_grad():
-                            dense = Outputs(model(x), list(feats))
-                    else:
-                        dense = Outputs(None)
-                    feats.clear()
-                    L = draw_key(noise) if fused else logistic_noise(torch.rand(d, device=device, generator=noise))
-                    masked = dict(zip(names, step_fn.masked(theta, L)))
-                    sparse = Outputs(functional_call(model, masked, (x,)), list(feats))
-                    loss = objective(sparse, dense, y)
-                    (g_task,) = torch.autograd.grad(loss, theta)
-                    step_fn.update(theta, g_task)
-                    obj_sum += loss.detach()
-                    n_batches += 1
-                    step += 1
-                with torch.no_grad():
-                    top = top_k_flat(theta.detach(), k)
-                    changed = 1.0 if prev_top is None else ((top & ~prev_top).sum() / k).item()
-                    prev_top = top
-                    lam = step_fn.lam
-                    record = {"phase": "search", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                              "objective": obj_sum.item() / max(n_batches, 1),
-                              "expected_density": torch.sigmoid(theta).mean().item(),
-                              "hard_density": (theta > 0).float().mean().item(),
-                              "lambda": 0.0 if lam is None else float(lam),
-                              "topk_changed": changed,
-                              "seconds": time.perf_counter() - t0}
-                if not math.isfinite(record["objective"]):
-                    from ..train import DivergedError
-                    raise DivergedError(f"search: objective became {record['objective']} in epoch {epoch + 1}")
-                history.append(record)
-                ctx.on_epoch(record, cpu_copy({
-                    "epoch": epoch + 1, "step": step, "theta": theta.detach(), "optimizer": opt.state_dict(),
-                    "noise": noise.get_state(), "order": order.get_state(), "prev_top": prev_top, "lam": lam,
-                    "history": list(history), "seconds": seconds_before + time.perf_counter() - t_start}))
+        yield
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
 
-    scores = theta.detach().cpu()
-    mask = Mask.top_k(scores, k, shapes)
-    return Ticket(mask=mask, seconds=seconds_before + time.perf_counter() - t_start, scores=scores, history=history,
-                  extra={"search_epochs": epochs, "search_steps": step, "compiled": step_fn.compiled,
-                         "teacher_cached": bool(cached)})
+
+def search(ctx: SearchContext) -> Ticket:
+    clock = Clock()
+    with frozen(ctx.model):
+        cts = ConcreteSearch(ctx)
+        with batch_statistics(ctx.model), cts.feature_hooks(), torch.autocast(ctx.device.type, enabled=False):
+            done = search_loop(ctx, cts, clock, ctx.cfg.search.lr_drop_at)
+    scores = cts.theta.detach().cpu()
+    mask = Mask.top_k(scores, cts.k, layer_shapes(ctx.model))
+    return Ticket(mask=mask, seconds=clock.seconds(), scores=scores, history=done.history,
+                  extra={"search_epochs": ctx.cfg.search_epochs, "search_steps": done.steps,
+                         "compiled": cts.step_fn.compiled, "teacher_cached": bool(cts.cached)})

@@ -56,14 +56,14 @@ seed select from identical weights and a sweep compares selection alone:
 
 Both: BatchNorm on batch statistics during the search, ``cfg.search_epochs`` epochs over the
 training set without augmentation in the order of ``ctx.generator("order")``; one record per epoch
-through ``ctx.on_epoch``.
+through ``ctx.on_epoch`` (``search_loop``, the loop CTS runs too; unlike CTS's, these searches do
+not continue once interrupted: they start again).
 """
 from __future__ import annotations
 
 import copy
 import math
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +73,11 @@ from torch.func import functional_call
 from ..masking import Mask, kept_count, layer_shapes
 from .. import runtime
 from ..models import prunable
-from ..train import DivergedError, autocast, to_input
+from ..train import autocast, to_input
 from . import DEFAULT_INIT  # the paper defaults: in the torch-free registry
 from .base import SearchContext, Ticket
-from .cts import _norm
+from .cts import float64_norm
+from .search_loop import Clock, Searcher, search_loop
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -164,49 +165,42 @@ def recompute_bn(net: nn.Module, ctx: SearchContext, generator: torch.Generator)
         net.train(was_training)
 
 
-def _search_loop(ctx: SearchContext, net: nn.Module, params: list[Tensor], opt: torch.optim.Optimizer,
-                 masked_weights: Callable[[], dict], adjust_grads: Callable[[list[Tensor]], list[Tensor]],
-                 epoch_record: Callable[[], dict],
-                 project: Optional[Callable[[], None]] = None) -> tuple[list[dict], int]:
-    """Shared loop: CE of the masked network (BN on batch statistics), gradient to ``params``
-    (optionally adjusted, e.g. by a density controller), optimiser step; one record per epoch."""
-    cfg, s = ctx.cfg, ctx.cfg.search
-    mask_lr = opt.param_groups[0]["lr"]
-    epochs = cfg.search_epochs
-    steps_per_epoch = ctx.data.steps_per_epoch(cfg.training.batch_size)
-    drop_step = int(s.lr_drop * epochs * steps_per_epoch)
-    order = ctx.generator("order")
-    history, step = [], 0
-    net.train()
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        obj_sum = torch.zeros((), device=ctx.device)
-        n_batches = 0
-        for x, y in ctx.data.train_batches(cfg.training.batch_size, order, augment=False):
-            if step == drop_step:
-                for g in opt.param_groups:
-                    g["lr"] = mask_lr * 0.1
-            with autocast(ctx.amp, ctx.device):
-                out = functional_call(net, masked_weights(), (to_input(x, ctx.amp),))
-            loss = F.cross_entropy(out.float(), y)
-            grads = torch.autograd.grad(loss, params)
-            for p, g in zip(params, adjust_grads(list(grads))):
-                p.grad = g
-            opt.step()
-            if project is not None:
-                project()
-            obj_sum += loss.detach()
-            n_batches += 1
-            step += 1
-        with torch.no_grad():
-            record = {"phase": "search", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                      "objective": obj_sum.item() / max(n_batches, 1), **epoch_record()}
-        record["seconds"] = time.perf_counter() - t0
-        if not math.isfinite(record["objective"]):
-            raise DivergedError(f"search: objective became {record['objective']} in epoch {epoch + 1}")
-        history.append(record)
-        ctx.on_epoch(record)
-    return history, step
+class FrozenWeightSearch(Searcher):
+    """A strong ticket's part of the search loop: CE of ``net`` with ``masked_weights`` (BatchNorm on
+    batch statistics), its gradient to ``params`` (``adjust``ed, e.g. by a density controller), the
+    optimiser's step, then ``project``; ``final`` mask and scores, ``extra`` facts for the ticket."""
+
+    def __init__(self, ctx: SearchContext, net: nn.Module, params: list[Tensor], opt: torch.optim.Optimizer):
+        self.ctx, self.net, self.params, self.opt = ctx, net, params, opt
+        net.train()
+
+    def step(self, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+        ctx = self.ctx
+        with autocast(ctx.amp, ctx.device):
+            out = functional_call(self.net, self.masked_weights(), (to_input(x, ctx.amp),))
+        loss = F.cross_entropy(out.float(), y)
+        grads = torch.autograd.grad(loss, self.params)
+        for p, g in zip(self.params, self.adjust(list(grads))):
+            p.grad = g
+        self.opt.step()
+        self.project()
+        return loss
+
+    def masked_weights(self) -> dict:
+        raise NotImplementedError
+
+    def adjust(self, grads: list[Tensor]) -> list[Tensor]:
+        return grads
+
+    def project(self) -> None:
+        pass
+
+    def final(self) -> tuple[Mask, Tensor]:
+        """The ticket's mask and its flat scores (higher = more worth keeping)."""
+        raise NotImplementedError
+
+    def extra(self) -> dict:
+        return {}
 
 
 # ----------------------------------------------------------------------------------- gates
@@ -234,67 +228,69 @@ class DensityController:
         a = (mu + 0.5) / self.sigma
         g_c = _phi_pdf(a) / (self.sigma * self.d)
         err = _phi_cdf(a).mean() / self.kappa - 1
-        nc = _norm(g_c)
-        ratio = torch.where(nc > 0, _norm(g_task) / nc.clamp_min(1e-300), torch.zeros_like(nc))
+        nc = float64_norm(g_c)
+        ratio = torch.where(nc > 0, float64_norm(g_task) / nc.clamp_min(1e-300), torch.zeros_like(nc))
         self.nu = ratio if self.nu is None else 0.99 * self.nu + 0.01 * ratio
         self.integral = self.integral + err
         self.lam = self.nu * (self.K_P * err + self.integral)
         return g_task + self.lam.to(g_task.dtype) * g_c
 
 
-def gates(ctx: SearchContext) -> Ticket:
-    cfg, s, device = ctx.cfg, ctx.cfg.search, ctx.device
-    t_start = time.perf_counter()
-    net = _frozen_copy(ctx)
-    params = prunable(net)
-    names, shapes = list(params), layer_shapes(net)
-    _draw_frozen(ctx, params)
-    weights = [params[n].detach() for n in names]
-    sizes = [w.numel() for w in weights]
-    d = sum(sizes)
-    kappa, sigma = s.density, s.gate_sigma
-    k = kept_count(kappa, d)
-
-    # μ such that Φ((μ + 0.5)/σ) = κ; μ is kept in a box of a = (μ + 0.5)/σ ∈ [a_lo, a_hi]
+def gate_box(kappa: float, sigma: float) -> tuple[float, float, float]:
+    """(μ₀, lo, hi): Φ((μ₀ + 0.5)/σ) = κ, and μ ∈ [lo, hi] keeps a = (μ + 0.5)/σ in [a_lo, a_hi]."""
     if kappa < 1:
         a0 = torch.special.ndtri(torch.tensor(kappa, dtype=torch.float64)).item()
         a_lo, a_hi = min(-3.0, a0 - 1), max(3.0, a0 + 1)
     else:  # everything kept: start (and stay) fully open
         a_lo, a_hi = -3.0, 3.0
         a0 = a_hi
-    lo, hi = sigma * a_lo - 0.5, sigma * a_hi - 0.5
-    mu0 = sigma * a0 - 0.5
-    mu = torch.full((d,), mu0, device=device, requires_grad=True)
-    opt = torch.optim.Adam([mu], lr=cfg.mask_lr)
-    controller = DensityController(kappa, d, sigma)
-    noise = ctx.generator("noise", device)
+    return sigma * a0 - 0.5, sigma * a_lo - 0.5, sigma * a_hi - 0.5
 
-    def masked_weights() -> dict:
-        eps = torch.randn(d, device=device, generator=noise)
-        z = torch.clamp(mu + 0.5 + sigma * eps, 0.0, 1.0)
-        return {n: w * zi.view_as(w) for n, w, zi in zip(names, weights, z.split(sizes))}
 
-    def adjust(grads: list[Tensor]) -> list[Tensor]:
-        return [controller.grad(mu.detach(), grads[0])]
+class GateSearch(FrozenWeightSearch):
+    """gates' part of the search loop: the gate parameters μ, their noise, controller and box."""
 
-    def epoch_record() -> dict:
-        m = mu.detach()
-        return {"expected_density": _phi_cdf((m + 0.5) / sigma).mean().item(),
-                "hard_density": (m + 0.5 > 0).float().mean().item(),
-                "lambda": float(controller.lam)}
+    def __init__(self, ctx: SearchContext, net: nn.Module, params: dict):
+        s = ctx.cfg.search
+        self.names = list(params)
+        self.weights = [params[n].detach() for n in self.names]
+        self.sizes = [w.numel() for w in self.weights]
+        self.d = sum(self.sizes)
+        self.sigma, self.k = s.gate_sigma, kept_count(s.density, self.d)
+        self.mu0, self.lo, self.hi = gate_box(s.density, self.sigma)
+        self.mu = torch.full((self.d,), self.mu0, device=ctx.device, requires_grad=True)
+        super().__init__(ctx, net, [self.mu], torch.optim.Adam([self.mu], lr=ctx.cfg.mask_lr))
+        self.controller = DensityController(s.density, self.d, self.sigma)
+        self.noise = ctx.generator("noise", ctx.device)
 
-    def project() -> None:
+    def masked_weights(self) -> dict:
+        eps = torch.randn(self.d, device=self.ctx.device, generator=self.noise)
+        z = torch.clamp(self.mu + 0.5 + self.sigma * eps, 0.0, 1.0)
+        return {n: w * zi.view_as(w) for n, w, zi in zip(self.names, self.weights, z.split(self.sizes))}
+
+    def adjust(self, grads: list[Tensor]) -> list[Tensor]:
+        return [self.controller.grad(self.mu.detach(), grads[0])]
+
+    def project(self) -> None:
         with torch.no_grad():
-            mu.clamp_(lo, hi)
+            self.mu.clamp_(self.lo, self.hi)
 
-    history, steps = _search_loop(ctx, net, [mu], opt, masked_weights, adjust, epoch_record, project)
+    def record(self) -> dict:
+        m = self.mu.detach()
+        return {"expected_density": _phi_cdf((m + 0.5) / self.sigma).mean().item(),
+                "hard_density": (m + 0.5 > 0).float().mean().item(),
+                "lambda": float(self.controller.lam)}
 
-    scores = mu.detach().cpu()
-    mask = Mask.top_k(scores, k, shapes)
-    state = _finish(ctx, net, mask)
-    return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=scores, history=history,
-                  weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps,
-                                        "gate_mu_init": mu0, "strong_init": strong_init(cfg)})
+    def final(self) -> tuple[Mask, Tensor]:
+        scores = self.mu.detach().cpu()   # global top-κd of μ
+        return Mask.top_k(scores, self.k, layer_shapes(self.net)), scores
+
+    def extra(self) -> dict:
+        return {"gate_mu_init": self.mu0}
+
+
+def gates(ctx: SearchContext) -> Ticket:
+    return _strong_ticket(ctx, GateSearch)
 
 
 # ------------------------------------------------------------------------------ edge-popup
@@ -313,49 +309,64 @@ class _TopK(torch.autograd.Function):
         return g, None
 
 
-def edge_popup(ctx: SearchContext) -> Ticket:
-    cfg, s, device = ctx.cfg, ctx.cfg.search, ctx.device
-    t_start = time.perf_counter()
-    net = _frozen_copy(ctx)
-    params = prunable(net)
-    names, shapes = list(params), layer_shapes(net)
-    _draw_frozen(ctx, params)
-    score_gen = ctx.generator("scores")
-    scores = []
-    with torch.no_grad():
-        for n in names:
-            sc = torch.empty(params[n].shape)
-            nn.init.kaiming_uniform_(sc, a=math.sqrt(5), generator=score_gen)
-            scores.append(sc.to(device).requires_grad_(True))
-    weights = [params[n].detach() for n in names]
-    ks = [kept_count(s.density, w.numel()) for w in weights]
-    opt = torch.optim.SGD(scores, lr=cfg.mask_lr, momentum=cfg.training.momentum)
-    prev = [None]
+class PopupSearch(FrozenWeightSearch):
+    """edge-popup's part of the search loop: the scores, each layer's top-k_l of |score|."""
 
-    def masked_weights() -> dict:
-        return {n: w * _TopK.apply(sc.abs(), k) for n, w, sc, k in zip(names, weights, scores, ks)}
+    def __init__(self, ctx: SearchContext, net: nn.Module, params: dict):
+        self.names, self.shapes = list(params), layer_shapes(net)
+        score_gen = ctx.generator("scores")
+        self.scores = []
+        with torch.no_grad():
+            for n in self.names:
+                sc = torch.empty(params[n].shape)
+                nn.init.kaiming_uniform_(sc, a=math.sqrt(5), generator=score_gen)
+                self.scores.append(sc.to(ctx.device).requires_grad_(True))
+        self.weights = [params[n].detach() for n in self.names]
+        self.ks = [kept_count(ctx.cfg.search.density, w.numel()) for w in self.weights]
+        super().__init__(ctx, net, self.scores,
+                         torch.optim.SGD(self.scores, lr=ctx.cfg.mask_lr, momentum=ctx.cfg.training.momentum))
+        self.prev: Optional[Tensor] = None   # the last epoch's mask, flat
 
-    def current_mask() -> Mask:
-        flat = torch.cat([sc.detach().abs().reshape(-1).cpu() for sc in scores])
-        return Mask.top_k_per_layer(flat, dict(zip(names, ks)), shapes)
+    def masked_weights(self) -> dict:
+        return {n: w * _TopK.apply(sc.abs(), k) for n, w, sc, k in zip(self.names, self.weights, self.scores, self.ks)}
 
-    def epoch_record() -> dict:
-        flat = current_mask().flat()
-        changed = 1.0 if prev[0] is None else float((flat & ~prev[0]).sum()) / max(int(flat.sum()), 1)
-        prev[0] = flat
+    def magnitudes(self) -> Tensor:
+        """|score| of every weight, flat, on the CPU."""
+        return torch.cat([sc.detach().abs().reshape(-1).cpu() for sc in self.scores])
+
+    def mask(self) -> Mask:
+        return Mask.top_k_per_layer(self.magnitudes(), dict(zip(self.names, self.ks)), self.shapes)
+
+    def record(self) -> dict:
+        flat = self.mask().flat()
+        changed = 1.0 if self.prev is None else float((flat & ~self.prev).sum()) / max(int(flat.sum()), 1)
+        self.prev = flat
         return {"hard_density": float(flat.float().mean()), "topk_changed": changed}
 
-    history, steps = _search_loop(ctx, net, scores, opt, masked_weights, lambda g: g, epoch_record)
+    def final(self) -> tuple[Mask, Tensor]:
+        return self.mask(), self.magnitudes()
 
-    mask = current_mask()
-    flat_scores = torch.cat([sc.detach().abs().reshape(-1).cpu() for sc in scores])
-    state = _finish(ctx, net, mask)
-    return Ticket(mask=mask, seconds=time.perf_counter() - t_start, scores=flat_scores, history=history,
-                  weights=state, extra={"search_epochs": cfg.search_epochs, "search_steps": steps,
-                                        "strong_init": strong_init(cfg)})
+
+def edge_popup(ctx: SearchContext) -> Ticket:
+    return _strong_ticket(ctx, PopupSearch)
 
 
 # ---------------------------------------------------------------------------------- common
+
+def _strong_ticket(ctx: SearchContext, method: type[FrozenWeightSearch]) -> Ticket:
+    """``method``'s search over a frozen draw of the network; the ticket holds those weights."""
+    clock = Clock()
+    net = _frozen_copy(ctx)
+    params = prunable(net)
+    _draw_frozen(ctx, params)
+    searcher = method(ctx, net, params)
+    done = search_loop(ctx, searcher, clock)
+    mask, scores = searcher.final()
+    state = _finish(ctx, net, mask)
+    return Ticket(mask=mask, seconds=clock.seconds(), scores=scores, history=done.history, weights=state,
+                  extra={"search_epochs": ctx.cfg.search_epochs, "search_steps": done.steps, **searcher.extra(),
+                         "strong_init": strong_init(ctx.cfg)})
+
 
 def _finish(ctx: SearchContext, net: nn.Module, mask: Mask) -> dict:
     """State dict of ``net`` with its unmasked frozen weights and BN statistics of the masked net."""
