@@ -4,7 +4,6 @@ for tickets with known dead units, constant-only units, cut layers and dead inpu
 artifact loads with torch alone; the CLI refuses bad input in one line."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
