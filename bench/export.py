@@ -11,8 +11,9 @@ bench runs in minutes; a ticket's structure (which units die), not its accuracy,
   rounds of 2 retraining epochs; SynFlow: 100 rounds);
 - ResNet-20 / CIFAR-10 (configs/cifar10_resnet20.yaml, the authors' model: BatchNorm on batch
   statistics, 3x3 shortcuts) at density 0.0144, CTS, LTR, SNIP and SynFlow: 2 epochs on the first
-  2,000 training images at batch 128, rewind point 1 epoch (CTS: 1 search epoch; LTR: 6 rounds
-  pruning 50 % each, not 19 of 20 %, to fit minutes).
+  2,000 training images at batch 128, rewind point 1 epoch (CTS: 2 search epochs, search length 1;
+  one search epoch leaves a collapsed ticket; LTR: 6 rounds pruning 50 % each, not 19 of 20 %, to
+  fit minutes).
 
 Latency: median over alternating rounds (``report.alternate``) of the mean of an inner loop of
 calls (about 50 ms), ``torch.no_grad``, eager modules. "compact + CSR" replaces each compact Linear
@@ -47,7 +48,8 @@ LENET = dict(config=ROOT / "configs" / "mnist_lenet300.yaml", density=0.00738, l
              recipe=["training.epochs=3", "data.subset=10000", "training.dense_baseline=false"])
 RESNET = dict(config=ROOT / "configs" / "cifar10_resnet20.yaml", density=0.0144, label="ResNet-20",
               recipe=["training.epochs=2", "training.milestones=[]", "search.rewind_epochs=1", "data.subset=2000",
-                      "data.test_subset=1000", "training.batch_size=128", "search.ltr_fraction=0.5"])
+                      "data.test_subset=1000", "training.batch_size=128", "search.length=1.0",
+                      "search.ltr_fraction=0.5"])
 QUICK = ["training.epochs=2", "data.subset=200", "data.test_subset=100", "training.batch_size=50",
          "search.synflow_rounds=5"]   # LeNet: CTS and SNIP; ResNet-20 (bench.paper's quick subset): SNIP
 BATCHES, TARGET = (1, 256), 2.0
@@ -138,7 +140,9 @@ def networks(run_dir: Path) -> tuple[dict[str, nn.Module], dict[str, dict], tupl
     ticket, mask, shape, _ = load_ticket(run_dir)
     dense = copy.deepcopy(ticket)
     dense.load_state_dict(torch.load(run_dir / "search_point.pt", weights_only=True, map_location="cpu"))
-    small, _ = compact(ticket, mask, shape)
+    small, info = compact(ticket, mask, shape)
+    print("  kept units: " + ("none (collapsed)" if info["collapsed"] else ", ".join(
+        f"{ly['layer']} {ly['kept_outputs']}/{ly['outputs']}" for ly in info["layers"] if "outputs" in ly)), flush=True)
     nets = {"dense": dense.eval(), "masked ticket": ticket.eval(), "compact": small}
     costs = {"dense": cost(dense, shape), "masked ticket": cost(ticket, shape, mask), "compact": cost(small, shape)}
     return nets, costs, shape
@@ -177,8 +181,9 @@ def rows_for(label: str, costs: dict[str, dict], ms: dict[int, dict[str, list[fl
         value = summary(big[name]) if name in big else summary(one[name])
         goal = label.startswith("LeNet-300-100 CTS") and name == "compact"
         met = "yes" if goal and ratio(big["dense"], big[name])[0] >= TARGET else "no" if goal else "—"
+        target = f"≥ {TARGET:g}× dense at b{BATCHES[-1]}" if goal else "—"
         rows.append(Row(f"{label}: {name}: {what}", value[0], f"ms (b{BATCHES[-1] if name in big else BATCHES[0]})",
-                        value[1], "; ".join(cells), f"≥ {TARGET:g}× dense at b{BATCHES[-1]}" if goal else "—", met))
+                        value[1], "; ".join(cells), target, met))
     return rows
 
 
@@ -194,8 +199,8 @@ def run(repeats: int | None = None, quick: bool = False, data: str | None = None
             os.environ["CTS_RAY_CACHE"] = str(tmp / "cache")
         rows = []
         for label, run_dir in tickets(tmp, quick, cifar):
-            nets, costs, shape = networks(run_dir)
             print(f"  {label}", flush=True)
+            nets, costs, shape = networks(run_dir)
             rows += rows_for(label, costs, latencies(nets, shape, repeats or (1 if quick else 5)))
         return rows
     finally:

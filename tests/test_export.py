@@ -2,6 +2,7 @@
 computes the masked ticket's function on real test sets, for every family compaction supports and
 for tickets with known dead units, constant-only units, cut layers and dead input pixels; the
 artifact loads with torch alone; the CLI refuses bad input in one line."""
+import dataclasses
 import json
 import subprocess
 
@@ -149,6 +150,17 @@ def test_a_constant_channel_into_a_padded_conv_becomes_a_bias_map(digits):
         net[0].bias[:4] = 1.0
     small, _ = _compare(net, mask, digits)
     assert small[2].bias_map is not None and isinstance(small[2], GatherConv2d)
+
+
+def test_an_unread_image_channel_is_gathered_away(digits):
+    torch.manual_seed(0)
+    net = _randomise(models.build("conv4", (3, 8, 8), 10), 1)
+    mask = _mask(net, 0.3, 2, cut=0.0)
+    mask.layers["0.weight"][:, 1] = False         # the green channel: no kept weight reads it
+    colour = torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1, 1)
+    rgb = dataclasses.replace(digits, test_x=digits.test_x.repeat(1, 3, 1, 1) * colour)
+    small, info = _compare(net, mask, rgb, (3, 8, 8))
+    assert small[0].index.tolist() == [0, 2] and info["input_features"] == {"kept": 2, "of": 3}
 
 
 def test_residual_stream_channel_goes_only_when_dead_in_every_block(digits):
