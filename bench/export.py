@@ -172,7 +172,8 @@ def rows_for(label: str, costs: dict[str, dict], ms: dict[int, dict[str, list[fl
     dense_flops = costs["dense"]["flops"]
     for name in dict.fromkeys([*big, *one]):
         c = costs.get(name.split(" + ")[0], costs["compact"])
-        what = f"{c['params']:,} params, {c['flops']:,} MACs ({100 * c['flops'] / dense_flops:.3g} % of dense)"
+        maps = f" + {c['bias_map_values']:,} bias-map values" if c["bias_map_values"] else ""
+        what = f"{c['params']:,} params{maps}, {c['flops']:,} MACs ({100 * c['flops'] / dense_flops:.3g} % of dense)"
         cells = []
         for b, times in ((BATCHES[-1], big), (BATCHES[0], one)):
             if name in times:
@@ -188,8 +189,7 @@ def rows_for(label: str, costs: dict[str, dict], ms: dict[int, dict[str, list[fl
 
 
 def run(repeats: int | None = None, quick: bool = False, data: str | None = None, **_) -> list[Row]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)   # the one thread; left set, so the section's stamp says so
     tmp = Path(tempfile.mkdtemp(prefix="cts-bench-export-"))
     cache = os.environ.get("CTS_RAY_CACHE")
     cifar = Path(data) if data else next((p for p in DATA if p.is_dir()), DATA[-1])
@@ -204,7 +204,6 @@ def run(repeats: int | None = None, quick: bool = False, data: str | None = None
             rows += rows_for(label, costs, latencies(nets, shape, repeats or (1 if quick else 5)))
         return rows
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
         if quick:
             os.environ.pop("CTS_RAY_CACHE") if cache is None else os.environ.update(CTS_RAY_CACHE=cache)

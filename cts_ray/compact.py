@@ -243,7 +243,7 @@ class GatherConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x if self.index is None else x.index_select(1, self.index))
-        return y if self.bias_map is None else y + self.bias_map
+        return y if self.bias_map is None else y.add_(self.bias_map)   # in place: conv's backward needs no y
 
 
 class Constant(nn.Module):

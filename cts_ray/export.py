@@ -11,8 +11,9 @@ a check that the saved program gives the masked ticket's logits.
 
 Costs (``cost``, ``ticket_cost``): FLOPs are multiply-accumulates (a multiply and its add count
 once) of the Conv2d and Linear layers for one example; BatchNorm, activations, pooling, biases,
-bias maps and gathers are not counted. Parameters are every parameter (weights, biases, BatchNorm
-affine, and the compact model's bias maps and constant outputs); a masked network counts only its
+bias maps and gathers are not counted. Parameters are weights, biases, BatchNorm affine and a
+collapsed ticket's constant logits; a compact model's bias maps (stored constants, one value per
+channel and position) are counted apart, as ``bias_map_values``. A masked network counts only its
 kept prunable weights, and its FLOPs only the MACs of its kept weights (an ideal sparse kernel; as
 run, a masked network costs the dense FLOPs).
 """
@@ -35,9 +36,10 @@ CHECK_EXAMPLES = 64
 
 
 def cost(model: nn.Module, input_shape, mask: Optional[Mask] = None) -> dict[str, int]:
-    """{"params", "flops"} of ``model`` for one example (FLOPs as multiply-accumulates, see the
-    module docstring). With ``mask``: only its kept prunable weights count, as parameters and as
-    MACs (what an ideal sparse kernel would do; the masked network as run costs the dense MACs)."""
+    """{"params", "flops", "bias_map_values"} of ``model`` for one example (FLOPs as multiply-
+    accumulates, see the module docstring). With ``mask``: only its kept prunable weights count, as
+    parameters and as MACs (what an ideal sparse kernel would do; the masked network as run costs
+    the dense MACs)."""
     kept = {} if mask is None else {n.rpartition(".")[0]: int(m.sum()) for n, m in mask.layers.items()}
     macs: list[int] = []
 
@@ -56,10 +58,12 @@ def cost(model: nn.Module, input_shape, mask: Optional[Mask] = None) -> dict[str
         model.train(training)
         for h in handles:
             h.remove()
-    params = sum(p.numel() for p in model.parameters())
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    maps = sum(v for n, v in sizes.items() if n.endswith("bias_map"))
+    params = sum(sizes.values()) - maps
     if mask is not None:
         params -= sum(m.numel() - int(m.sum()) for m in mask.layers.values())
-    return {"params": params, "flops": sum(macs)}
+    return {"params": params, "flops": sum(macs), "bias_map_values": maps}
 
 
 def costs(model: nn.Module, mask: Mask, input_shape, small: nn.Module) -> dict[str, dict[str, int]]:
@@ -167,7 +171,9 @@ def summary_lines(meta: dict) -> list[str]:
     c = meta["cost"]
     lines = [f"compact ticket: {meta['artifact']}  (torch.export program; torch.export.load(path).module()(x))",
              f"parameters dense / masked / compact: {c['dense']['params']:,} / {c['masked']['params']:,} / "
-             f"{c['compact']['params']:,}",
+             f"{c['compact']['params']:,}" + (f" (+ {c['compact']['bias_map_values']:,} bias-map values: constants "
+                                              "folded where zero padding makes them vary)"
+                                              if c["compact"]["bias_map_values"] else ""),
              f"FLOPs (MACs per example) dense / masked / compact: {c['dense']['flops']:,} / {c['masked']['flops']:,} / "
              f"{c['compact']['flops']:,}  ({100 * meta['compact_flops_fraction']:.2f} % of dense)"]
     if meta["collapsed"]:
