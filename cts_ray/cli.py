@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import AnalysisError, ConfigError, DivergedError, SchemaError
+from .errors import AnalysisError, CompactError, ConfigError, DivergedError, SchemaError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,7 +248,8 @@ def _main(argv=None) -> int:
             print(f"mlflow: {uri}")
         _print_summary(summary, out)
         return 0
-    except (ConfigError, AnalysisError, SchemaError) as e:   # bad input, or data that cannot answer: one line
+    # bad input, data that cannot answer, or a model compaction cannot handle: one line
+    except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:   # a result of the settings, not a bug; one line

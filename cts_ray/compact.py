@@ -33,15 +33,12 @@ from torch import Tensor, nn
 
 from . import models
 from .anatomy import _reachability_net
+from .errors import CompactError
 from .masking import Mask
 
 INPUT = ""   # the model's input, as a point and as a channel group
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _ELEMENTWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
-
-
-class CompactError(ValueError):
-    """A model compaction cannot handle; the message is one line."""
 
 
 @dataclass(frozen=True)

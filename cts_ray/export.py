@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from . import models
-from .compact import CompactError, compact
-from .config import ConfigError
+from .compact import compact
+from .errors import ConfigError
 from .masking import Mask
 
 NEEDED = ("config.yaml", "summary.json", "mask.pt", "ticket.pt")
@@ -75,15 +75,11 @@ def costs(model: nn.Module, mask: Mask, input_shape, small: nn.Module) -> dict[s
 def ticket_cost(model: nn.Module, mask: Mask, input_shape) -> dict:
     """A ticket's inference cost as flat metrics: {dense,masked,compact}_{params,flops} (FLOPs as
     MACs for one example) and compact_flops_fraction (compact FLOPs / dense FLOPs).
-    ``CompactError`` for a family compaction does not handle (the transformers)."""
+    ``errors.CompactError`` for a family compaction does not handle (the transformers)."""
     c = costs(model, mask, input_shape, compact(model, mask, input_shape)[0])
     out = {f"{kind}_{what}": c[kind][what] for kind in c for what in ("params", "flops")}
     out["compact_flops_fraction"] = out["compact_flops"] / out["dense_flops"]
     return out
-
-
-class ExportError(ConfigError):
-    """A run folder or output path export cannot use, or a model it cannot compact; one line."""
 
 
 def same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -117,18 +113,15 @@ def export_run(run_dir, out=None) -> dict:
     run_dir = Path(run_dir)
     for name in NEEDED:
         if not (run_dir / name).is_file():
-            raise ExportError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
+            raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
                               "(or a sweep's trials/<trial>)")
     out = run_dir / "compact.pt2" if out is None else Path(out)
     if out.is_dir():
-        raise ExportError(f"--out: {str(out)!r} is a folder; expected a file name such as ticket.pt2")
+        raise ConfigError(f"--out: {str(out)!r} is a folder; expected a file name such as ticket.pt2")
     if not out.parent.is_dir():
-        raise ExportError(f"--out: folder {str(out.parent)!r} does not exist")
+        raise ConfigError(f"--out: folder {str(out.parent)!r} does not exist")
     model, mask, shape, cfg = load_ticket(run_dir)
-    try:
-        small, info = compact(model, mask, shape)
-    except CompactError as e:
-        raise ExportError(f"{cfg['model']['name']}: {e}") from None
+    small, info = compact(model, mask, shape)   # CompactError for the transformers
     example = torch.zeros(2, *shape)
     program = torch.export.export(small, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     torch.export.save(program, out)
