@@ -10,7 +10,8 @@ import numpy as np
 
 from ..sweep import tables
 from . import plots, stats
-from .load import AnalysisError, Results, settings
+from ..errors import AnalysisError
+from .load import Results, settings
 
 ALPHA = 0.05
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel

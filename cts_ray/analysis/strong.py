@@ -12,7 +12,8 @@ import re
 from ..methods import DEFAULT_INIT, METHODS
 from . import stats
 from .comparison import mean_std
-from .load import AnalysisError, Results, method_key
+from ..errors import AnalysisError
+from .load import Results, method_key
 
 
 def weights(flat: dict) -> str:

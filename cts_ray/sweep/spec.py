@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..records import TUNE_METRICS
 
 SEARCHERS = ("grid", "random", "optuna")
