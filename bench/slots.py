@@ -41,7 +41,7 @@ def useful_seconds(root: Path) -> float:
 def sweep(storage: Path, shared: bool, quick: bool) -> dict:
     import ray
 
-    from cts_ray.sweep import runner, tables
+    from cts_ray.sweep import runner, tables, work
     from cts_ray.sweep.spec import validate
 
     data_root = ROOT.parent / "shared" / "datasets"
@@ -53,13 +53,13 @@ def sweep(storage: Path, shared: bool, quick: bool) -> dict:
                      "grid": {"search.method": METHODS, "search.density": DENSITIES, "seed": [0, 1]},
                      "storage": str(storage),
                      "mlflow": {"tracking_uri": f"sqlite:///{storage / 'mlflow.db'}", "experiment": name}})
-    runner.SHARED_WORK = shared
+    work.SHARED_WORK = shared
     try:
         t0 = time.time()
         out = runner.run_sweep(spec, address=None, verbose=0)
         wall = time.time() - t0
     finally:
-        runner.SHARED_WORK = True
+        work.SHARED_WORK = True
         ray.shutdown()
     rows = tables.read(spec.root, "trials").to_pylist()
     bad = [r["status"] for r in rows if r["status"] != "finished"]

@@ -168,19 +168,23 @@ def _effective(summary: dict) -> str:
 
 
 def _sweep(args) -> int:
-    from .sweep import runner, spec as spec_mod
+    from .sweep import spec as spec_mod
     spec = spec_mod.load(args.file, args.overrides, name=args.name)   # validated before Ray starts
     if args.dry_run:
-        print(runner.preview(spec))
+        from .sweep.preview import preview
+        print(preview(spec))
         return 0
-    points = runner.check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
+    from .sweep import runner
+    from .sweep.resume import check
+    from .sweep.summary import format_summary
+    points = check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
     n = spec.trial_count() if points is None else len(points) * spec.num_samples
     print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
           f"folder {spec.root}", flush=True)
     result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
                               verbose=0 if args.quiet else 1)
     print()
-    print(runner.format_summary(result["summary"]))
+    print(format_summary(result["summary"]))
     print()
     for what, where in result["paths"].items():
         print(f"{what:<14} {where}")

@@ -25,7 +25,8 @@ from . import data as data_mod
 from . import models, runtime, sanity
 from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
-from .config import Config, ConfigError, check_folder
+from .config import Config, check_folder
+from .errors import ConfigError
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
 from .records import Summary

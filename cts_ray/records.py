@@ -227,7 +227,7 @@ class Trial:
 
 # statuses of a trial that ended; a rerun would only repeat them
 FINAL_STATUSES = ("finished", "diverged")
-# what a trial reports of a row that already ended (its own, or an adopted one's: runner.orphans)
+# what a trial reports of a row that already ended (its own, or an adopted one's: resume.orphans)
 REPORTED = ("status", "node_id", "run_dir", *(f.name for f in dataclasses.fields(Summary) if f.metadata["tune"]))
 
 

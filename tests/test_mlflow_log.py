@@ -122,3 +122,34 @@ def test_a_backlog_of_results_is_logged_whole_in_batches_and_a_restarted_logger_
     (t1,) = [r for r in runs if r.data.tags.get("cts.trial_id") == "t1"]
     steps = [(m.step, m.value) for m in client.get_metric_history(t1.info.run_id, "retrain/test_accuracy")]
     assert (40, 0.99) not in steps and (41, 0.41) in steps
+
+
+def test_a_local_store_is_written_without_an_fsync_per_commit_unless_asked(tmp_path, monkeypatch):
+    """Tracking.unsynced: every connection MLflow opens to the sqlite file has PRAGMA synchronous=OFF,
+    set through SQLAlchemy's public connect event (no handle on MLflow's engine); another file keeps
+    sqlite's default, and so does the store with CTS_RAY_MLFLOW_SYNC=full."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    seen = []
+
+    def record(dbapi_connection, _record):   # runs after cts-ray's listener, so sees what it set
+        file = [row[2] for row in dbapi_connection.execute("PRAGMA database_list")][0]
+        seen.append((os.path.realpath(file), dbapi_connection.execute("PRAGMA synchronous").fetchone()[0]))
+
+    fast, full = tmp_path / "fast" / "mlflow.db", tmp_path / "full" / "mlflow.db"
+    Tracking(f"sqlite:///{fast}", "e").unsynced()   # cts-ray's listener first
+    event.listen(Engine, "connect", record)
+    try:
+        for db in (fast, full):
+            db.parent.mkdir()
+            if db == full:
+                monkeypatch.setenv("CTS_RAY_MLFLOW_SYNC", "full")
+            store = Tracking(f"sqlite:///{db}", "e")
+            store.open(unsynced=True)   # as the sweep's logger opens it
+            store.client.create_run(store.experiment_id)
+    finally:
+        event.remove(Engine, "connect", record)
+    by_file = {f: {s for g, s in seen if g == f} for f in (os.path.realpath(fast), os.path.realpath(full))}
+    assert all(by_file.values()), f"MLflow opened no SQLAlchemy connection to a sqlite store ({seen}): " \
+                                  "Tracking.unsynced no longer reaches MLflow's connections"
+    assert by_file[os.path.realpath(fast)] == {0} and by_file[os.path.realpath(full)] == {2}   # OFF; FULL

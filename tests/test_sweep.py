@@ -248,7 +248,7 @@ def test_killed_driver_then_resume_finishes_only_unfinished_trials(ray_cluster, 
     assert 3 <= len(before) < 6, "the kill came too late to test resuming"
     running = {p.stem for p in (root / "progress").glob("*.pt")}   # saved an epoch, not finished
     from ray.tune import ExperimentAnalysis
-    from cts_ray.sweep.runner import orphans, tune_trial_ids
+    from cts_ray.sweep.resume import orphans, tune_trial_ids
     assert tune_trial_ids(root / "tune") == {t.trial_id for t in ExperimentAnalysis(str(root / "tune")).trials}
     forgotten = [o for os_ in orphans(root).values() for o in os_]
     assert any(o["status"] == "finished" for o in forgotten), "no finished trial unknown to Tune's state"
@@ -421,10 +421,10 @@ def _claim(args):
 
 
 def test_each_forgotten_trial_is_adopted_once_and_a_void_claim_frees_it(tmp_path):
-    """trainable.adopt, from several processes at once; runner.orphans on the next resume."""
+    """trainable.adopt, from several processes at once; resume.orphans on the next resume."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from cts_ray.sweep.runner import orphans
+    from cts_ray.sweep.resume import orphans
     from cts_ray.sweep.trainable import adopt
     root = tmp_path / "s"
     root.mkdir()

@@ -104,19 +104,19 @@ def _mixed(root):
 
 
 def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_one_value(tmp_path):
-    from cts_ray.sweep import runner
     from cts_ray.sweep.spec import SweepSpec
+    from cts_ray.sweep.summary import format_summary, summarise
     spec = SweepSpec(name="mixed", base={}, storage=str(tmp_path),
                      grid={"search.method": ["cts", "snip"], "search.temperature": [0.5, 1.0], "seed": [0, 1]})
     _mixed(spec.root)
-    summary = runner.summarise(spec)
+    summary = summarise(spec)
     rows = {(r["method"], r["values"]["search.temperature"]): r for r in summary["rows"]}
     assert set(rows) == {("cts", 0.5), ("cts", 1.0), ("snip", None)}     # τ is not SNIP's: one row
     assert rows["cts", 0.5]["n"] == 2 and rows["cts", 0.5]["std"] is not None
     assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0}
     assert rows["cts", 1.0]["std"] is None                                # one value: no std
     assert rows["snip", None]["counts"]["stopped"] == 1 and rows["snip", None]["n"] == 1   # the repeat counts once
-    text = runner.format_summary(summary)
+    text = format_summary(summary)
     lines = text.splitlines()
     assert lines[0].split()[:10] == ["method", "density", "temperature", "finished", "stopped", "diverged", "failed",
                                      "seeds", "effective", "test"] and "over seeds" not in text
@@ -128,7 +128,7 @@ def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_o
     # a random search (every trial its own setting) also lists its best trials
     spec.searcher, spec.grid = "random", {"search.method": ["cts", "snip"], "seed": [0, 1]}
     spec.sample = {"search.temperature": {"uniform": [0.5, 1.0]}}
-    text = runner.format_summary(runner.summarise(spec))
+    text = format_summary(summarise(spec))
     best = text.split("best trials by test_accuracy (max):\n")[1].splitlines()
     assert "92" in best[0] and "cts density 0.1 seed 1  temperature=0.5" in best[0]
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..sweep import tables
 from . import plots, stats
-from .load import AnalysisError, Results, settings
+from ..errors import AnalysisError
+from .load import Results, settings
 
 ALPHA = 0.05
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel
@@ -18,7 +19,8 @@ OFF_TARGET = 0.01   # achieved density further than this (relative) from its col
 
 
 
-def _ms(x) -> str:
+def mean_std(x) -> str:
+    """``mean ± std`` of ``x`` to two decimals (the mean alone for one value)."""
     mean, std, _, _ = stats.mean_ci(x)
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
@@ -108,13 +110,14 @@ def accuracy_table(result: dict) -> str:
     out = ["| method | " + " | ".join(f"{100 * d:.3g} %" for d in ds) + " |", "|---|" + "---:|" * len(ds)]
     ns = {c["n"] for c in result["cells"].values()}
     for m in result["labels"]:
-        row = [(_ms(result["cells"][m, d]["acc"]) + ("" if len(ns) == 1 else f" (n={result['cells'][m, d]['n']})"))
+        row = [(mean_std(result["cells"][m, d]["acc"])
+                + ("" if len(ns) == 1 else f" (n={result['cells'][m, d]['n']})"))
                if (m, d) in result["cells"] else "–" for d in ds]
         out.append(f"| {m} | " + " | ".join(row) + " |")
     n = next(iter(ns))
     foot = f"Test accuracy %, mean ± std over {n} seeds" if len(ns) == 1 else "Test accuracy %, mean ± std (n seeds)"
     if len(result["dense"]):
-        foot += f"; dense network {_ms(result['dense'])} % ({len(result['dense'])} seeds)"
+        foot += f"; dense network {mean_std(result['dense'])} % ({len(result['dense'])} seeds)"
     return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
                              "present, named by what differs from the defaults (the plain method name is the "
                              "setting at the defaults). " + result["left_out"] + " " + stats.RULE])

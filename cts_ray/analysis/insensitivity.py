@@ -15,7 +15,8 @@ import numpy as np
 
 from . import plots, stats
 from ..records import AXIS_KEYS
-from .load import AXES, AnalysisError, Results, context
+from ..errors import AnalysisError
+from .load import AXES, Results, context
 
 ALPHA = 0.05
 

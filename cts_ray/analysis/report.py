@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from . import comparison, insensitivity, seeds, strong
-from .load import AnalysisError, Results, load
+from ..errors import AnalysisError
+from .load import Results, load
 
 KINDS = {"comparison": comparison, "seeds": seeds, "insensitivity": insensitivity}
 TITLES = {"comparison": "Method comparison", "seeds": "Seed variance", "insensitivity": "Hyperparameter insensitivity"}

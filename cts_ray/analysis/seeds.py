@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, stats
-from .load import AnalysisError, Results, settings
+from ..errors import AnalysisError
+from .load import Results, settings
 
 ALPHA = 0.05
 

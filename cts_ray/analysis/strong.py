@@ -11,8 +11,9 @@ import re
 
 from ..methods import DEFAULT_INIT, METHODS
 from . import stats
-from .comparison import _ms
-from .load import AnalysisError, Results, method_key
+from .comparison import mean_std
+from ..errors import AnalysisError
+from .load import Results, method_key
 
 
 def weights(flat: dict) -> str:
@@ -46,8 +47,8 @@ def markdown(result: dict) -> str:
     ns = {len(a) for a in cells.values()}
     out = ["| sparsity % | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
     for s in result["sparsities"]:
-        row = [(_ms(cells[s, c]) + ("" if len(ns) == 1 else f" (n={len(cells[s, c])})")) if (s, c) in cells else "–"
-               for c in cols]
+        row = [(mean_std(cells[s, c]) + ("" if len(ns) == 1 else f" (n={len(cells[s, c])})"))
+               if (s, c) in cells else "–" for c in cols]
         out.append(f"| {s:.4g} | " + " | ".join(row) + " |")
     seeds = f"over {next(iter(ns))} seeds" if len(ns) == 1 else "(n seeds)"
     return "\n".join(out + ["", f"Test accuracy % of the strong ticket as found (never trained), mean ± std {seeds}. "

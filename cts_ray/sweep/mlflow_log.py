@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sqlite3
 import sys
 import threading
 import time
@@ -91,7 +92,7 @@ class SystemMetrics:
 class Tracking:
     """One tracking store and experiment, and what cts-ray logs to it: a run per trial (or per
     ``cts-ray run --mlflow``) with its params, per-epoch metrics, artifacts and data set. Every call
-    goes through ``_call``: a failing store is reported once and then skipped."""
+    goes through ``attempt``: a failing store is reported once and then skipped."""
 
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri, self.experiment = tracking_uri, experiment
@@ -99,7 +100,7 @@ class Tracking:
         self.experiment_id: Optional[str] = None
         self.failed: Optional[str] = None
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def attempt(self, what: str, fn, *args, **kwargs):
         if self.failed is not None:
             return None
         try:
@@ -110,10 +111,14 @@ class Tracking:
                   file=sys.stderr)
             return None
 
-    def open(self) -> str:
-        """Connect and find (or create) the experiment; raises when the store fails (callers wrap
-        it in ``_call``)."""
+    def open(self, unsynced: bool = False) -> str:
+        """Connect and find (or create) the experiment, a local sqlite store ``unsynced()`` if asked;
+        raises when the store fails (callers wrap it in ``attempt``)."""
+        # MLflow's import first: Tune's fit imports mlflow on the driver's main thread too, and two
+        # threads that begin importing it at different modules deadlock on its circular imports
         from mlflow.tracking import MlflowClient
+        if unsynced:
+            self.unsynced()
         self.client = MlflowClient(self.tracking_uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else \
@@ -125,25 +130,19 @@ class Tracking:
 
     def unsynced(self) -> bool:
         """A local sqlite store written without an fsync per commit (``PRAGMA synchronous=OFF`` on
-        this client's connections; nothing in the file changes). A sweep makes about ten commits per
-        trial, which at ~7 ms each is slower than trivial trials finish, so logging fell ever
-        further behind. A killed driver loses nothing it committed; a power cut or OS crash during a
-        sweep can damage mlflow.db (the Parquet tables are the record).
-        ``CTS_RAY_MLFLOW_SYNC=full`` keeps sqlite's default."""
+        the connections this process opens to its file; nothing in the file changes). A sweep makes
+        about ten commits per trial, which at ~7 ms each is slower than trivial trials finish, so
+        logging fell ever further behind. A killed driver loses nothing it committed; a power cut
+        or OS crash during a sweep can damage mlflow.db (the Parquet tables are the record).
+        ``CTS_RAY_MLFLOW_SYNC=full`` keeps sqlite's default. Connections opened before it are unchanged."""
         if not self.tracking_uri.startswith("sqlite:") or os.environ.get("CTS_RAY_MLFLOW_SYNC") == "full":
             return False
-        engine = getattr(getattr(getattr(self.client, "_tracking_client", None), "store", None), "engine", None)
-        if engine is None:   # another MLflow layout: its default
+        from sqlalchemy.engine import make_url
+        database = make_url(self.tracking_uri).database
+        if not database or database == ":memory:":
             return False
-        from sqlalchemy import event
-
-        def pragma(dbapi_connection, _record):
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous=OFF")
-            cursor.close()
-
-        event.listen(engine, "connect", pragma)
-        engine.dispose()   # connections already pooled reopen with it
+        _UNSYNCED_FILES.add(os.path.realpath(database))
+        _listen_for_sqlite_connections()
         return True
 
     def create_run(self, cfg, name: str, tags: dict, with_params: bool = True) -> Optional[str]:
@@ -156,7 +155,7 @@ class Tracking:
             if with_params:
                 self.client.log_batch(run.info.run_id, params=self.params(cfg))
             return run.info.run_id
-        return self._call("create run", create)
+        return self.attempt("create run", create)
 
     @staticmethod
     def params(cfg) -> list:
@@ -176,7 +175,7 @@ class Tracking:
         while metrics or tags or params:
             p, t = params[:BATCH_PARAMS_TAGS], tags[:BATCH_PARAMS_TAGS]
             m = metrics[:BATCH_ENTITIES - len(p) - len(t)]
-            self._call("metrics", self.client.log_batch, run_id, metrics=m, params=p, tags=t)
+            self.attempt("metrics", self.client.log_batch, run_id, metrics=m, params=p, tags=t)
             metrics, tags, params = metrics[len(m):], tags[len(t):], params[len(p):]
 
     def result_metrics(self, result: dict, step: int) -> list:
@@ -199,14 +198,39 @@ class Tracking:
         """The run folder's artifacts, and its data set (from summary.json) as a dataset input."""
         for name in ARTIFACTS:
             if (run_dir / name).exists():
-                self._call("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
+                self.attempt("artifacts", self.client.log_artifact, run_id, str(run_dir / name))
         summary = run_dir / "summary.json"
         data = json.loads(summary.read_text()).get("data") if summary.exists() else None
         if data:
-            self._call("dataset", self.client.log_inputs, run_id, [dataset_input(data)])
+            self.attempt("dataset", self.client.log_inputs, run_id, [dataset_input(data)])
 
     def end(self, run_id: str, status: str) -> None:
-        self._call("end run", self.client.set_terminated, run_id, status)
+        self.attempt("end run", self.client.set_terminated, run_id, status)
+
+
+_UNSYNCED_FILES: set = set()   # sqlite files whose new connections in this process skip the fsync
+
+
+def _listen_for_sqlite_connections() -> None:
+    """Every SQLAlchemy engine's new connection to a file in ``_UNSYNCED_FILES`` (MLflow's store
+    opens its own engines) gets ``PRAGMA synchronous=OFF``: SQLAlchemy's documented way to set a
+    sqlite pragma per connection, with no handle on MLflow's engine needed."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    if not event.contains(Engine, "connect", _unsync):
+        event.listen(Engine, "connect", _unsync)
+
+
+def _unsync(dbapi_connection, _record) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        files = {os.path.realpath(row[2]) for row in cursor.execute("PRAGMA database_list") if row[2]}
+        if files & _UNSYNCED_FILES:
+            cursor.execute("PRAGMA synchronous=OFF")
+    finally:
+        cursor.close()
 
 
 def dataset_input(data: dict):
@@ -288,7 +312,7 @@ class MLflowLogger(Callback):
             self._queue.join()
 
     def _open(self):
-        self.store._call("parent run", lambda: (self.store.open(), self.store.unsynced(), self._parent()))
+        self.store.attempt("parent run", lambda: (self.store.open(unsynced=True), self._parent()))
 
     def __getstate__(self):   # Tune pickles its run config (callbacks included) into the sweep state
         return {k: v for k, v in self.__dict__.items() if k not in ("_queue", "store", "pending")}
@@ -340,7 +364,7 @@ class MLflowLogger(Callback):
 
         if self.store.client is None or self.store.experiment_id is None:
             return None
-        run_id = self.store._call("child run", find)
+        run_id = self.store.attempt("child run", find)
         if run_id is None and self.store.failed is None:
             cfg = self.resolve(config)
             run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
@@ -423,7 +447,7 @@ def logged_run(tracking_uri: str, experiment: str, cfg, out: Path, run) -> dict:
     runs the experiment). A failing store is reported and skipped; the run folder is written anyway."""
     store = Tracking(tracking_uri, experiment)
     run_id = store.create_run(cfg, Path(out).name, {"cts.role": "run"}) \
-        if store._call("open store", store.open) is not None else None
+        if store.attempt("open store", store.open) is not None else None
     step = 0
 
     def on_record(record: dict, progress) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..records import TUNE_METRICS
 
 SEARCHERS = ("grid", "random", "optuna")
@@ -44,6 +44,7 @@ TOP_KEYS = ("name", "base", "set", "grid", "sample", "searcher", "num_samples", 
             "scheduler", "max_concurrent", "max_failures", "storage", "mlflow")
 # what decides which trials a sweep runs and what they do: compared on --resume (sweep.json)
 RECORD_KEYS = ("base", "set", "grid", "sample", "searcher", "num_samples", "metric", "mode", "seed", "scheduler")
+TUNE_DIR = "tune"   # Tune's experiment folder in the sweep folder (--extend keeps older ones as tune.N)
 POINT = "grid_point"   # a trial's values as one dict: the trials `--extend` adds (runner.py)
 # what trials report and a searcher may optimise
 METRICS = TUNE_METRICS   # what a trial reports with every result (records.py)
@@ -148,22 +149,51 @@ def _mapping(node: dict, p: str, key: str, where: Optional[str] = None) -> dict:
 
 
 def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
+    """A sweep file's mapping as a SweepSpec; every error is one line naming the key and what is allowed."""
     for k in raw:
         if k not in TOP_KEYS:
             _err(f"{k}: unknown sweep key; allowed: {', '.join(TOP_KEYS)}")
+    name, base = _name(raw, path), _base(raw, path)
+    sections = _sections(raw)
+    spec = SweepSpec(name=name, base=base, set=sections["set"], grid=sections["grid"], sample=sections["sample"],
+                     source=str(path) if path else None)
+    spec.searcher = _searcher(raw.get("searcher", "grid"), spec)
+    spec.num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
+    spec.seed = _int("seed", raw.get("seed", 0), 0)
+    spec.max_failures = _int("max_failures", raw.get("max_failures", 2), 0)
+    if raw.get("max_concurrent") is not None:
+        spec.max_concurrent = _int("max_concurrent", raw["max_concurrent"], 1)
+    spec.metric, spec.mode = _metric(raw.get("metric", "test_accuracy"), raw.get("mode", "max"), spec.searcher)
+    spec.scheduler = _scheduler(raw.get("scheduler"), spec)
+    spec.storage = _storage(raw.get("storage", "results/sweeps"))
+    spec.mlflow = _mlflow(raw.get("mlflow") or {})
+    _check_trials(spec)
+    return spec
+
+
+def _name(raw: dict, path: Optional[Path]) -> str:
     name = raw.get("name") or (path.stem if path else None)
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         _err(f"name: {name!r} is not a valid sweep name; expected a plain folder name like 'quickstart'")
-    base = {}
-    if raw.get("base") is not None:
-        if not isinstance(raw["base"], str):
-            _err(f"base: expected a path to a run config, got {raw['base']!r}")
-        base_path = Path(raw["base"])
-        if not base_path.is_absolute() and path is not None:
-            base_path = path.parent / base_path
-        if not base_path.is_file():
-            _err(f"base: run config {str(base_path)!r} does not exist; expected a YAML run config")
-        base = C.read_yaml(base_path)
+    return name
+
+
+def _base(raw: dict, path: Optional[Path]) -> dict:
+    """The base run config as a raw mapping (a path relative to the sweep file)."""
+    if raw.get("base") is None:
+        return {}
+    if not isinstance(raw["base"], str):
+        _err(f"base: expected a path to a run config, got {raw['base']!r}")
+    base_path = Path(raw["base"])
+    if not base_path.is_absolute() and path is not None:
+        base_path = path.parent / base_path
+    if not base_path.is_file():
+        _err(f"base: run config {str(base_path)!r} does not exist; expected a YAML run config")
+    return C.read_yaml(base_path)
+
+
+def _sections(raw: dict) -> dict:
+    """``set``, ``grid`` and ``sample`` with string keys, each key fixed or swept, never both."""
     sections = {}
     for key in ("set", "grid", "sample"):
         value = raw.get(key) or {}
@@ -183,30 +213,30 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     both = set(sections["grid"]) & set(sections["sample"])
     if both:
         _err(f"sample.{sorted(both)[0]}: also in grid; a key is either a grid or a distribution")
-    spec = SweepSpec(name=name, base=base, set=sections["set"], grid=sections["grid"], sample=sections["sample"],
-                     source=str(path) if path else None)
-    spec.searcher = _choice("searcher", raw.get("searcher", "grid"), SEARCHERS)
-    if spec.sample and spec.searcher == "grid":
+    return sections
+
+
+def _searcher(value, spec: SweepSpec) -> str:
+    searcher = _choice("searcher", value, SEARCHERS)
+    if spec.sample and searcher == "grid":
         _err("searcher: 'grid' cannot draw from sample distributions; choose one of: random, optuna")
-    if spec.searcher == "optuna" and not spec.grid and not spec.sample:
+    if searcher == "optuna" and not spec.grid and not spec.sample:
         _err("searcher: 'optuna' has nothing to search (no grid or sample keys); add some, or choose one of: "
              "grid, random")
-    spec.num_samples = _int("num_samples", raw.get("num_samples", 1), 1)
-    spec.seed = _int("seed", raw.get("seed", 0), 0)
-    spec.max_failures = _int("max_failures", raw.get("max_failures", 2), 0)
-    if raw.get("max_concurrent") is not None:
-        spec.max_concurrent = _int("max_concurrent", raw["max_concurrent"], 1)
-    spec.metric, spec.mode = _metric(raw.get("metric", "test_accuracy"), raw.get("mode", "max"), spec.searcher)
-    spec.scheduler = _scheduler(raw.get("scheduler"), spec)
-    storage = raw.get("storage", "results/sweeps")
+    return searcher
+
+
+def _storage(storage) -> str:
     if not isinstance(storage, str) or not storage:
         _err(f"storage: {storage!r}; expected a folder path")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", storage):   # else Path() would make a local folder 's3:'
         _err(f"storage: {storage!r} is a URI; a sweep needs a folder every node sees (a shared file system such "
              "as EFS or NFS mounted at the same path on every node, e.g. /mnt/efs/cts-ray/results)")
     C.check_folder("storage", storage)
-    spec.storage = storage
-    ml = raw.get("mlflow") or {}
+    return storage
+
+
+def _mlflow(ml) -> dict:
     if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment", "system_metrics"}:
         _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment, system_metrics")
     for k in ("tracking_uri", "experiment"):
@@ -214,10 +244,8 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
             _err(f"mlflow.{k}: {ml[k]!r}; expected a non-empty string or null")
     if not isinstance(ml.get("system_metrics", False), bool):
         _err(f"mlflow.system_metrics: {ml['system_metrics']!r}; expected true or false")
-    spec.mlflow = {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray",
-                   "system_metrics": ml.get("system_metrics", False)}
-    _check_trials(spec)
-    return spec
+    return {"tracking_uri": ml.get("tracking_uri"), "experiment": ml.get("experiment") or "cts-ray",
+            "system_metrics": ml.get("system_metrics", False)}
 
 
 def _choice(key, value, allowed):
@@ -286,16 +314,23 @@ def _sample_probes(dist) -> list:
     return [args[0], args[1] if kind != "uniform" else args[1] - (args[1] - args[0]) * 1e-9]
 
 
+def probes(sample: dict) -> list[dict]:
+    """What stands for the ``sample`` distributions before a sweep runs (validation, --dry-run):
+    the combinations of each one's edges (its choices), at most 64."""
+    out = [{}]
+    for key, dist in sample.items():
+        out = [{**p, key: v} for p in out for v in _sample_probes(dist)][:64]
+    return out
+
+
 def _check_trials(spec: SweepSpec) -> None:
     """Build every grid trial's config (and the edges of every distribution) now, not in a worker."""
     points = spec.grid_points()
     if math.prod(len(v) for v in spec.grid.values()) > 100_000:
         _err("grid: more than 100000 combinations; narrow the grid")
-    probes = [dict()]
-    for key, dist in spec.sample.items():
-        probes = [{**p, key: v} for p in probes for v in _sample_probes(dist)][:64]
+    standins = probes(spec.sample)
     for point in points:
-        for probe in probes:
+        for probe in standins:
             values = {**point, **probe}
             try:
                 C.from_dict(spec.trial_raw(values))

@@ -28,8 +28,8 @@ from ray import tune
 
 from .. import pipeline, runtime
 from ..cache import DenseCache
-from ..config import ConfigError, from_dict
-from ..train import DivergedError
+from ..config import from_dict
+from ..errors import ConfigError, DivergedError
 from ..records import (FINAL_STATUSES, REPORTED, TUNE_METRICS, Epoch, Layer, Trial,
                        final_metrics)
 from . import tables
@@ -40,12 +40,12 @@ def trial(params: dict, spec_state: dict) -> None:
     spec, cfg = _resolve(params, spec_state)
     root = Path(spec_state["root"])
     # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
-    # trial the resumed Tune state forgot and this one goes on as (runner.orphans)
+    # trial the resumed Tune state forgot and this one goes on as (resume.orphans)
     trial_id, orphan = adopt(root, cfg.hash, tune.get_context().get_trial_id(), spec_state.get("orphans", {}))
     adopted = {"adopted_from": trial_id} if orphan is not None else {}
     if _report_ended(root, cfg.search.method, trial_id, orphan, adopted):
         return
-    ident = progress_path(root, trial_id).with_suffix(".json")   # what runner.orphans matches it by
+    ident = progress_path(root, trial_id).with_suffix(".json")   # what resume.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
     ident.write_text(json.dumps({"config_hash": cfg.hash}))
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
@@ -193,7 +193,7 @@ def _forget_progress(root: Path, trial_id: str) -> None:
 
 
 def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
-    """(trial id to go on as, the orphan adopted or None). ``orphans``: runner.orphans, by config
+    """(trial id to go on as, the orphan adopted or None). ``orphans``: resume.orphans, by config
     hash. Each orphan is claimed once (``<sweep>/adopted/<its id>`` holds the claimer's Tune id,
     created exclusively, on the shared storage), so two trials of one point never adopt the same
     one; a retried trial finds its own claim again."""

@@ -38,3 +38,15 @@ def shares_work(work: list[Work]) -> bool:
     dense = [w.dense for w in work]
     chains = [w.chain for w in work if w.chain]
     return len(set(dense)) < len(dense) or len(set(chains)) < len(chains)
+
+
+SHARED_WORK = True   # False: Tune's own grid order even where trials share work (bench/slots.py compares)
+
+
+def shared_work(spec, points: Optional[list] = None) -> Optional[list[Work]]:
+    """The grid's work (``plan``) where its trials share some, else None: when the shared-work
+    searcher (schedule.py) runs it. ``points``: only these grid points (what --extend adds)."""
+    if not SHARED_WORK or spec.searcher != "grid" or spec.sample:
+        return None
+    work = plan(spec, points if points is not None else spec.grid_points() or [{}])
+    return work if shares_work(work) else None

@@ -1,0 +1,135 @@
+"""What a sweep folder already holds, and what ``--resume`` and ``--extend`` may do with it: the
+policy (``check``, before Ray starts), the record of what ran (``sweep.json``), and the trials
+Tune's restored state forgot (``orphans``). No Ray."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+from . import tables
+from .spec import TUNE_DIR, SweepSpec, changes
+
+
+def check(spec: SweepSpec, *, resume: bool = False, extend: bool = False) -> Optional[list]:
+    """Refuse, before Ray starts, a run that would not do what sweep.json says: a new sweep over an
+    existing one, a --resume with other settings. With ``extend``: the grid points to add."""
+    root, stored_path = spec.root, spec.root / "sweep.json"
+    exists = (root / TUNE_DIR).exists()
+    if not (resume or extend):
+        if exists:
+            raise ConfigError(f"name: sweep {spec.name!r} already exists at {str(root)!r}; pass --resume to continue "
+                              "it or --name to start another")
+        return None
+    if not exists:
+        flag = "--extend" if extend else "--resume"
+        raise ConfigError(f"{flag}: no sweep to continue at {str(root / TUNE_DIR)!r}; run it without {flag} first")
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    diff = changes(stored, spec.record())
+    if not extend:
+        if diff:
+            raise ConfigError(f"--resume: sweep {spec.name!r} ran with other settings ({'; '.join(diff)}); resume it "
+                              "unchanged, start a new sweep with --name NEW, or add grid values with --extend")
+        return None
+    return _added_points(spec, stored, diff)
+
+
+def _added_points(spec: SweepSpec, stored: dict, diff: list[str]) -> list:
+    """--extend: the grid points the spec adds to the finished sweep ``stored``, or why it may not."""
+    others = [d for d in diff if not d.startswith("grid.")]
+    if others or spec.searcher != "grid" or set(stored.get("grid", {})) != set(spec.grid):
+        why = "; ".join(others) or "the grid's keys or the searcher changed"
+        raise ConfigError(f"--extend: only adds values to an existing grid key of a grid sweep; {why}; "
+                          "start a new sweep with --name NEW")
+    old = SweepSpec(name=spec.name, base=spec.base, grid=stored["grid"])
+    done = {json.dumps(p, sort_keys=True) for p in old.grid_points()}
+    gone = done - {json.dumps(p, sort_keys=True) for p in spec.grid_points()}
+    if gone:
+        raise ConfigError(f"--extend: only adds grid values; {'; '.join(diff)} drops trials that ran; "
+                          "keep every value")
+    points = [p for p in spec.grid_points() if json.dumps(p, sort_keys=True) not in done]
+    if not points:
+        raise ConfigError(f"--extend: the grid adds no trials to sweep {spec.name!r}; add values to a grid key")
+    root = spec.root
+    rows = len(tables.read(root, "trials", ["trial_id"])) if (root / "tables" / "trials").is_dir() else 0
+    if rows < len(done) * spec.num_samples:
+        raise ConfigError(f"--extend: sweep {spec.name!r} has unfinished trials ({rows} of "
+                          f"{len(done) * spec.num_samples} done); finish them first with --resume")
+    return points
+
+
+def write_record(spec: SweepSpec, *, resume: bool, added: Optional[list]) -> None:
+    """Write sweep.json: the settings this run has, and every grid an --extend grew from.
+    ``added``: the points --extend adds; the finished Tune experiment is then kept aside (tune.N)
+    and a new one runs only those."""
+    root = spec.root
+    root.mkdir(parents=True, exist_ok=True)
+    record = spec.record()
+    if added is not None:
+        stored = json.loads((root / "sweep.json").read_text())
+        record["extended"] = stored.get("extended", []) + [{"grid": stored["grid"], "added": len(added)}]
+        n = 1 + sum(1 for p in root.glob(f"{TUNE_DIR}.*"))
+        (root / TUNE_DIR).rename(root / f"{TUNE_DIR}.{n}")
+    elif resume and (root / "sweep.json").exists():
+        record["extended"] = json.loads((root / "sweep.json").read_text()).get("extended", [])
+    (root / "sweep.json").write_text(json.dumps(record, indent=1))
+
+
+def forgotten(root) -> dict:
+    """``orphans(root)``, or none when they cannot be read (e.g. a Tune whose snapshot reads
+    otherwise): resuming still works, and says what it may run twice."""
+    try:
+        return orphans(root)
+    except Exception as e:
+        print(f"cts-ray: finding trials Tune's state forgot failed ({type(e).__name__}: {e}); trials that "
+              "ended after its last snapshot may run again", file=sys.stderr)
+        return {}
+
+
+def orphans(root) -> dict:
+    """Trials of the sweep at ``root`` that the Tune state about to be restored does not know:
+    created after its last snapshot (Tune takes one every 10 s or more), they finished, failed or
+    saved progress before the driver died. Tune creates their points again under new trial ids;
+    such a trial adopts one of these (trainable.adopt) and goes on as it, so no point runs twice
+    or gets two rows. Returns {config hash: [{trial_id, status, steps, final numbers}]}."""
+    from ..records import REPORTED
+    known = set()
+    for d in [root / TUNE_DIR, *sorted(root.glob(f"{TUNE_DIR}.*"))]:   # --extend keeps older ones aside
+        known |= tune_trial_ids(d)
+    for claim in (root / "adopted").glob("*"):   # claimed by a trial Tune forgot as well: void
+        if claim.read_text() not in known:
+            claim.unlink()
+    skip = known | {c.name for c in (root / "adopted").glob("*")}
+    out = defaultdict(list)
+    rows = [r for r in _rows(root, "trials") if r["trial_id"] not in skip]
+    if rows:
+        steps = defaultdict(int)   # a finished trial's records, so its final report's step is the one it had
+        for r in _rows(root, "epochs", ["trial_id"]):
+            steps[r["trial_id"]] += 1
+        for r in rows:
+            out[r["config_hash"]].append({"trial_id": r["trial_id"], "steps": steps[r["trial_id"]],
+                                          **{k: r[k] for k in REPORTED}})
+    with_rows = {r["trial_id"] for r in rows}
+    for p in sorted((root / "progress").glob("*.json")):   # started, no row yet
+        if p.stem not in skip and p.stem not in with_rows:
+            out[json.loads(p.read_text())["config_hash"]].append({"trial_id": p.stem, "status": None})
+    return dict(out)
+
+
+def tune_trial_ids(path) -> set:
+    """The trial ids in a Tune experiment folder's newest state snapshot, the one Tuner.restore
+    loads (read directly: ray.tune.ExperimentAnalysis would also parse every trial's results)."""
+    snapshots = sorted(Path(path).glob("experiment_state-*.json"))   # named by time: the last is newest
+    if not snapshots:
+        return set()
+    return {json.loads(trial)["trial_id"] for trial, _ in json.loads(snapshots[-1].read_text())["trial_data"]}
+
+
+def _rows(root, table: str, columns=None) -> list:
+    try:
+        return tables.read(root, table, columns).to_pylist()
+    except FileNotFoundError:
+        return []
