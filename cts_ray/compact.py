@@ -2,7 +2,7 @@
 
 A unit (a Linear's output, a conv channel, a flattened feature) is *kept* when it is reachable
 from the input and reaches the output through kept weights: anatomy's reachability network
-(``anatomy._reachability_net``), read per unit at each point of a ``Plan``. Everything else is
+(``anatomy.reachability_net``), read per unit at each point of a ``Plan``. Everything else is
 either constant (no input reaches it: its bias and BatchNorm shift through the activation) or
 irrelevant (it reaches no output). The compact model keeps the kept units only:
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import models
-from .anatomy import _reachability_net
+from .anatomy import reachability_net
 from .errors import CompactError
 from .masking import Mask
 
@@ -156,7 +156,7 @@ def _channels(t: Tensor) -> Tensor:
 
 def _reach(model: nn.Module, mask: Mask, input_shape, points: set[str]) -> dict[str, Tensor]:
     """Per point, per unit: reachable from the input and reaching the output (see the docstring)."""
-    net = _reachability_net(model)
+    net = reachability_net(model)
     chosen = set(mask.layers)
     with torch.no_grad():   # as anatomy: prunable weights = mask, other weights ones, biases zero
         for n, prm in net.named_parameters():

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -249,3 +250,43 @@ def test_cli_refusals_are_one_line(tmp_path, capsys):
         assert cli.main(["export", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("cts-ray: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_every_run_records_its_inference_cost_and_the_report_compares_it(tmp_path):
+    """compact_params / compact_flops / compact_flops_fraction: in summary.json, the trials table,
+    Tune's and MLflow's final metrics (records.final_metrics), and the report's inference-cost table."""
+    import time
+
+    from cts_ray import config as C, pipeline
+    from cts_ray.export import load_ticket, ticket_cost
+    from cts_ray.records import Trial, final_metrics
+    from cts_ray.sweep import tables, trainable
+
+    root = tmp_path / "sweep"
+    fractions = {}
+    for method in ("snip", "random"):
+        for density in (0.1, 0.02):
+            for seed in (0, 1):
+                cfg = C.load(None, [f"search.method={method}", f"search.density={density}", f"seed={seed}",
+                                    "training.epochs=2", "training.milestones=[]", "search.point=init",
+                                    "training.dense_baseline=false", "resources.device=cpu"])
+                folder = root / "trials" / f"{method}-{cfg.hash}"
+                s = pipeline.run(cfg, folder, progress=False)
+                model, mask, shape, _ = load_ticket(folder)
+                cost = ticket_cost(model, mask, shape)
+                assert (s["compact_params"], s["compact_flops"]) == (cost["compact_params"], cost["compact_flops"])
+                assert 0 < s["compact_flops_fraction"] < 1
+                assert final_metrics(s)["compact_flops"] == s["compact_flops"]
+                fractions.setdefault((method, density), []).append(100 * s["compact_flops_fraction"])
+                common = {"sweep": root.name, "trial_id": folder.name, "config_hash": cfg.hash, **tables.axes(cfg)}
+                trainable.write_trial_row(root, cfg, common, Trial(status="finished", run_dir=str(folder),
+                                                                   started_at=time.time()), s)
+    row = tables.read(root, "trials").to_pylist()[0]
+    assert row["compact_flops"] > 0 and row["compact_params"] > 0
+    assert cli.main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text().split("## Inference cost")[1]
+    lines = table.strip().splitlines()
+    assert lines[0] == "| setting | density 0.1 | density 0.02 |"
+    snip = next(line for line in lines if line.startswith("| snip |"))
+    assert f"· {np.mean(fractions['snip', 0.1]):.3g} %" in snip.split("|")[2]
+    assert "Cheapest to run" in table
