@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from . import anatomy, data_path, gpu, paper, readme, slots, steps, sweep_overhead, ticket
+from . import anatomy, data_path, export, gpu, paper, readme, slots, steps, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
 BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
            "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run,
-           "slots": slots.run}
+           "slots": slots.run, "export": export.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
@@ -17,6 +17,10 @@ NOTES = {
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
     "slots": "Two real sweeps, one after the other (Tune's grid order, then the shared-work scheduler); useful "
              "compute = computed (not cached) epoch seconds + search seconds of the epoch-less methods.",
+    "export": "Value: ms per call at batch 256 (median of alternating rounds, 1 thread); ratio: speed-up over the dense "
+              "network (paired rounds) at batch 256 and 1. Tickets from short recipes (bench/export.py); FLOPs are MACs "
+              "per example of the Conv2d and Linear layers; a masked ticket counts its kept weights but runs at the "
+              "dense cost.",
     "paper": "One measured run (not alternated): phase seconds are the run's summary.json training seconds "
              "(evaluation excluded); the paper's numbers are CTS-KL at density 0.74 % (SPEC §5).",
 }
@@ -43,6 +47,9 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
         return f"anatomy (density {anatomy.DENSITY}, random masks, repeats {repeats})"
     if name == "gpu":
         return f"gpu (ResNet-20 b{gpu.FULL['batch']}, repeats {repeats})"
+    if name == "export":
+        return (f"export (dense / masked / compact tickets: LeNet-300-100 at {export.LENET['density']}, ResNet-20 at "
+                f"{export.RESNET['density']}; 1 thread, repeats {a.repeats or 5})")
     if name == "paper":
         return f"paper (ResNet-20 / CIFAR-10, authors' recipe, one CTS ticket at density {paper.DENSITY})"
     return name
@@ -56,7 +63,8 @@ def main(argv=None) -> None:
                    help="alternating rounds (default 5; 2 with --quick; ticket: 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke check at tiny sizes (steps: 2 steps per epoch; data: 256 images; ticket: "
-                        "2 epochs on 2,000 images at density 0.5; gpu: 2 batches); printed, not recorded")
+                        "2 epochs on 2,000 images at density 0.5; gpu: 2 batches; export: 200 images, density 0.05, "
+                        "1 round); printed, not recorded")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared 2-core machine 1 thread is far "
                         "steadier: with 2, a busy neighbour stalls every parallel region")
@@ -65,7 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--ticket-epochs", type=int, default=None,
                    help="ticket: training.epochs for both runs (default: the config's 10)")
     p.add_argument("--data", default=None,
-                   help="paper: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
+                   help="paper, export: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
     p.add_argument("--trials", type=int, nargs="+", default=None, metavar="N",
                    help="sweep: the tiny-trial sweep at each N instead (e.g. 100 400 2000): cost per trial against "
                         "N, driver peak memory, MLflow's queue, `cts-ray report`/`analyze` seconds")

@@ -56,7 +56,7 @@ class _StepModule(nn.Module):
         return _Step.apply(x)
 
 
-def _reachability_net(model: nn.Module) -> nn.Module:
+def reachability_net(model: nn.Module) -> nn.Module:
     net = copy.deepcopy(model).cpu().float()
     for parent in list(net.modules()):
         for name, child in parent.named_children():
@@ -119,7 +119,7 @@ def anatomy(model: nn.Module, mask: Mask, input_shape) -> Anatomy:
     names = prunable_names(model)
     if set(names) != set(mask.layers):
         raise ValueError(f"mask and model disagree on prunable layers: {sorted(set(names) ^ set(mask.layers))}")
-    net = _reachability_net(model)
+    net = reachability_net(model)
     chosen = set(names)
     with torch.no_grad():
         for n, p in net.named_parameters():

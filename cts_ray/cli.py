@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import AnalysisError, ConfigError, DivergedError, SchemaError
+from .errors import AnalysisError, CompactError, ConfigError, DivergedError, SchemaError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
+
+    x = sub.add_parser("export", help="write a run's ticket as a compact dense model (torch.export program) "
+                                      "and its cost (JSON beside it)")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
+    x.add_argument("--out", metavar="FILE", help="the program file (default RUN_DIR/compact.pt2; the JSON goes "
+                                                 "beside it with suffix .json)")
 
     a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
     a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
@@ -217,6 +223,10 @@ def _main(argv=None) -> int:
             return _sweep(args)
         if args.command in ("analyze", "report"):
             return _analysis(args)
+        if args.command == "export":
+            from .export import export_run, summary_lines
+            print("\n".join(summary_lines(export_run(args.run_dir, args.out))))
+            return 0
         if args.command == "eval":
             from . import pipeline
             r = pipeline.evaluate_run(args.run_dir)
@@ -242,7 +252,8 @@ def _main(argv=None) -> int:
             print(f"mlflow: {uri}")
         _print_summary(summary, out)
         return 0
-    except (ConfigError, AnalysisError, SchemaError) as e:   # bad input, or data that cannot answer: one line
+    # bad input, data that cannot answer, or a model compaction cannot handle: one line
+    except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:   # a result of the settings, not a bug; one line

@@ -17,5 +17,9 @@ class AnalysisError(ValueError):
     """The data cannot answer the question; the message says why, in one line."""
 
 
+class CompactError(ValueError):
+    """A model ``compact.py`` cannot turn into a smaller dense network (the transformers)."""
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss: a result of the settings, not a bug."""

@@ -26,7 +26,8 @@ from . import models, runtime, sanity
 from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
 from .config import Config, check_folder
-from .errors import ConfigError
+from .errors import CompactError, ConfigError
+from .export import ticket_cost
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
 from .records import Summary
@@ -340,13 +341,22 @@ class _Experiment:
         with open(staging / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.prog.records)
         summary = _summary(self.cfg, self.method, ticket, mask, layers, dense, result, self.device, anat,
-                           self.data).to_dict()
+                           self.data, _inference_cost(model, mask, self.data.input_shape)).to_dict()
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
+def _inference_cost(model, mask: Mask, input_shape) -> dict:
+    """The compact ticket's parameters and FLOPs (export.py); none for a family it cannot compact."""
+    try:
+        cost = ticket_cost(model, mask, input_shape)
+    except CompactError:
+        return {}
+    return {k: cost[k] for k in ("compact_params", "compact_flops", "compact_flops_fraction")}
+
+
 def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dense: Dense, result: dict,
-             device, anat, data) -> Summary:
+             device, anat, data, cost: dict) -> Summary:
     t, s, k = cfg.training, cfg.search, cfg.search_epoch
     own_retrain = ticket.retrained is not None and s.sanity == "none"
     retrain_seconds = 0.0 if own_retrain else result["seconds"]
@@ -366,7 +376,7 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         layer_densities={r["layer"]: r["density"] for r in layers[:-1]},
         effective_density=anat.effective_density, effective_kept=anat.effective_kept,
         collapsed_layers=anat.collapsed_layers,
-        layer_alive_units={r["layer"]: r["alive_units"] for r in layers[:-1]},
+        layer_alive_units={r["layer"]: r["alive_units"] for r in layers[:-1]}, **cost,
         test_accuracy=result["final"]["test_accuracy"], peak_test_accuracy=result["peak_test_accuracy"],
         dense_test_accuracy=dense.test_accuracy if t.dense_baseline else None,
         pretrain_seconds=dense.pretrain_seconds, dense_seconds=dense.dense_seconds,

@@ -163,6 +163,10 @@ class Summary:
     collapsed_layers: list = _f([], final=True, name="collapsed", to_column=len,
                                 doc="layers with no weight on a path (the column counts them)")
     layer_alive_units: dict = _f({}, column=False)
+    compact_params: Optional[int] = _f(final=True, doc="parameters of the compact ticket (compact.py); null: "
+                                                       "a family compaction does not handle")
+    compact_flops: Optional[int] = _f(final=True, doc="multiply-adds per example of the compact ticket")
+    compact_flops_fraction: Optional[float] = _f(final=True, doc="compact FLOPs / the dense network's")
     test_accuracy: float = _f(final=True, tune=True, compared=True, doc="fraction, the last retraining epoch")
     # max over retraining epochs of the test accuracy: a curve's peak, not a result selected on data
     peak_test_accuracy: float = _f(final=True, tune=True, compared=True, doc="fraction")

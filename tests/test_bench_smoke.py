@@ -1,5 +1,6 @@
 """Smoke test of the benchmark suite: `python -m bench data gpu --quick --device cpu` (in-process,
-1 round, 1 thread) prints full tables and leaves bench/RESULTS.md as it was."""
+1 round, 1 thread), `paper --quick` and `export --quick` print full tables and leave
+bench/RESULTS.md as it was."""
 import math
 import sys
 
@@ -48,18 +49,24 @@ def test_quick_data_and_gpu_benches_give_finite_rows_and_record_nothing(monkeypa
     assert "| name | value |" in out and "EXTRAPOLATED" in out and "appended" not in out
 
 
-def test_quick_paper_bench_runs_the_real_pipeline_on_cifar10_jpeg_and_records_nothing(monkeypatch, capsys):
+def _quick_on_cifar(monkeypatch, name: str, *args: str) -> list:
+    """The rows of `python -m bench NAME --quick --data CIFAR-10-JPEG ARGS`, which must record nothing."""
     from conftest import SHARED_DATA
     rows = []
-    real = bench_main.BENCHES["paper"]
-    monkeypatch.setitem(bench_main.BENCHES, "paper", lambda **kw: rows.extend(real(**kw)) or rows)
+    real = bench_main.BENCHES[name]
+    monkeypatch.setitem(bench_main.BENCHES, name, lambda **kw: rows.extend(real(**kw)) or rows)
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     threads = torch.get_num_threads()
     try:
-        bench_main.main(["paper", "--quick", "--data", str(SHARED_DATA / "CIFAR-10-JPEG"), "--threads", "1"])
+        bench_main.main([name, "--quick", "--data", str(SHARED_DATA / "CIFAR-10-JPEG"), *args])
     finally:
         torch.set_num_threads(threads)
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before, "--quick must not touch RESULTS.md"
+    return rows
+
+
+def test_quick_paper_bench_runs_the_real_pipeline_on_cifar10_jpeg_and_records_nothing(monkeypatch, capsys):
+    rows = _quick_on_cifar(monkeypatch, "paper", "--threads", "1")
     names = [r.name for r in rows]
     assert names[0].startswith("ticket test accuracy (density 0.0074; 1 + 2 + 3 epochs")
     assert any(n.startswith("CTS search (2 epochs") for n in names)
@@ -79,3 +86,15 @@ def test_paper_bench_shortens_only_the_retraining():
     short = config.load(paper.RECIPE, base + paper.shortened(full, 100))
     assert (short.search_epoch, short.search_epochs, short.training.epochs) == (9, 80, 109)
     assert short.training.milestones == [54, 82]              # the same fractions, 1/2 and 3/4
+
+
+def test_quick_export_bench_compacts_real_tickets_and_records_nothing(monkeypatch, capsys):
+    rows = _quick_on_cifar(monkeypatch, "export")   # one thread inside, without --threads
+    for ticket in ("LeNet-300-100 CTS", "LeNet-300-100 SNIP", "ResNet-20 SNIP"):
+        mine = [r for r in rows if r.name.startswith(ticket)]
+        assert [r.name.split(": ")[1] for r in mine][:3] == ["dense", "masked ticket", "compact"], mine
+        assert all(math.isfinite(r.value) and r.value > 0 and "b256:" in r.ratio for r in mine[:3])
+    goal = [r for r in rows if r.target != "—"]
+    assert len(goal) == 1 and goal[0].name.startswith("LeNet-300-100 CTS") and goal[0].met in ("yes", "no")
+    out = capsys.readouterr().out
+    assert "| name | value |" in out and "appended" not in out

@@ -7,7 +7,7 @@ import platform
 from collections import Counter
 from pathlib import Path
 
-from . import comparison, insensitivity, seeds, strong
+from . import comparison, inference, insensitivity, seeds, strong
 from ..errors import AnalysisError
 from .load import Results, load
 
@@ -85,6 +85,10 @@ def build(paths, out=None, *, metric: str = "test_accuracy", allow_incomplete: b
         md += ["", "## Strong tickets", "", strong.markdown(strong.analyse(res))]
     except AnalysisError:
         pass   # no strong-ticket trials: no section
+    try:
+        md += ["", "## Inference cost", "", inference.markdown(inference.analyse(res))]
+    except AnalysisError:
+        pass   # no compact costs recorded: no section
     path = out / "report.md"
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(md) + "\n")
