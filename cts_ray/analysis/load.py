@@ -81,23 +81,14 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     folders = sweep_folders(paths)
     frames, sweeps, skipped = [], [], {}
     for folder in folders:
-        try:
-            df = tables.read(folder, "trials").to_pandas()
-        except tables.SchemaError as e:
-            raise AnalysisError(str(e)) from None
-        except FileNotFoundError:
-            df = pd.DataFrame(columns=tables.SCHEMAS["trials"].names + ["method"])
-        meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
-        sweeps.append((str(folder), meta))
-        started = {p.name for p in (folder / "trials").iterdir() if p.is_dir() and not p.name.startswith(".")} \
-            if (folder / "trials").is_dir() else set()
-        unfinished = sorted(started - set(df["trial_id"]))
+        df, meta, unfinished = _read_sweep(folder)
         if unfinished and not allow_incomplete:
             raise AnalysisError(
                 f"results: {len(unfinished)} trial(s) of {folder.name} have started but not finished "
                 f"(still running, or interrupted: finish with `cts-ray sweep … --resume`); "
                 f"pass --allow-incomplete to analyse the finished ones")
         skipped["unfinished"] = skipped.get("unfinished", 0) + len(unfinished)
+        sweeps.append((str(folder), meta))
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     for status, n in df["status"].value_counts().items():
@@ -108,19 +99,7 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     # the same config in several sweeps (e.g. tau = 2/3 in a comparison and an ablation): once
     df = df.sort_values("ended_at").drop_duplicates("config_hash", keep="last")
     skipped["duplicate configs"] = before - len(df)
-    if where:
-        for key, value in where.items():
-            if key not in df.columns:
-                raise AnalysisError(f"where: unknown column {key!r}; allowed: {', '.join(sorted(df.columns))}")
-            col = df[key]
-            keep = col.astype(str) == str(value)
-            if col.dtype.kind == "f":
-                try:
-                    keep = (col - float(value)).abs() <= 1e-9 * max(1.0, abs(float(value)))
-                except ValueError:
-                    raise AnalysisError(f"where: {key} is numeric; got {value!r}") from None
-            skipped[f"filtered by {key}={value}"] = int((~keep).sum())
-            df = df[keep]
+    df = _where(df, where or {}, skipped)
     if df.empty:
         raise AnalysisError(f"results: no finished trials with a {metric} in {', '.join(map(str, folders))}")
     df["accuracy"] = 100.0 * df[metric]          # percentage points everywhere in the analysis
@@ -132,12 +111,41 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     before = len(df)
     df = df.drop_duplicates("_experiment", keep="last")
     skipped["repeats of one experiment (a swept knob that does not apply)"] = before - len(df)
-    flat = list(df["_flat"])
-    df["variant"] = [context(f) for f in flat]
+    df["variant"] = [context(f) for f in df["_flat"]]
     df = df.sort_values(["method", "variant", "target_density", "seed"]).reset_index(drop=True)
-    labels = _labels(df)
-    df["label"] = df["variant"].map(labels)
+    df["label"] = df["variant"].map(_labels(df))
     return Results(df, sweeps, skipped, metric)
+
+
+def _read_sweep(folder: Path) -> tuple:
+    """(its trials table as a DataFrame, sweep.json or {}, ids of trials started without a row)."""
+    try:
+        df = tables.read(folder, "trials").to_pandas()
+    except tables.SchemaError as e:
+        raise AnalysisError(str(e)) from None
+    except FileNotFoundError:
+        df = pd.DataFrame(columns=tables.SCHEMAS["trials"].names + ["method"])
+    meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
+    started = {p.name for p in (folder / "trials").iterdir() if p.is_dir() and not p.name.startswith(".")} \
+        if (folder / "trials").is_dir() else set()
+    return df, meta, sorted(started - set(df["trial_id"]))
+
+
+def _where(df: pd.DataFrame, where: dict, skipped: dict) -> pd.DataFrame:
+    """Only the rows whose columns hold the given values (numbers compared as numbers)."""
+    for key, value in where.items():
+        if key not in df.columns:
+            raise AnalysisError(f"where: unknown column {key!r}; allowed: {', '.join(sorted(df.columns))}")
+        col = df[key]
+        keep = col.astype(str) == str(value)
+        if col.dtype.kind == "f":
+            try:
+                keep = (col - float(value)).abs() <= 1e-9 * max(1.0, abs(float(value)))
+            except ValueError:
+                raise AnalysisError(f"where: {key} is numeric; got {value!r}") from None
+        skipped[f"filtered by {key}={value}"] = int((~keep).sum())
+        df = df[keep]
+    return df
 
 
 def context(flat: dict, drop=()) -> str:
