@@ -19,7 +19,6 @@ once the sweep has finished.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -253,7 +252,3 @@ def compact(root, tables_=TABLES) -> dict:
                     path.unlink(missing_ok=True)
             merged[table] += len(stats) + len(compacted)
     return merged
-
-
-def json_text(value) -> Optional[str]:
-    return None if value is None else json.dumps(value, sort_keys=True)
