@@ -35,18 +35,13 @@ NEEDED = ("config.yaml", "summary.json", "mask.pt", "ticket.pt")
 CHECK_EXAMPLES = 64
 
 
-def cost(model: nn.Module, input_shape, mask: Optional[Mask] = None) -> dict[str, int]:
-    """{"params", "flops", "bias_map_values"} of ``model`` for one example (FLOPs as multiply-
-    accumulates, see the module docstring). With ``mask``: only its kept prunable weights count, as
-    parameters and as MACs (what an ideal sparse kernel would do; the masked network as run costs
-    the dense MACs)."""
-    kept = {} if mask is None else {n.rpartition(".")[0]: int(m.sum()) for n, m in mask.layers.items()}
-    macs: list[int] = []
+def _macs_per_weight(model: nn.Module, input_shape) -> dict[str, int]:
+    """Each Conv2d / Linear layer's output positions per example (a weight's MACs), from one forward."""
+    positions: dict[str, int] = {}
 
     def count(name):
         def hook(module, args, out):
-            positions = out[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
-            macs.append(kept.get(name, module.weight.numel()) * positions)
+            positions[name] = out[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
         return hook
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(count(n)) for n, m in layers]
@@ -58,17 +53,32 @@ def cost(model: nn.Module, input_shape, mask: Optional[Mask] = None) -> dict[str
         model.train(training)
         for h in handles:
             h.remove()
+    return positions
+
+
+def cost(model: nn.Module, input_shape, mask: Optional[Mask] = None, positions: Optional[dict] = None) -> dict[str, int]:
+    """{"params", "flops", "bias_map_values"} of ``model`` for one example (FLOPs as multiply-
+    accumulates, see the module docstring). With ``mask``: only its kept prunable weights count, as
+    parameters and as MACs (what an ideal sparse kernel would do; the masked network as run costs
+    the dense MACs). ``positions``: ``_macs_per_weight`` of ``model`` when already measured."""
+    kept = {} if mask is None else {n.rpartition(".")[0]: int(m.sum()) for n, m in mask.layers.items()}
+    positions = positions if positions is not None else _macs_per_weight(model, input_shape)
+    modules = dict(model.named_modules())
+    macs = sum(kept.get(n, modules[n].weight.numel()) * at for n, at in positions.items())
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     maps = sum(v for n, v in sizes.items() if n.endswith("bias_map"))
     params = sum(sizes.values()) - maps
     if mask is not None:
         params -= sum(m.numel() - int(m.sum()) for m in mask.layers.values())
-    return {"params": params, "flops": sum(macs), "bias_map_values": maps}
+    return {"params": params, "flops": macs, "bias_map_values": maps}
 
 
 def costs(model: nn.Module, mask: Mask, input_shape, small: nn.Module) -> dict[str, dict[str, int]]:
-    """``cost`` of the dense network, the masked ticket and its compact model ``small``."""
-    return {"dense": cost(model, input_shape), "masked": cost(model, input_shape, mask),
+    """``cost`` of the dense network, the masked ticket (one forward measures both) and its
+    compact model ``small``."""
+    positions = _macs_per_weight(model, input_shape)
+    return {"dense": cost(model, input_shape, positions=positions),
+            "masked": cost(model, input_shape, mask, positions=positions),
             "compact": cost(small, input_shape)}
 
 
