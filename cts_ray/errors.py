@@ -23,3 +23,22 @@ class CompactError(ValueError):
 
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss: a result of the settings, not a bug."""
+
+
+class StorageError(OSError):
+    """The sweep's storage cannot take a write: full (ENOSPC), read-only or gone. The message names
+    the cause and the folder, e.g. ``storage full: /mnt/sweeps/x (0.4 MB free)``."""
+
+
+class SweepBusyError(RuntimeError):
+    """Another live driver holds the sweep's lease; the message names it (host, pid, since when)."""
+
+
+# The exit codes of `cts-ray` (README "Exit codes"); one place, so the CLI, tests and docs agree.
+EXIT_OK = 0            # everything finished (trials a configured scheduler stopped included)
+EXIT_FAILED = 1        # a single run failed or diverged (`cts-ray run`, `eval`, `export`)
+EXIT_BAD_INPUT = 2     # bad input, refused before any work; nothing written
+EXIT_TRIALS_FAILED = 3  # the sweep ended, and one or more trials failed or diverged (the count is printed)
+EXIT_STORAGE = 4       # the sweep's storage filled up, went read-only or vanished; free space, then --resume
+EXIT_BUSY = 5          # another driver is running this sweep (named in the message)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the last line is the command that resumes
