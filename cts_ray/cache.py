@@ -21,6 +21,7 @@ from filelock import FileLock
 
 from .config import Config, stable_hash
 from .methods import METHODS
+from .storage import save_torch, write_text
 
 
 @dataclass
@@ -63,9 +64,7 @@ class DenseCache:
             if path.exists():
                 return torch.load(path, weights_only=True), True
             state = compute()
-            tmp = folder / f".{name}.pt.tmp-{os.getpid()}"
-            torch.save(state, tmp)
-            os.replace(tmp, path)      # readers never see a half-written file
-            (folder / f"{name}.made_by.json").write_text(json.dumps(
+            save_torch(state, path)      # readers never see a half-written file
+            write_text(folder / f"{name}.made_by.json", json.dumps(
                 {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **about}, indent=1))
             return state, False

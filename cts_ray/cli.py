@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import AnalysisError, CompactError, ConfigError, DivergedError, SchemaError
+from .errors import EXIT_STORAGE, AnalysisError, CompactError, ConfigError, DivergedError, SchemaError, StorageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,8 +181,11 @@ def _sweep(args) -> int:
     n = spec.trial_count() if points is None else len(points) * spec.num_samples
     print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
           f"folder {spec.root}", flush=True)
-    result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
-                              verbose=0 if args.quiet else 1)
+    try:
+        result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
+                                  verbose=0 if args.quiet else 1)
+    except (StorageError, OSError) as e:
+        return _storage_stop(e, spec.root, args)
     print()
     print(format_summary(result["summary"]))
     print()
@@ -194,6 +197,29 @@ def _sweep(args) -> int:
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
     return 1 if result["errors"] else 0
+
+
+def _storage_stop(e: OSError, root, args) -> int:
+    """A sweep stopped by its storage (full, read-only, gone): its line, then what to do, exit EXIT_STORAGE."""
+    from .storage import classify
+    fault = classify(e, root)
+    if fault is None:
+        raise e
+    print(f"cts-ray: {fault}", file=sys.stderr)
+    print(f"cts-ray: the sweep stopped; free space (or make {root} writable again), then run: "
+          f"{resume_command(args)}", file=sys.stderr)
+    return EXIT_STORAGE
+
+
+def resume_command(args) -> str:
+    """The command that resumes this sweep and runs its failed trials again (its --name, --set, --address)."""
+    import shlex
+    parts = ["cts-ray", "sweep", args.file, "--resume", "--retry-failed"]
+    for flag, values in (("--name", [args.name] if args.name else []), ("--set", args.overrides),
+                         ("--address", [args.address] if args.address else [])):
+        for v in values:
+            parts += [flag, v]
+    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import models
+from . import models, storage
 from .compact import compact
 from .errors import ConfigError
 from .masking import Mask
@@ -134,10 +134,11 @@ def export_run(run_dir, out=None) -> dict:
     small, info = compact(model, mask, shape)   # CompactError for the transformers
     example = torch.zeros(2, *shape)
     program = torch.export.export(small, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(program, out)
+    with storage.atomic(out) as f:
+        torch.export.save(program, f)
     meta = _describe(out, cfg, shape, info, model, mask, small)
     meta["check"] = _check(out, model, mask, shape)
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    storage.write_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
     return meta
 
 

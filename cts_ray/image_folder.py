@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import ConfigError
+from .storage import save_torch
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = ("train", "test")
@@ -272,8 +273,6 @@ def _read_or_decode(listing: Listing, image_size: Optional[int], key: str) -> Ar
                 state = None
         if state is None:
             state = _decode_all(listing, image_size)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            save_torch(state, path)
     return Arrays(state["train_x"], state["train_y"], state["test_x"], state["test_y"], listing.classes,
                   tuple(state["mean"]), tuple(state["std"]))

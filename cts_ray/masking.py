@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import prunable
+from .storage import save_torch
 
 
 def kept_count(density: float, total: int) -> int:
@@ -105,7 +106,7 @@ class Mask:
 
     # ---- storage
     def save(self, path) -> None:
-        torch.save({n: m.cpu() for n, m in self.layers.items()}, path)
+        save_torch({n: m.cpu() for n, m in self.layers.items()}, path)
 
     @classmethod
     def load(cls, path) -> "Mask":

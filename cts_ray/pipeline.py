@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from . import data as data_mod
-from . import models, runtime, sanity
+from . import models, runtime, sanity, storage
 from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
 from .config import Config, check_folder
@@ -269,9 +269,9 @@ class _Experiment:
 
     def run(self, cache: Optional[DenseCache]) -> dict:
         cfg, data, staging = self.cfg, self.data, self.staging
-        (staging / "config.yaml").write_text(cfg.to_yaml())
+        storage.write_text(staging / "config.yaml", cfg.to_yaml())
         dense = self.dense(cache)   # shared across trials via the cache
-        torch.save(dense.snapshot, staging / "search_point.pt")
+        storage.save_torch(dense.snapshot, staging / "search_point.pt")
         torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
         model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), self.device, self.amp)
         model.load_state_dict(dense.snapshot)
@@ -332,17 +332,16 @@ class _Experiment:
         staging = self.staging
         mask.save(staging / "mask.pt")
         if result.get("state") is not None:   # the ticket as evaluated (absent only from old LTR caches)
-            torch.save(ticket_weights(result["state"], mask), staging / "ticket.pt")
+            storage.save_torch(ticket_weights(result["state"], mask), staging / "ticket.pt")
         if ticket.level_masks:
-            torch.save([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
+            storage.save_torch([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
         anat = anatomy(model, mask, self.data.input_shape)
         layers = anat.report()
-        (staging / "layers.json").write_text(json.dumps(layers, indent=1))
-        with open(staging / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.prog.records)
+        storage.write_text(staging / "layers.json", json.dumps(layers, indent=1))
+        storage.write_text(staging / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.prog.records))
         summary = _summary(self.cfg, self.method, ticket, mask, layers, dense, result, self.device, anat,
                            self.data, _inference_cost(model, mask, self.data.input_shape)).to_dict()
-        (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+        storage.write_text(staging / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import comparison, inference, insensitivity, seeds, strong
+from .. import storage
 from ..errors import AnalysisError
 from .load import Results, load
 
@@ -90,7 +91,5 @@ def build(paths, out=None, *, metric: str = "test_accuracy", allow_incomplete: b
     except AnalysisError:
         pass   # no compact costs recorded: no section
     path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(path)
+    storage.write_text(path, "\n".join(md) + "\n")
     return path

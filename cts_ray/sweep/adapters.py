@@ -4,9 +4,9 @@ the library changes under it. Everything else uses the libraries' public APIs.""
 from __future__ import annotations
 
 
-def restored_tuner(path: str, trainable, callbacks: list):
+def restored_tuner(path: str, trainable, callbacks: list, stop=None):
     """``ray.tune.Tuner.restore(path, trainable)`` resuming unfinished and errored trials, run with
-    ``callbacks``.
+    ``callbacks`` (and the stopper ``stop``, this driver's too).
 
     Why: ``Tuner.restore`` (Ray 2.60) takes no ``run_config``; it brings back the RunConfig pickled
     when the sweep started, callbacks included as they were then. Ours must be this driver's: the
@@ -23,4 +23,6 @@ def restored_tuner(path: str, trainable, callbacks: list):
                            "_local_tuner.get_run_config() (Ray changed, or a ray:// client address), so a resumed "
                            "sweep cannot get its callbacks; update the adapter")
     get_run_config().callbacks = callbacks
+    if stop is not None:
+        get_run_config().stop = stop
     return tuner

@@ -13,6 +13,7 @@ artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs throu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -105,8 +106,8 @@ class Tracking:
             return None
         try:
             return fn(*args, **kwargs)
-        except Exception as e:   # the tracking store is down or broken: keep the work going
-            self.failed = f"{what}: {type(e).__name__}: {e}"
+        except Exception as e:   # the tracking store is down or broken (or its disk full): keep the work going
+            self.failed = f"{what}: {_root_cause(e)}"
             print(f"cts-ray: MLflow logging stopped ({self.failed}); Parquet tables are unaffected",
                   file=sys.stderr)
             return None
@@ -117,6 +118,8 @@ class Tracking:
         # MLflow's import first: Tune's fit imports mlflow on the driver's main thread too, and two
         # threads that begin importing it at different modules deadlock on its circular imports
         from mlflow.tracking import MlflowClient
+        # MLflow logs a failed SQL statement with its traceback, then raises it to ``attempt``, which says it
+        logging.getLogger("mlflow.store.db.utils").addFilter(_raised_on)
         if unsynced:
             self.unsynced()
         self.client = MlflowClient(self.tracking_uri)
@@ -206,6 +209,21 @@ class Tracking:
 
     def end(self, run_id: str, status: str) -> None:
         self.attempt("end run", self.client.set_terminated, run_id, status)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of ``e``'s chain, in one line (SQLAlchemy's text spans several)."""
+    for _ in range(10):
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            break
+        e = nxt
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:300]}"
+
+
+def _raised_on(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
 
 
 _UNSYNCED_FILES: set = set()   # sqlite files whose new connections in this process skip the fsync

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from .. import storage
 from ..errors import ConfigError
 from . import tables
 from .spec import TUNE_DIR, SweepSpec, changes
@@ -75,7 +76,7 @@ def write_record(spec: SweepSpec, *, resume: bool, added: Optional[list]) -> Non
         (root / TUNE_DIR).rename(root / f"{TUNE_DIR}.{n}")
     elif resume and (root / "sweep.json").exists():
         record["extended"] = json.loads((root / "sweep.json").read_text()).get("extended", [])
-    (root / "sweep.json").write_text(json.dumps(record, indent=1))
+    storage.write_text(root / "sweep.json", json.dumps(record, indent=1))
 
 
 def forgotten(root) -> dict:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+from .. import storage
 from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
@@ -16,6 +17,9 @@ from .resume import check, forgotten, write_record
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
+
+if TYPE_CHECKING:   # guard.py imports Ray, which --dry-run never loads
+    from .guard import StorageGuard
 
 
 def _domain(dist: dict):
@@ -120,13 +124,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     trainable = tune.with_resources(tune.with_parameters(trial, spec_state=state),
                                     {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    callbacks = [logger, JsonLoggerCallback(), CSVLoggerCallback()]
+
+    from .guard import StorageGuard
+    guard = StorageGuard(spec.root)
+    callbacks = [logger, guard, JsonLoggerCallback(), CSVLoggerCallback()]
     if resume:
         shared = _shared_work_grid(spec, None)   # what the restored searcher is (the spec is unchanged)
-        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks)
+        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks, stop=guard)
     else:
-        tuner, shared = _new_tuner(spec, trainable, callbacks, points, verbose)
-    grid = _fit(tuner, logger, cfg0 if shared is not None else None)
+        tuner, shared = _new_tuner(spec, trainable, callbacks, points, verbose, guard)
+    grid = _fit(tuner, logger, guard, cfg0 if shared is not None else None)
     _wrap_up(spec, grid)
     return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
@@ -139,6 +146,10 @@ def _quiet_tune() -> None:
     # a third of the driver's time per trivial trial); MLflow has the metrics. result.json stays
     # (write_stopped, Tune's analysis read it).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # a failed trial is one line in the summary (its row's error), not Tune's traceback on the console
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # the errors of trials Tune stopped and never asked for (a storage fault's): the summary has them
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def _mlflow_logger(spec: SweepSpec):
@@ -148,12 +159,13 @@ def _mlflow_logger(spec: SweepSpec):
                         resolve=lambda params: from_dict(spec.trial_raw(params)))
 
 
-def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int):
+def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int,
+               stop: StorageGuard):
     """(the Tuner of a new sweep, or of the trials --extend adds; its shared-work searcher or None)."""
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                callbacks=callbacks, verbose=verbose)
+                                callbacks=callbacks, stop=stop, verbose=verbose)
     space, search_alg, samples = param_space(spec, points), _searcher(spec), spec.num_samples
     shared = _shared_work_grid(spec, points)
     if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
@@ -168,14 +180,24 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     return tuner, shared
 
 
-def _fit(tuner, logger, cfg0=None):
+def _fit(tuner, logger, guard: StorageGuard, cfg0=None):
     """``tuner.fit()``, with the pending trials a shared-work searcher needs when ``cfg0`` (the first
-    trial's config) is given; what Tune reported is in MLflow before the summary (or the error) is shown."""
+    trial's config) is given; what Tune reported is in MLflow before the summary (or the error) is shown.
+    A storage fault raises its one-line StorageError, whatever Tune raised or returned on it."""
     try:
         with _pending_trials(cfg0) if cfg0 is not None else contextlib.nullcontext():
-            return tuner.fit()
+            grid = tuner.fit()
+    except Exception as e:   # e.g. Tune's own EOFError reading a trial's error file the full disk cut short
+        fault = guard.fault or storage.classify(e, guard.root) or storage.probe(guard.root)
+        if fault is None:
+            raise
+        raise fault from None
     finally:
         logger.flush()
+        guard.teardown()
+    if guard.fault is not None:   # stopped on it: the rows Tune's stop leaves out are resume's to run
+        raise guard.fault
+    return grid
 
 
 def _wrap_up(spec: SweepSpec, grid) -> None:

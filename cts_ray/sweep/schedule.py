@@ -26,6 +26,7 @@ from typing import Optional
 
 from ray.tune.search import Searcher
 
+from .. import storage
 from .work import Work, plan, shares_work  # noqa: F401  (the searcher's inputs)
 
 
@@ -90,8 +91,7 @@ class SharedWorkGrid(Searcher):
         state = {"cache_root": self.cache_root, "work": [asdict(w) for w in self.work], "todo": self.todo,
                  "running": self.running, "training": self.training, "cached": sorted(self.cached),
                  "outstanding": {c: list(n.items()) for c, n in self.outstanding.items()}, "depth": self.depth}
-        with open(checkpoint_path, "w") as f:
-            json.dump(state, f)
+        storage.write_text(checkpoint_path, json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:

@@ -6,7 +6,7 @@ while it runs, compacted into one file per method when the sweep ends.
     <sweep>/tables/layers/method=<m>/<trial_id>.parquet   one row per prunable layer of the ticket
     <sweep>/tables/<table>/method=<m>/compacted-<time_ns>-<pid>.parquet   many trials' rows (``compact``)
 
-Each file is written under a temporary name and renamed, so no reader ever sees half a file, and
+Each file is written atomically (storage.atomic), so no reader ever sees half a file, and
 it is named by trial id, so a retried or resumed trial replaces its own rows instead of adding
 more. Every row carries ``schema_version``; readers refuse versions they do not know. Columns
 added later are nullable and read as null from older files, so they need no new version.
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from .. import records
 from ..errors import SchemaError
 from ..methods import applies
+from ..storage import atomic
 
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "layers")
@@ -85,9 +86,8 @@ def write(root, table: str, method: str, trial_id: str, rows: list[dict], common
     folder = Path(root) / "tables" / table / f"method={method}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{trial_id}.parquet"
-    tmp = folder / f".{trial_id}.parquet.tmp-{os.getpid()}"
-    pq.write_table(data, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as f:
+        pq.write_table(data, f)
     return path
 
 
@@ -238,9 +238,8 @@ def compact(root, tables_=TABLES) -> dict:
                 data = data.set_column(i, new, pc.coalesce(data.column(new), data.column(old)))
             data = data.select(SCHEMAS[table].names)
             name = f"{COMPACTED}{time.time_ns()}-{os.getpid()}.parquet"
-            tmp = folder / part / f".{name}.tmp"
-            pq.write_table(data, tmp)
-            os.replace(tmp, folder / part / name)
+            with atomic(folder / part / name) as f:
+                pq.write_table(data, f)
             for path in compacted:
                 path.unlink(missing_ok=True)
             for path, st in stats.items():

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from ray import tune
 
-from .. import pipeline, runtime
+from .. import pipeline, runtime, storage
 from ..cache import DenseCache
 from ..config import from_dict
 from ..errors import ConfigError, DivergedError
@@ -36,7 +36,20 @@ from . import tables
 
 
 def trial(params: dict, spec_state: dict) -> None:
-    """``params``: this trial's sampled values (dotted keys); ``spec_state``: base config and folders."""
+    """``params``: this trial's sampled values (dotted keys); ``spec_state``: base config and folders.
+    A full, read-only or vanished storage ends it with one ``StorageError`` line (the driver stops
+    the sweep on it: runner.StorageGuard), whatever library the failed write was in."""
+    root = Path(spec_state["root"])
+    try:
+        _run_trial(params, spec_state)
+    except Exception as e:
+        fault = storage.classify(e, root)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _run_trial(params: dict, spec_state: dict) -> None:
     spec, cfg = _resolve(params, spec_state)
     root = Path(spec_state["root"])
     # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
@@ -47,7 +60,7 @@ def trial(params: dict, spec_state: dict) -> None:
         return
     ident = progress_path(root, trial_id).with_suffix(".json")   # what resume.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
-    ident.write_text(json.dumps({"config_hash": cfg.hash}))
+    storage.write_text(ident, json.dumps({"config_hash": cfg.hash}))
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
     # snapshot names the new one, so a driver killed in between would resume from a deleted one.
     saved = progress_path(root, trial_id)
@@ -64,9 +77,10 @@ def trial(params: dict, spec_state: dict) -> None:
         status, error, summary = "diverged", str(e), None
     except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
         status, error, summary = "error", f"ConfigError: {e}", None
-    except Exception as e:
+    except Exception as e:   # the row says why; on a full disk it may not be written (then resume runs it again)
+        fault = storage.classify(e, root)
         write_trial_row(root, cfg, common, Trial(
-            status="error", error=f"{type(e).__name__}: {e}", node_id=reporter.node_id,
+            status="error", error=str(fault) if fault else f"{type(e).__name__}: {e}", node_id=reporter.node_id,
             started_at=reporter.started, run_dir=str(run_dir), dense_cache_hit=False), None)
         raise
     _write_rows(root, cfg, common, reporter, status, error, summary, run_dir)
@@ -147,9 +161,7 @@ class Reporter:
             metrics["ticket_iteration"] = self.ticket_iteration
         if progress is not None:   # written before the report: what Tune saw is never ahead of it
             self.saved.parent.mkdir(exist_ok=True)
-            tmp = self.saved.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(progress.to_state(), tmp)
-            os.replace(tmp, self.saved)
+            storage.save_torch(progress.to_state(), self.saved)
         tune.report(metrics)
 
     def final(self, status: str, summary, run_dir: Path) -> dict:
@@ -211,8 +223,12 @@ def adopt(root: Path, config_hash: str, tune_id: str, orphans: dict) -> tuple:
             fd = os.open(claims / o["trial_id"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(tune_id)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(tune_id)
+        except OSError:   # an empty claim would bar every trial from this orphan: leave none
+            (claims / o["trial_id"]).unlink(missing_ok=True)
+            raise
         return o["trial_id"], o
     return tune_id, None
 
