@@ -5,7 +5,8 @@ tracking server only needs to be reachable from the head. The callbacks only que
 one background thread makes every MLflow call in order, so a slow store (a new sqlite file's
 migrations, a remote server) never holds up Tune starting trials. Runs are found again by tags
 (``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
-than starting a new one, and steps already logged are not logged twice. A failing tracking
+than starting a new one, and steps already logged are not logged twice; a trial ``--retry-failed``
+runs afresh gets a new run in place of its old one (deleted). A failing tracking
 store is reported once and then skipped: the Parquet tables are written by the trials themselves.
 ``Tracking`` is what a run logs (params as applied, metrics stepped by epoch within each phase,
 artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs through it too.
@@ -256,6 +257,7 @@ class MLflowLogger(Callback):
         self.pending: dict[str, tuple] = {}  # run id -> (metrics, tags, params) not yet sent
         self.defer: set = set()              # config hashes of forgotten trials a resumed one may adopt
         self.alias: dict[str, str] = {}      # Tune's trial id -> id of the forgotten trial it adopted
+        self.fresh: set = set()              # trial ids retried afresh: their old runs are deleted, not continued
 
     @property
     def failed(self) -> Optional[str]:
@@ -325,7 +327,7 @@ class MLflowLogger(Callback):
         """Find the sweep's runs (a resumed or extended sweep's) with one search, newest first, as
         the parent and each trial's run; create the parent if there is none."""
         client, exp = self.store.client, self.store.experiment_id
-        token, parent = None, None
+        token, parent, retried = None, None, []
         while True:
             page = client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}'", max_results=1000,
                                       page_token=token)
@@ -333,11 +335,15 @@ class MLflowLogger(Callback):
                 role, tid = run.data.tags.get("cts.role"), run.data.tags.get("cts.trial_id")
                 if role == "parent" and parent is None:
                     parent = run.info.run_id
+                elif tid in self.fresh:
+                    retried.append(run.info.run_id)
                 elif tid is not None:
                     self.known.setdefault(tid, run.info.run_id)
             token = page.token
             if not token:
                 break
+        for run_id in retried:   # a retried trial's new run replaces it: one run per trial, as in the tables
+            client.delete_run(run_id)
         if parent is not None:
             self.parent_id = parent
             return
