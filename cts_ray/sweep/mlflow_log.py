@@ -209,6 +209,12 @@ class Tracking:
         self.attempt("end run", self.client.set_terminated, run_id, status)
 
 
+# a trial row's status -> its MLflow run's (as the Tune callbacks end them: a diverged trial ends
+# normally, tagged cts.status)
+RUN_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "error": "FAILED", "stopped": "KILLED",
+              "interrupted": "KILLED"}
+
+
 _UNSYNCED_FILES: set = set()   # sqlite files whose new connections in this process skip the fsync
 
 
@@ -441,6 +447,44 @@ class MLflowLogger(Callback):
                                        RunTag("cts.stopped_at", f"{phase} epoch {epoch}")])
             self._send(run_id)
             self.store.end(run_id, "KILLED")
+
+    # ---- after a resume: the runs agree with the rows
+    def settle(self, trial_rows: list) -> None:
+        """Every trial with a row has one run, ended as its row says: a trial that ended while no
+        driver logged it (killed, or Tune's state lost it) would otherwise keep a RUNNING run
+        without its final numbers, or none. Waits until done."""
+        self._later(self._settle, [dict(r) for r in trial_rows])
+        self.flush()
+
+    def _settle(self, trial_rows: list) -> None:
+        client = self.store.client
+        if client is None or self.store.experiment_id is None:
+            return
+        running = self.store.attempt("settle", client.search_runs, [self.store.experiment_id],
+                                     f"tags.`cts.sweep` = '{self.sweep}' and attributes.status = 'RUNNING'",
+                                     max_results=10_000) or []
+        running = {r.data.tags.get("cts.trial_id"): r for r in running}
+        from ..config import from_dict
+        from mlflow.entities import RunTag
+        for row in trial_rows:
+            tid = row["trial_id"]
+            if tid in running:
+                run_id, step = running[tid].info.run_id, int(running[tid].data.metrics.get("step", 0))
+            elif tid in self.runs or tid in self.known:
+                continue   # ended as it ran
+            else:   # never logged: its run from the row
+                cfg = from_dict(json.loads(row["config"]))
+                run_id, step = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
+                                                     {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
+                                                      "cts.trial_id": tid, "cts.role": "trial"}), 0
+                if run_id is None:
+                    return
+                if row.get("run_dir"):
+                    self.store.log_outputs(run_id, Path(row["run_dir"]))
+            final = {"phase": "final", **{k: row[k] for k in FINAL_METRICS if row.get(k) is not None}}
+            self.store.log_batch(run_id, self.store.result_metrics(final, step + 1),
+                                 [RunTag("cts.status", str(row["status"]))])
+            self.store.end(run_id, RUN_STATUS.get(row["status"], "FINISHED"))
 
     def _end_parent(self, status: str):
         self._send()

@@ -165,7 +165,9 @@ def _resume(spec: SweepSpec, logger, cfg0, retried: list, again: tuple, started:
     elif (root / TUNE_DIR).exists():
         print(f"cts-ray: Tune's saved state in {root / TUNE_DIR} is missing or damaged; running the trials without "
               "a row afresh", file=sys.stderr)
-    return grids + _account(spec, logger, cfg0, state, again, started, verbose)
+    grids += _account(spec, logger, cfg0, state, again, started, verbose)
+    logger.settle(rows(root))
+    return grids
 
 
 def _point_hashes(spec: SweepSpec) -> set:
