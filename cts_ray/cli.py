@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(training.epochs=5); repeatable")
     w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run the failed and diverged trials again, afresh; their rows and MLflow "
+                        "runs are replaced")
+    w.add_argument("--retry-stopped", action="store_true",
+                   help="with --resume: also run again the trials a scheduler stopped")
     w.add_argument("--extend", action="store_true",
                    help="add the trials of new grid values to a finished sweep (other settings unchanged)")
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
@@ -177,12 +182,14 @@ def _sweep(args) -> int:
     from .sweep import runner
     from .sweep.resume import check
     from .sweep.summary import format_summary
-    points = check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
+    from .sweep.resume import RETRY_FAILED, RETRY_STOPPED
+    retry = (RETRY_FAILED if args.retry_failed else ()) + (RETRY_STOPPED if args.retry_stopped else ())
+    points = check(spec, resume=args.resume, extend=args.extend, retry=retry)   # so is a resume that would not match
     n = spec.trial_count() if points is None else len(points) * spec.num_samples
     print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
           f"folder {spec.root}", flush=True)
     try:
-        result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
+        result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend, retry=retry,
                                   verbose=0 if args.quiet else 1)
     except (StorageError, OSError) as e:
         return _storage_stop(e, spec.root, args)

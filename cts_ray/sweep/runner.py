@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import storage
 from ..config import from_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from . import tables
 from .adapters import restored_tuner
-from .resume import check, forgotten, write_record
+from .resume import (INTERRUPTED, check, claimable, forgotten, missing, point_of, reruns, restorable, rows,
+                     set_aside, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
@@ -40,26 +42,30 @@ def param_space(spec: SweepSpec, points: Optional[list] = None) -> dict:
     return space
 
 
-def _searcher(spec: SweepSpec):
+def _searcher(spec: SweepSpec, seed: Optional[int] = None, grid: bool = False):
+    """The spec's searcher, seeded with ``seed`` (default the spec's); ``grid``: Tune's grid over
+    given points whatever the spec's searcher (--extend, or the trials a resume still needs)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    if spec.searcher in ("grid", "random"):
-        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent or 0)
+    seed = spec.seed if seed is None else seed
+    if grid or spec.searcher in ("grid", "random"):
+        return BasicVariantGenerator(random_state=seed, max_concurrent=spec.max_concurrent or 0)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     storage = optuna.storages.RDBStorage(optuna_storage(spec))
-    search = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                          study_name=spec.name, storage=storage, seed=spec.seed)
+    search = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+                          study_name=spec.name, storage=storage, seed=seed)
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent) if spec.max_concurrent else search
 
 
-def _shared_work_grid(spec: SweepSpec, points: Optional[list]):
+def _shared_work_grid(spec: SweepSpec, points: Optional[list], repeats: Optional[int] = None):
     """The dependency-aware grid searcher (schedule.py) where a grid's trials share work, else None."""
     work = shared_work(spec, points)
     if work is None:
         return None
     from .schedule import SharedWorkGrid
-    return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense", repeats=spec.num_samples)
+    return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense",
+                          repeats=spec.num_samples if repeats is None else repeats)
 
 
 @contextlib.contextmanager
@@ -100,43 +106,106 @@ def tracking_uri(spec: SweepSpec) -> str:
 
 
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
-              verbose: int = 1) -> dict:
+              retry: tuple = (), verbose: int = 1) -> dict:
     """Run, resume or extend a sweep; returns {"summary": summarise's, "paths": paths', "errors": trials
-    that failed, "mlflow_error": why MLflow logging stopped or None, "mlflow_experiment": its id}."""
-    from ray import tune
-
-    from .trainable import spec_state, trial
+    that failed, "mlflow_error": why MLflow logging stopped or None, "mlflow_experiment": its id}.
+    ``retry``: with ``resume``, the row statuses whose trials run again (resume.RETRY_FAILED ...)."""
+    from .trainable import spec_state
     _quiet_tune()
-    points = check(spec, resume=resume, extend=extend)
+    points = check(spec, resume=resume, extend=extend, retry=retry)
     resume = resume and not extend
-    if resume and not tune.Tuner.can_restore(str(spec.root / TUNE_DIR)):
-        raise ConfigError(f"--resume: no sweep to resume at {str(spec.root / TUNE_DIR)!r}; run it without --resume "
-                          "first")
+    started = time.time()
     write_record(spec, resume=resume, added=points)
+    retried = [r["trial_id"] for r in rows(spec.root) if r["status"] in retry]
     logger = _mlflow_logger(spec)
+    logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
     _connect(address, verbose)
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
-    state = spec_state(spec)
-    if resume:
-        state["orphans"] = forgotten(spec.root)
-        logger.defer = set(state["orphans"])
-    trainable = tune.with_resources(tune.with_parameters(trial, spec_state=state),
-                                    {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
     from .guard import StorageGuard
-    guard = StorageGuard(spec.root)
-    callbacks = [logger, guard, JsonLoggerCallback(), CSVLoggerCallback()]
+    guard = StorageGuard(spec.root)   # one per command: a storage fault in any of its Tuners ends it
     if resume:
-        shared = _shared_work_grid(spec, None)   # what the restored searcher is (the spec is unchanged)
-        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks, stop=guard)
+        grids = _resume(spec, logger, guard, cfg0, retried, (INTERRUPTED, *retry), started, verbose)
     else:
-        tuner, shared = _new_tuner(spec, trainable, callbacks, points, verbose, guard)
-    grid = _fit(tuner, logger, guard, cfg0 if shared is not None else None)
-    _wrap_up(spec, grid)
-    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
+        tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), _callbacks(logger, guard), points,
+                                   verbose, stop=guard)
+        grids = [_fit(spec, tuner, logger, guard, cfg0 if shared is not None else None)]
+    _compact(spec)
+    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for g in grids for r in g if r.error),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+
+
+def _trainable(state: dict, cfg0):
+    from ray import tune
+
+    from .trainable import trial
+    return tune.with_resources(tune.with_parameters(trial, spec_state=state),
+                               {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
+
+
+def _callbacks(logger, guard: StorageGuard) -> list:
+    """Tune's callbacks for one Tuner: our MLflow logger and storage guard (shared by the Tuners of
+    one command) and new instances of Tune's file loggers."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    return [logger, guard, JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, again: tuple, started: float,
+            verbose: int) -> list:
+    """--resume: Tune's saved state restored and run where it reads whole; then the trials it did not
+    account for (``_account``). Returns the Tuners' result grids."""
+    from ray import tune
+
+    from .trainable import forget_progress, spec_state
+    root = spec.root
+    forget_progress(root, retried)   # a retried trial runs afresh
+    state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
+    logger.defer = {r["config_hash"] for r in rows(root)} | _point_hashes(spec)   # any trial may go on as another
+    grids = []
+    if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
+        state["orphans"] = forgotten(root)
+        try:
+            tuner = restored_tuner(str(root / TUNE_DIR), _trainable(state, cfg0), _callbacks(logger, guard),
+                                   stop=guard)
+            grids.append(_fit(spec, tuner, logger, guard, cfg0 if _shared_work_grid(spec, None) is not None else None))
+        except StorageError:   # the storage's, not Tune's state's: the sweep stops on it
+            raise
+        except Exception as e:   # Tune's own state broke it (not a trial: their errors are in the grid)
+            print(f"cts-ray: Tune could not resume its saved state ({type(e).__name__}: {str(e)[:200]}); running "
+                  "the trials without a row afresh", file=sys.stderr)
+    elif (root / TUNE_DIR).exists():
+        print(f"cts-ray: Tune's saved state in {root / TUNE_DIR} is missing or damaged; running the trials without "
+              "a row afresh", file=sys.stderr)
+    grids += _account(spec, logger, guard, cfg0, state, again, started, verbose)
+    logger.settle(rows(root))
+    return grids
+
+
+def _point_hashes(spec: SweepSpec) -> set:
+    return {from_dict(spec.trial_raw(p)).hash for p in spec.grid_points()} if spec.searcher == "grid" else set()
+
+
+def _account(spec: SweepSpec, logger, guard: StorageGuard, cfg0, state: dict, again: tuple, started: float,
+             verbose: int) -> list:
+    """After what Tune restored has run: every point of the recorded grid (× num_samples) without
+    a row runs now, as do the rows this resume runs again (``again``) that are still old, under
+    their own ids. Each in a new Tune experiment (the old one kept as tune.N), as --extend does."""
+    root = spec.root
+    have = rows(root)
+    redo = reruns(have, again, started)
+    todo = missing(spec, have)
+    points = [point_of(spec, r) for r in redo] + [p for p in todo if p is not None]
+    sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
+    state = {**state, "orphans": claimable(root, redo),
+             "rerun": state["rerun"] | {r["trial_id"] for r in redo}}
+    grids = []
+    for batch, repeats in ([(points, 1)] if points else []) + ([(None, sampled)] if sampled else []):
+        set_aside(root)
+        seed = spec.seed + sum(1 for _ in root.glob(f"{TUNE_DIR}.*"))   # new samples, not the first run's again
+        tuner, shared = _new_tuner(spec, _trainable(state, cfg0), _callbacks(logger, guard), batch, verbose,
+                                   repeats=repeats, searcher_seed=seed, stop=guard)
+        grids.append(_fit(spec, tuner, logger, guard, cfg0 if shared is not None else None))
+    return grids
 
 
 def _quiet_tune() -> None:
@@ -160,14 +229,18 @@ def _mlflow_logger(spec: SweepSpec):
 
 
 def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int,
-               stop: StorageGuard):
-    """(the Tuner of a new sweep, or of the trials --extend adds; its shared-work searcher or None)."""
+               repeats: Optional[int] = None, searcher_seed: Optional[int] = None, stop=None):
+    """(the Tuner of a new sweep, of the trials --extend adds, or of those a resume still needs;
+    its shared-work searcher or None). ``repeats``: Tune's num_samples instead of the spec's (a
+    resume's points, each listed once per missing repeat: 1); ``searcher_seed``: instead of the spec's;
+    ``stop``: the StorageGuard."""
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                 callbacks=callbacks, stop=stop, verbose=verbose)
-    space, search_alg, samples = param_space(spec, points), _searcher(spec), spec.num_samples
-    shared = _shared_work_grid(spec, points)
+    samples = spec.num_samples if repeats is None else repeats
+    space, search_alg = param_space(spec, points), _searcher(spec, searcher_seed, grid=points is not None)
+    shared = _shared_work_grid(spec, points, samples)
     if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
         space, search_alg, samples = {}, shared, len(shared.todo)
     tuner = tune.Tuner(trainable, param_space=space,
@@ -180,10 +253,14 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     return tuner, shared
 
 
-def _fit(tuner, logger, guard: StorageGuard, cfg0=None):
+def _fit(spec: SweepSpec, tuner, logger, guard: StorageGuard, cfg0=None):
     """``tuner.fit()``, with the pending trials a shared-work searcher needs when ``cfg0`` (the first
     trial's config) is given; what Tune reported is in MLflow before the summary (or the error) is shown.
-    A storage fault raises its one-line StorageError, whatever Tune raised or returned on it."""
+    Then the rows of the trials a scheduler stopped, from Tune's result files (before a resume may
+    set its experiment aside). A storage fault raises its one-line StorageError instead, whatever Tune
+    raised or returned on it (the trials its stop left without a row are a resume's to run)."""
+    from .trainable import write_stopped
+    begun = int(time.time())
     try:
         with _pending_trials(cfg0) if cfg0 is not None else contextlib.nullcontext():
             grid = tuner.fit()
@@ -195,17 +272,17 @@ def _fit(tuner, logger, guard: StorageGuard, cfg0=None):
     finally:
         logger.flush()
         guard.teardown()
-    if guard.fault is not None:   # stopped on it: the rows Tune's stop leaves out are resume's to run
+    if guard.fault is not None:
         raise guard.fault
+    for result in grid:   # no error and no final report: a scheduler stopped it, in this fit (a restored
+        # trial's stop, e.g. a storage fault's, is not a scheduler's; its row, if any, was written then)
+        if result.error is None and result.metrics and result.metrics.get("phase") != "final" and \
+                result.metrics.get("timestamp", begun) >= begun:
+            write_stopped(spec.root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
     return grid
 
 
-def _wrap_up(spec: SweepSpec, grid) -> None:
-    """Rows for the trials a scheduler stopped, then the tables compacted."""
-    from .trainable import write_stopped
-    for result in grid:   # no error and no final report: a scheduler stopped it
-        if result.error is None and result.metrics and result.metrics.get("phase") != "final":
-            write_stopped(spec.root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
+def _compact(spec: SweepSpec) -> None:
     try:   # no trial writes now: one file per method and table instead of one per trial
         tables.compact(spec.root)
     except Exception as e:   # the per-trial files are still whole and read as before

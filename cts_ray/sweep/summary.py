@@ -22,7 +22,7 @@ def summarise(spec: SweepSpec) -> dict:
     try:
         t = tables.read(spec.root, "trials").to_pylist()
     except FileNotFoundError:
-        return {"keys": [], "rows": [], "best": None, "reasons": []}
+        return {"keys": [], "rows": [], "best": None, "reasons": [], "not_run": not_run(spec, [])}
     keys = [k for k in {**spec.grid, **spec.sample} if k not in ("seed", "search.method", "search.density")]
     groups = defaultdict(list)
     for r in t:
@@ -52,7 +52,37 @@ def summarise(spec: SweepSpec) -> dict:
                                                                  reverse=mode == "max")[:5]}
     reasons = [f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}"
                for r in sorted(t, key=lambda r: r["trial_id"]) if r["status"] != "finished"]
-    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons}
+    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons, "not_run": not_run(spec, t)}
+
+
+NOT_RUN_SHOWN = 20   # points listed by name; the rest are counted
+
+
+def not_run(spec: SweepSpec, trials: list) -> list[dict]:
+    """The recorded sweep's trials that have no row (``resume.missing``): one entry per grid point
+    (None: a random or Optuna sweep's sampled trial) with how many of its repeats, and why."""
+    from .resume import missing
+    out: dict = {}
+    for p in missing(spec, trials):
+        entry = out.setdefault(json.dumps(p, sort_keys=True), {"point": p, "count": 0})
+        entry["count"] += 1
+        entry["reason"] = "not started; --resume runs it"
+    return list(out.values())
+
+
+def format_not_run(entries: list[dict]) -> list[str]:
+    """The summary's "not run" section (empty when every trial has its row)."""
+    if not entries:
+        return []
+    lines = ["", f"not run ({sum(e['count'] for e in entries)} trial(s) with no row):"]
+    for e in entries[:NOT_RUN_SHOWN]:
+        what = "a sampled trial" if e["point"] is None else \
+            ", ".join(f"{k.removeprefix('search.')}={_value(v)}" for k, v in e["point"].items()) or "the base config"
+        times = f" (×{e['count']})" if e["count"] > 1 else ""
+        lines.append(f"  {what}{times}: {e['reason']}")
+    if len(entries) > NOT_RUN_SHOWN:
+        lines.append(f"  … and {len(entries) - NOT_RUN_SHOWN} more point(s)")
+    return lines
 
 
 def _value(v) -> str:
@@ -94,4 +124,5 @@ def format_summary(summary: dict) -> str:
                          + (f"  {values}" if values else ""))
     if summary["reasons"]:
         lines += ["", "not finished:"] + [f"  {why}" for why in summary["reasons"]]
+    lines += format_not_run(summary.get("not_run", []))
     return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""A resume accounts for every grid point, whatever state Tune left (issue 24 point 2), and
+--retry-failed runs failed and diverged trials again in place of their old rows and MLflow runs
+(issue 23 point 3). Real `cts-ray sweep` processes on the two-raylet test cluster, real Parquet,
+real MLflow sqlite; the faults are real files damaged on disk."""
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from cts_ray.sweep import spec as spec_mod, tables
+from cts_ray.sweep.resume import check, missing
+
+from conftest import BIN, REPO, _run, _sweep_file
+
+DIGITS = str(REPO / "configs" / "digits.yaml")
+SEEDS = {"base": DIGITS, "set": {"training.epochs": 6, "training.milestones": [4], "resources.cpus": 1},
+         "grid": {"search.density": [0.1], "seed": [0, 1, 2, 3]}, "max_concurrent": 2}
+
+
+def _sweep(args, cwd):
+    return subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def _mlflow_trial_runs(storage: Path, sweep: str) -> list:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cts-ray")
+    runs = client.search_runs([exp.experiment_id], f"tags.`cts.sweep` = '{sweep}'")
+    assert sum(r.data.tags["cts.role"] == "parent" for r in runs) == 1
+    return [r for r in runs if r.data.tags["cts.role"] == "trial"]
+
+
+def _by_seed(root: Path, table: str) -> dict:
+    seed = {t["trial_id"]: t["seed"] for t in tables.read(root, "trials").to_pylist()}
+    return Counter(seed[r["trial_id"]] for r in tables.read(root, table, ["trial_id"]).to_pylist())
+
+
+@pytest.fixture(scope="module")
+def unbroken(ray_cluster, tmp_path_factory):
+    """The sweep run once without a fault: what a damaged one must end up with."""
+    tmp = tmp_path_factory.mktemp("unbroken")
+    _run([_sweep_file(tmp, "whole", SEEDS), "--address", ray_cluster, "--quiet"], tmp)
+    root = tmp / "sweeps" / "whole"
+    acc = {t["seed"]: t["test_accuracy"] for t in tables.read(root, "trials").to_pylist()}
+    return {"accuracy": acc, "epochs": _by_seed(root, "epochs"), "layers": _by_seed(root, "layers")}
+
+
+def _kill_mid_sweep(f: Path, root: Path, address: str, cwd: Path) -> None:
+    driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", address, "--quiet"],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((root / "tables").rglob("*.parquet")):
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
+def _damage(state_dir: Path, how: str, root: Path) -> None:
+    """Truncate Tune's newest experiment state file, or delete from it a trial that had started."""
+    newest = sorted(state_dir.glob("experiment_state-*.json"))[-1]
+    if how == "truncate":
+        newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])
+        return
+    state = json.loads(newest.read_text())
+    started = {p.stem for p in (root / "progress").glob("*.json")} | {p.name for p in (root / "trials").iterdir()}
+    ids = [json.loads(t)["trial_id"] for t, _ in state["trial_data"]]
+    gone = next((i for i in ids if i in started), ids[0])
+    state["trial_data"] = [d for d, i in zip(state["trial_data"], ids) if i != gone]
+    newest.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("how", ["truncate", "forget"])
+def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, ray_cluster, tmp_path, how):
+    f = _sweep_file(tmp_path, "broken", SEEDS)
+    root = tmp_path / "sweeps" / "broken"
+    _kill_mid_sweep(f, root, ray_cluster, tmp_path)
+    before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert 1 <= len(before) < 4, "the kill came too late to test resuming"
+    _damage(root / "tune", how, root)
+
+    p = _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
+    after = tables.read(root, "trials").to_pylist()
+    assert sorted(t["seed"] for t in after) == [0, 1, 2, 3] and {t["status"] for t in after} == {"finished"}
+    assert "not run" not in p.stdout
+    for t in after:   # the same numbers as the sweep that never broke
+        assert t["test_accuracy"] == pytest.approx(unbroken["accuracy"][t["seed"]], abs=1e-9), t["seed"]
+    for tid, row in before.items():   # finished before the kill: kept, not run again
+        assert {t["trial_id"]: t["ended_at"] for t in after}[tid] == row["ended_at"]
+    for table in ("epochs", "layers"):
+        assert _by_seed(root, table) == unbroken[table], table
+    epochs = tables.read(root, "epochs").to_pylist()
+    keys = [(r["trial_id"], r["phase"], r["round"], r["epoch"]) for r in epochs]
+    assert len(keys) == len(set(keys))
+    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 4   # compacted: once each
+    runs = _mlflow_trial_runs(tmp_path / "sweeps", "broken")
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(t["trial_id"] for t in after)
+    acc = {t["trial_id"]: t["test_accuracy"] for t in after}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.metrics["test_accuracy"] == pytest.approx(acc[r.data.tags["cts.trial_id"]])
+    assert not list((root / "progress").glob("*"))
+
+
+def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "retry", {"base": DIGITS, "max_failures": 0,
+                                        "set": {"training.epochs": 3, "training.milestones": [2],
+                                                "resources.cpus": 1, "training.momentum": 0},
+                                        "grid": {"seed": [0, 1], "training.lr": [0.1, 1.0e30]}})
+    root, storage = tmp_path / "sweeps" / "retry", tmp_path / "sweeps"
+    p = _sweep([f, "--retry-failed"], tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "add --resume" in p.stderr, p.stderr
+    # a damaged file: seed 1's cached dense run (lr 0.1) does not load
+    from cts_ray.cache import DenseCache
+    from cts_ray.config import from_dict
+    spec = spec_mod.load(f)
+    bad_cfg = from_dict(spec.trial_raw({"seed": 1, "training.lr": 0.1}))
+    cache = DenseCache(storage / "_cache" / "dense")
+    damaged = cache.root / cache.key(bad_cfg) / "dense.pt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a torch file")
+    p = _sweep([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    assert p.returncode != 0
+    first = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert sorted(t["status"] for t in first.values()) == ["diverged", "diverged", "error", "finished"]
+    assert len(_mlflow_trial_runs(storage, "retry")) == 4
+
+    damaged.unlink()   # the cause fixed
+    p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume", "--retry-failed"], tmp_path)
+    again = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert set(again) == set(first)   # the same trials, one row each: replaced, not doubled
+    assert sorted(t["status"] for t in again.values()) == ["diverged", "diverged", "finished", "finished"]
+    for tid, t in first.items():   # failed and diverged ran again; the finished one did not
+        assert (again[tid]["ended_at"] > t["ended_at"]) == (t["status"] != "finished"), t["status"]
+    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 4
+    epochs = tables.read(root, "epochs").to_pylist()
+    keys = [(r["trial_id"], r["phase"], r["round"], r["epoch"]) for r in epochs]
+    assert len(keys) == len(set(keys))
+    runs = _mlflow_trial_runs(storage, "retry")
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(again)   # one run each
+    for r in runs:
+        row = again[r.data.tags["cts.trial_id"]]
+        assert r.data.tags["cts.status"] == row["status"]
+        if row["status"] == "finished":
+            assert r.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"])
+
+
+def test_a_resume_takes_the_grid_an_interrupted_extend_recorded(tmp_path):
+    """No Ray: the recorded grid is the truth, and what lacks a row is what a resume runs."""
+    body = {"base": DIGITS, "grid": {"search.density": [0.1], "seed": [0, 1]}}
+    f = _sweep_file(tmp_path, "grown", body)
+    root = tmp_path / "sweeps" / "grown"
+    (root / "tune").mkdir(parents=True)
+    grown = spec_mod.load(f, ["grid.seed=[0,1,2]"])
+    record = {**grown.record(), "extended": [{"grid": {"search.density": [0.1], "seed": [0, 1]}, "added": 1}]}
+    (root / "sweep.json").write_text(json.dumps(record))
+    spec = spec_mod.load(f)
+    assert check(spec, resume=True) is None and spec.grid["seed"] == [0, 1, 2]
+    with pytest.raises(Exception, match=r"grid.seed: \[0, 1, 2\] -> \[0, 3\]"):
+        check(spec_mod.load(f, ["grid.seed=[0,3]"]), resume=True)
+    from cts_ray.config import from_dict
+    have = [{"trial_id": f"t{s}", "config_hash": from_dict(spec.trial_raw({"search.density": 0.1, "seed": s})).hash}
+            for s in (0, 1)]
+    assert missing(spec, have) == [{"search.density": 0.1, "seed": 2}]
+    spec.num_samples = 2
+    assert missing(spec, have) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2, 2)]
