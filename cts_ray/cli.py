@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import EXIT_STORAGE, AnalysisError, CompactError, ConfigError, DivergedError, SchemaError, StorageError
 
@@ -258,7 +259,9 @@ def _main(argv=None) -> int:
             return _analysis(args)
         if args.command == "export":
             from .export import export_run, summary_lines
-            print("\n".join(summary_lines(export_run(args.run_dir, args.out))))
+            from .storage import named_faults
+            with named_faults(Path(args.out).parent if args.out else Path(args.run_dir)):
+                print("\n".join(summary_lines(export_run(args.run_dir, args.out))))
             return 0
         if args.command == "eval":
             from . import pipeline
@@ -270,13 +273,15 @@ def _main(argv=None) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out
-        run = lambda on_record=None: pipeline.run(cfg, out, overwrite=args.overwrite, progress=not args.quiet,
-                                                  on_record=on_record)
+
+        def run(on_record=None):
+            from .storage import named_faults
+            with named_faults(Path(out).resolve().parent):   # a full disk: one line, exit EXIT_STORAGE
+                return pipeline.run(cfg, out, overwrite=args.overwrite, progress=not args.quiet, on_record=on_record)
         if args.mlflow is None:
             summary = run()
         else:
             import os
-            from pathlib import Path
             from .sweep import mlflow_log
             pipeline.check_out(Path(out), args.overwrite)   # refused before an MLflow run is made
             uri = args.mlflow or os.environ.get("MLFLOW_TRACKING_URI") or \
@@ -289,6 +294,9 @@ def _main(argv=None) -> int:
     except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:   # full, read-only or gone: what the disk said, in one line
+        print(f"cts-ray: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)

@@ -59,6 +59,18 @@ def save_torch(obj, path) -> None:
         torch.save(obj, f)
 
 
+@contextlib.contextmanager
+def named_faults(folder) -> Iterator[None]:
+    """Whatever a failed write under ``folder`` raised, raised again as its one-line StorageError."""
+    try:
+        yield
+    except Exception as e:
+        fault = classify(e, folder)
+        if fault is None:
+            raise
+        raise fault from None
+
+
 def classify(exc: BaseException, folder) -> Optional[StorageError]:
     """The StorageError for ``folder`` that ``exc`` (or an exception it chains) means, else None."""
     if isinstance(exc, StorageError):

@@ -181,3 +181,14 @@ def test_a_sweep_on_a_disk_that_fills_stops_in_one_line_and_resumes_to_every_poi
 
 def _points(rows) -> list:
     return sorted((r["method"], r["seed"]) for r in rows)
+
+
+def test_a_single_run_on_a_full_disk_is_one_line(disk, tmp_path):
+    ballast = _fill(disk)
+    p = subprocess.run([str(BIN / "cts-ray"), "run", "--quiet", "--set", "training.epochs=1", "--set",
+                        "training.milestones=[]", "--out", str(disk / "runs" / "r")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == EXIT_STORAGE, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines() == [f"cts-ray: storage full: {disk / 'runs'} (0.0 MB free)"], p.stderr
+    assert not list((disk / "runs").iterdir())   # no half run folder left
+    ballast.unlink()

@@ -39,14 +39,8 @@ def trial(params: dict, spec_state: dict) -> None:
     """``params``: this trial's sampled values (dotted keys); ``spec_state``: base config and folders.
     A full, read-only or vanished storage ends it with one ``StorageError`` line (the driver stops
     the sweep on it: runner.StorageGuard), whatever library the failed write was in."""
-    root = Path(spec_state["root"])
-    try:
+    with storage.named_faults(Path(spec_state["root"])):
         _run_trial(params, spec_state)
-    except Exception as e:
-        fault = storage.classify(e, root)
-        if fault is None:
-            raise
-        raise fault from None
 
 
 def _run_trial(params: dict, spec_state: dict) -> None:
