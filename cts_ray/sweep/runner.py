@@ -124,8 +124,18 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), _callbacks(logger), points, verbose)
         grids = [_fit(spec, tuner, logger, cfg0 if shared is not None else None)]
     _compact(spec)
-    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for g in grids for r in g if r.error),
+    return {"summary": summarise(spec, _tune_errors(spec, grids)), "paths": paths(spec),
+            "errors": sum(1 for g in grids for r in g if r.error),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+
+
+def _tune_errors(spec: SweepSpec, grids: list) -> dict:
+    """{config hash: why} of the trials Tune failed: what the summary says of a point left with no row."""
+    out = {}
+    for result in (r for g in grids for r in g if r.error):
+        first = (str(result.error).strip().splitlines() or [""])[-1][:200]
+        out[from_dict(spec.trial_raw(result.config)).hash] = f"its trial failed before it wrote a row ({first})"
+    return out
 
 
 def _trainable(state: dict, cfg0):
