@@ -73,7 +73,8 @@ def _damage(state_dir: Path, how: str, forget=()) -> None:
     state = json.loads(newest.read_text())
     ids = [json.loads(t)["trial_id"] for t, _ in state["trial_data"]]
     root = state_dir.parent
-    running = {p.stem for p in (root / "progress").glob("*.json")} - set(tables.read(root, "trials")["trial_id"].to_pylist())
+    rows = set(tables.read(root, "trials")["trial_id"].to_pylist())
+    running = {p.stem for p in (root / "progress").glob("*.json")} - rows
     forget = set(forget) or {next((i for i in ids if i in running), ids[0])}
     state["trial_data"] = [d for d, i in zip(state["trial_data"], ids) if i not in forget]
     newest.write_text(json.dumps(state))
@@ -171,6 +172,10 @@ def test_a_resume_takes_the_grid_an_interrupted_extend_recorded(tmp_path):
     assert missing(spec, have) == [{"search.density": 0.1, "seed": 2}]
     spec.num_samples = 2
     assert missing(spec, have) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2, 2)]
+    # a row hashed by an older cts-ray counts for its point by its swept values
+    older = {"trial_id": "t2", "config_hash": "older",
+             "config": json.dumps(from_dict(spec.trial_raw({"search.density": 0.1, "seed": 2})).to_dict())}
+    assert missing(spec, have + [older]) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2)]
     # the summary lists what has no row, by point, with the reason
     from cts_ray.sweep.summary import format_summary, summarise
     spec.num_samples = 1

@@ -172,27 +172,42 @@ def restorable(path) -> bool:
 
 # ---- what a resume must still run: the recorded grid against the rows
 
-def point_of(spec: SweepSpec, row: dict) -> dict:
-    """A row's swept values (dotted keys): the grid point (or sampled values) that made it."""
+def _values(spec: SweepSpec, row: dict) -> dict:
+    """A row's swept values (dotted keys), read from its config."""
     from ..config import flatten
     flat = flatten(json.loads(row["config"]))
     return {k: flat[k] for k in {**spec.grid, **spec.sample} if k in flat}
 
 
+def grid_keys(spec: SweepSpec) -> dict:
+    """{config hash: grid point} of the recorded grid."""
+    from ..config import from_dict
+    return {from_dict(spec.trial_raw(p)).hash: p for p in spec.grid_points()}
+
+
+def points_of(spec: SweepSpec, have_rows: list) -> list:
+    """The grid point (or sampled values) each row ran: by config hash among the recorded grid's
+    points, else as its config has them."""
+    by_hash = grid_keys(spec) if spec.searcher == "grid" else {}
+    return [by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r) for r in have_rows]
+
+
 def missing(spec: SweepSpec, have_rows: list) -> list:
     """The trials the recorded sweep lacks a row for: a grid point once per missing repeat
-    (``num_samples``), or None per sampled trial a random or Optuna sweep has yet to run."""
+    (``num_samples``), or None per sampled trial a random or Optuna sweep has yet to run. A row
+    counts for its point by config hash, else by its swept values (a config hashed by an older
+    cts-ray whose config had fewer fields)."""
     if spec.searcher != "grid":
         return [None] * max(0, spec.num_samples - len({r["trial_id"] for r in have_rows}))
-    from ..config import from_dict
+    by_hash = grid_keys(spec)
+    key = lambda p: json.dumps(p, sort_keys=True)
     have = defaultdict(int)
     for r in have_rows:
-        have[r["config_hash"]] += 1
+        have[key(by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r))] += 1
     out = []
     for p in spec.grid_points():
-        h = from_dict(spec.trial_raw(p)).hash
-        n = min(have[h], spec.num_samples)
-        have[h] -= n
+        n = min(have[key(p)], spec.num_samples)
+        have[key(p)] -= n
         out += [p] * (spec.num_samples - n)
     return out
 

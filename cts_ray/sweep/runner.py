@@ -13,8 +13,8 @@ from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
-from .resume import (INTERRUPTED, check, claimable, forgotten, missing, point_of, reruns, restorable, rows,
-                     set_aside, write_record)
+from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
+                     rows, set_aside, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
@@ -162,7 +162,8 @@ def _resume(spec: SweepSpec, logger, cfg0, retried: list, again: tuple, started:
     root = spec.root
     forget_progress(root, retried)   # a retried trial runs afresh
     state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
-    logger.defer = {r["config_hash"] for r in rows(root)} | _point_hashes(spec)   # any trial may go on as another
+    # any trial may go on as another (its MLflow run is found at its first result)
+    logger.defer = {r["config_hash"] for r in rows(root)} | (set(grid_keys(spec)) if spec.searcher == "grid" else set())
     grids = []
     if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
         state["orphans"] = forgotten(root)
@@ -180,10 +181,6 @@ def _resume(spec: SweepSpec, logger, cfg0, retried: list, again: tuple, started:
     return grids
 
 
-def _point_hashes(spec: SweepSpec) -> set:
-    return {from_dict(spec.trial_raw(p)).hash for p in spec.grid_points()} if spec.searcher == "grid" else set()
-
-
 def _account(spec: SweepSpec, logger, cfg0, state: dict, again: tuple, started: float, verbose: int) -> list:
     """After what Tune restored has run: every point of the recorded grid (× num_samples) without
     a row runs now, as do the rows this resume runs again (``again``) that are still old, under
@@ -192,7 +189,7 @@ def _account(spec: SweepSpec, logger, cfg0, state: dict, again: tuple, started: 
     have = rows(root)
     redo = reruns(have, again, started)
     todo = missing(spec, have)
-    points = [point_of(spec, r) for r in redo] + [p for p in todo if p is not None]
+    points = points_of(spec, redo) + [p for p in todo if p is not None]
     sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
     state = {**state, "orphans": claimable(root, redo),
              "rerun": state["rerun"] | {r["trial_id"] for r in redo}}
