@@ -112,6 +112,25 @@ def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, r
     assert not list((root / "progress").glob("*"))
 
 
+def test_an_optuna_sweep_resumed_from_a_truncated_state_reaches_its_trials_and_tells_the_study_once(
+        ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "opt", {**SEEDS, "grid": {}, "searcher": "optuna", "num_samples": 3, "seed": 3,
+                                      "sample": {"search.temperature": {"loguniform": [0.2, 2.0]}}})
+    root = tmp_path / "sweeps" / "opt"
+    _kill_mid_sweep(f, root, ray_cluster, tmp_path)
+    assert 1 <= len(tables.read(root, "trials")) < 3, "the kill came too late to test resuming"
+    _damage(root / "tune", "truncate")
+    _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
+    trials = tables.read(root, "trials").to_pylist()
+    assert len(trials) == 3 and {t["status"] for t in trials} == {"finished"}
+    import optuna
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{root / 'optuna.db'}")
+    states = Counter(t.state for t in study.trials)
+    assert states[optuna.trial.TrialState.RUNNING] == 0 and states[optuna.trial.TrialState.COMPLETE] == 3
+    done = sorted(t.params["search.temperature"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert sorted(t["temperature"] for t in trials) == pytest.approx(done)
+
+
 def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster, tmp_path):
     f = _sweep_file(tmp_path, "retry", {"base": DIGITS, "max_failures": 0,
                                         "set": {"training.epochs": 3, "training.milestones": [2],

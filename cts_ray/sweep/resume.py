@@ -212,6 +212,26 @@ def missing(spec: SweepSpec, have_rows: list) -> list:
     return out
 
 
+def settle_study(spec: SweepSpec, storage: str) -> int:
+    """An Optuna sweep after a resume: the study's trials still RUNNING were asked by a driver
+    that died. Each is told the result of the row its values made (a trial that finished while
+    Tune's state forgot it), or failed (its trial never got a row; the resume sampled another),
+    so the study completes each trial once. Returns how many it told."""
+    import optuna
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    metrics = spec.metric if isinstance(spec.metric, list) else [spec.metric]
+    by_values = {json.dumps(_values(spec, r), sort_keys=True): r for r in rows(spec.root)}
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        r = by_values.get(json.dumps(t.params, sort_keys=True))
+        values = [r[m] for m in metrics] if r is not None and r["status"] == "finished" else None
+        if values is None or None in values:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(t.number, values if len(values) > 1 else values[0])
+    return len(stale)
+
+
 def reruns(have_rows: list, statuses: tuple, before: float) -> list:
     """The rows of ``statuses`` not written since ``before`` (the resume's start): trials to run
     again under their own ids (an interrupted one, a failed one to retry), so their rows are replaced."""

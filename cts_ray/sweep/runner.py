@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
 from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
-                     rows, set_aside, write_record)
+                     rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
@@ -178,6 +178,11 @@ def _resume(spec: SweepSpec, logger, cfg0, retried: list, again: tuple, started:
               "a row afresh", file=sys.stderr)
     grids += _account(spec, logger, cfg0, state, again, started, verbose)
     logger.settle(rows(root))
+    if spec.searcher == "optuna":
+        try:
+            settle_study(spec, optuna_storage(spec))
+        except Exception as e:   # bookkeeping of the study only: the trials and their rows stand
+            print(f"cts-ray: settling the Optuna study failed ({type(e).__name__}: {e})", file=sys.stderr)
     return grids
 
 
