@@ -48,14 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
                         "(training.epochs=5); repeatable")
     w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
-    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
-    w.add_argument("--retry-failed", action="store_true",
-                   help="with --resume: run the failed and diverged trials again, afresh; their rows and MLflow "
-                        "runs are replaced")
-    w.add_argument("--retry-stopped", action="store_true",
-                   help="with --resume: also run again the trials a scheduler stopped")
-    w.add_argument("--extend", action="store_true",
-                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
+    _continue_args(w)
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
     w.add_argument("--quiet", action="store_true", help="no live progress table")
     w.add_argument("--dry-run", action="store_true",
@@ -90,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
     return p
+
+
+def _continue_args(w) -> None:
+    """`cts-ray sweep`'s flags that continue an existing sweep."""
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run the failed and diverged trials again, afresh; their rows and MLflow "
+                        "runs are replaced")
+    w.add_argument("--retry-stopped", action="store_true",
+                   help="with --resume: also run again the trials a scheduler stopped")
+    w.add_argument("--extend", action="store_true",
+                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
 
 
 def _results_args(p) -> None:

@@ -19,8 +19,9 @@ from cts_ray.sweep.resume import check, missing
 from conftest import BIN, REPO, _run, _sweep_file
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
-SEEDS = {"base": DIGITS, "set": {"training.epochs": 6, "training.milestones": [4], "resources.cpus": 1},
-         "grid": {"search.density": [0.1], "seed": [0, 1, 2, 3]}, "max_concurrent": 2}
+# killed after its first row: one trial finished, one running (saved progress), one not started
+SEEDS = {"base": DIGITS, "set": {"training.epochs": 5, "training.milestones": [4], "resources.cpus": 1},
+         "grid": {"search.density": [0.1], "seed": [0, 1, 2]}, "max_concurrent": 2}
 
 
 def _sweep(args, cwd):
@@ -62,17 +63,20 @@ def _kill_mid_sweep(f: Path, root: Path, address: str, cwd: Path) -> None:
     driver.wait()
 
 
-def _damage(state_dir: Path, how: str, root: Path) -> None:
-    """Truncate Tune's newest experiment state file, or delete from it a trial that had started."""
+def _damage(state_dir: Path, how: str, forget=()) -> None:
+    """Truncate Tune's newest experiment state file, or delete from it the trials ``forget``
+    (default: the first trial in it that saved progress and has no row: it was running)."""
     newest = sorted(state_dir.glob("experiment_state-*.json"))[-1]
     if how == "truncate":
         newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])
         return
     state = json.loads(newest.read_text())
-    started = {p.stem for p in (root / "progress").glob("*.json")} | {p.name for p in (root / "trials").iterdir()}
     ids = [json.loads(t)["trial_id"] for t, _ in state["trial_data"]]
-    gone = next((i for i in ids if i in started), ids[0])
-    state["trial_data"] = [d for d, i in zip(state["trial_data"], ids) if i != gone]
+    root = state_dir.parent
+    rows = set(tables.read(root, "trials")["trial_id"].to_pylist())
+    running = {p.stem for p in (root / "progress").glob("*.json")} - rows
+    forget = set(forget) or {next((i for i in ids if i in running), ids[0])}
+    state["trial_data"] = [d for d, i in zip(state["trial_data"], ids) if i not in forget]
     newest.write_text(json.dumps(state))
 
 
@@ -82,13 +86,13 @@ def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, r
     root = tmp_path / "sweeps" / "broken"
     _kill_mid_sweep(f, root, ray_cluster, tmp_path)
     before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
-    assert 1 <= len(before) < 4, "the kill came too late to test resuming"
-    _damage(root / "tune", how, root)
+    assert 1 <= len(before) < 3, "the kill came too late to test resuming"
+    _damage(root / "tune", how)
 
     p = _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
     after = tables.read(root, "trials").to_pylist()
-    assert sorted(t["seed"] for t in after) == [0, 1, 2, 3] and {t["status"] for t in after} == {"finished"}
-    assert "not run" not in p.stdout
+    assert sorted(t["seed"] for t in after) == [0, 1, 2] and {t["status"] for t in after} == {"finished"}
+    assert "not run" not in p.stdout and (root / "tune.1").is_dir()   # what Tune lost ran in a new experiment
     for t in after:   # the same numbers as the sweep that never broke
         assert t["test_accuracy"] == pytest.approx(unbroken["accuracy"][t["seed"]], abs=1e-9), t["seed"]
     for tid, row in before.items():   # finished before the kill: kept, not run again
@@ -98,7 +102,7 @@ def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, r
     epochs = tables.read(root, "epochs").to_pylist()
     keys = [(r["trial_id"], r["phase"], r["round"], r["epoch"]) for r in epochs]
     assert len(keys) == len(set(keys))
-    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 4   # compacted: once each
+    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 3   # compacted: once each
     runs = _mlflow_trial_runs(tmp_path / "sweeps", "broken")
     assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(t["trial_id"] for t in after)
     acc = {t["trial_id"]: t["test_accuracy"] for t in after}
@@ -108,37 +112,54 @@ def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, r
     assert not list((root / "progress").glob("*"))
 
 
+def test_an_optuna_sweep_resumed_from_a_truncated_state_reaches_its_trials_and_tells_the_study_once(
+        ray_cluster, tmp_path):
+    f = _sweep_file(tmp_path, "opt", {**SEEDS, "grid": {}, "searcher": "optuna", "num_samples": 3, "seed": 3,
+                                      "sample": {"search.temperature": {"loguniform": [0.2, 2.0]}}})
+    root = tmp_path / "sweeps" / "opt"
+    _kill_mid_sweep(f, root, ray_cluster, tmp_path)
+    assert 1 <= len(tables.read(root, "trials")) < 3, "the kill came too late to test resuming"
+    _damage(root / "tune", "truncate")
+    _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
+    trials = tables.read(root, "trials").to_pylist()
+    assert len(trials) == 3 and {t["status"] for t in trials} == {"finished"}
+    import optuna
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{root / 'optuna.db'}")
+    states = Counter(t.state for t in study.trials)
+    assert states[optuna.trial.TrialState.RUNNING] == 0 and states[optuna.trial.TrialState.COMPLETE] == 3
+    done = sorted(t.params["search.temperature"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert sorted(t["temperature"] for t in trials) == pytest.approx(done)
+
+
 def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster, tmp_path):
     f = _sweep_file(tmp_path, "retry", {"base": DIGITS, "max_failures": 0,
                                         "set": {"training.epochs": 3, "training.milestones": [2],
                                                 "resources.cpus": 1, "training.momentum": 0},
-                                        "grid": {"seed": [0, 1], "training.lr": [0.1, 1.0e30]}})
+                                        "grid": {"training.lr": [0.1, 1.0e30]}})
     root, storage = tmp_path / "sweeps" / "retry", tmp_path / "sweeps"
     p = _sweep([f, "--retry-failed"], tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "add --resume" in p.stderr, p.stderr
-    # a damaged file: seed 1's cached dense run (lr 0.1) does not load
+    # a damaged file: the cached dense run of lr 0.1 does not load
     from cts_ray.cache import DenseCache
     from cts_ray.config import from_dict
-    spec = spec_mod.load(f)
-    bad_cfg = from_dict(spec.trial_raw({"seed": 1, "training.lr": 0.1}))
     cache = DenseCache(storage / "_cache" / "dense")
-    damaged = cache.root / cache.key(bad_cfg) / "dense.pt"
+    damaged = cache.root / cache.key(from_dict(spec_mod.load(f).trial_raw({"training.lr": 0.1}))) / "dense.pt"
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not a torch file")
     p = _sweep([f, "--address", ray_cluster, "--quiet"], tmp_path)
     assert p.returncode != 0
-    first = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
-    assert sorted(t["status"] for t in first.values()) == ["diverged", "diverged", "error", "finished"]
-    assert len(_mlflow_trial_runs(storage, "retry")) == 4
+    first = {t["status"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert sorted(first) == ["diverged", "error"] and len(_mlflow_trial_runs(storage, "retry")) == 2
 
-    damaged.unlink()   # the cause fixed
+    damaged.unlink()   # the cause fixed; and Tune's state forgot the diverged trial
+    _damage(root / "tune", "forget", [first["diverged"]["trial_id"]])
     p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume", "--retry-failed"], tmp_path)
     again = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
-    assert set(again) == set(first)   # the same trials, one row each: replaced, not doubled
-    assert sorted(t["status"] for t in again.values()) == ["diverged", "diverged", "finished", "finished"]
-    for tid, t in first.items():   # failed and diverged ran again; the finished one did not
-        assert (again[tid]["ended_at"] > t["ended_at"]) == (t["status"] != "finished"), t["status"]
-    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 4
+    assert set(again) == {t["trial_id"] for t in first.values()}   # one row each: replaced, not doubled
+    assert again[first["error"]["trial_id"]]["status"] == "finished"
+    diverged = again[first["diverged"]["trial_id"]]
+    assert diverged["status"] == "diverged" and diverged["ended_at"] > first["diverged"]["ended_at"]
+    assert ds.dataset(root / "tables" / "trials", format="parquet").count_rows() == 2
     epochs = tables.read(root, "epochs").to_pylist()
     keys = [(r["trial_id"], r["phase"], r["round"], r["epoch"]) for r in epochs]
     assert len(keys) == len(set(keys))
@@ -146,7 +167,7 @@ def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster
     assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(again)   # one run each
     for r in runs:
         row = again[r.data.tags["cts.trial_id"]]
-        assert r.data.tags["cts.status"] == row["status"]
+        assert r.data.tags["cts.status"] == row["status"] and r.info.status == "FINISHED"
         if row["status"] == "finished":
             assert r.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"])
 
@@ -170,3 +191,14 @@ def test_a_resume_takes_the_grid_an_interrupted_extend_recorded(tmp_path):
     assert missing(spec, have) == [{"search.density": 0.1, "seed": 2}]
     spec.num_samples = 2
     assert missing(spec, have) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2, 2)]
+    # a row hashed by an older cts-ray counts for its point by its swept values
+    older = {"trial_id": "t2", "config_hash": "older",
+             "config": json.dumps(from_dict(spec.trial_raw({"search.density": 0.1, "seed": 2})).to_dict())}
+    assert missing(spec, have + [older]) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2)]
+    # the summary lists what has no row, by point, with the reason
+    from cts_ray.sweep.summary import format_summary, summarise
+    spec.num_samples = 1
+    text = format_summary(summarise(spec, {have[0]["config_hash"]: "its trial failed before it wrote a row (X)"}))
+    assert "not run (3 trial(s) with no row):" in text
+    assert "  density=0.1, seed=0: its trial failed before it wrote a row (X); --resume runs it" in text
+    assert "  density=0.1, seed=2: not started; --resume runs it" in text

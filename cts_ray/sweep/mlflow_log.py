@@ -396,15 +396,19 @@ class MLflowLogger(Callback):
             return None
         run_id = self.store.attempt("child run", find)
         if run_id is None and self.store.failed is None:
-            cfg = self.resolve(config)
-            run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
-                                           {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
-                                            "cts.trial_id": tid, "cts.role": "trial"}, with_params=False)
-            if run_id is not None:
-                self._gather(run_id, params=self.store.params(cfg))
+            run_id = self._new_run(tid, self.resolve(config))
         if run_id is not None:
             self.logged.setdefault(run_id, 0)
             self.runs[tid] = run_id
+        return run_id
+
+    def _new_run(self, tid: str, cfg) -> Optional[str]:
+        """A trial's run under the sweep's parent; its params go in the run's next batch."""
+        run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
+                                       {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
+                                        "cts.trial_id": tid, "cts.role": "trial"}, with_params=False)
+        if run_id is not None:
+            self._gather(run_id, params=self.store.params(cfg))
         return run_id
 
     # ---- Tune's callbacks (on Tune's thread): copy what the event says and queue it
@@ -491,17 +495,14 @@ class MLflowLogger(Callback):
             elif tid in self.runs or tid in self.known:
                 continue   # ended as it ran
             else:   # never logged: its run from the row
-                cfg = from_dict(json.loads(row["config"]))
-                run_id, step = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
-                                                     {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
-                                                      "cts.trial_id": tid, "cts.role": "trial"}), 0
+                run_id, step = self._new_run(tid, from_dict(json.loads(row["config"]))), 0
                 if run_id is None:
                     return
                 if row.get("run_dir"):
                     self.store.log_outputs(run_id, Path(row["run_dir"]))
             final = {"phase": "final", **{k: row[k] for k in FINAL_METRICS if row.get(k) is not None}}
-            self.store.log_batch(run_id, self.store.result_metrics(final, step + 1),
-                                 [RunTag("cts.status", str(row["status"]))])
+            self._gather(run_id, self.store.result_metrics(final, step + 1), [RunTag("cts.status", str(row["status"]))])
+            self._send(run_id)
             self.store.end(run_id, RUN_STATUS.get(row["status"], "FINISHED"))
 
     def _end_parent(self, status: str):

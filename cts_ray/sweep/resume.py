@@ -173,29 +173,64 @@ def restorable(path) -> bool:
 
 # ---- what a resume must still run: the recorded grid against the rows
 
-def point_of(spec: SweepSpec, row: dict) -> dict:
-    """A row's swept values (dotted keys): the grid point (or sampled values) that made it."""
+def _values(spec: SweepSpec, row: dict) -> dict:
+    """A row's swept values (dotted keys), read from its config."""
     from ..config import flatten
     flat = flatten(json.loads(row["config"]))
     return {k: flat[k] for k in {**spec.grid, **spec.sample} if k in flat}
 
 
+def grid_keys(spec: SweepSpec) -> dict:
+    """{config hash: grid point} of the recorded grid."""
+    from ..config import from_dict
+    return {from_dict(spec.trial_raw(p)).hash: p for p in spec.grid_points()}
+
+
+def points_of(spec: SweepSpec, have_rows: list) -> list:
+    """The grid point (or sampled values) each row ran: by config hash among the recorded grid's
+    points, else as its config has them."""
+    by_hash = grid_keys(spec) if spec.searcher == "grid" else {}
+    return [by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r) for r in have_rows]
+
+
 def missing(spec: SweepSpec, have_rows: list) -> list:
     """The trials the recorded sweep lacks a row for: a grid point once per missing repeat
-    (``num_samples``), or None per sampled trial a random or Optuna sweep has yet to run."""
+    (``num_samples``), or None per sampled trial a random or Optuna sweep has yet to run. A row
+    counts for its point by config hash, else by its swept values (a config hashed by an older
+    cts-ray whose config had fewer fields)."""
     if spec.searcher != "grid":
         return [None] * max(0, spec.num_samples - len({r["trial_id"] for r in have_rows}))
-    from ..config import from_dict
+    by_hash = grid_keys(spec)
+    key = lambda p: json.dumps(p, sort_keys=True)
     have = defaultdict(int)
     for r in have_rows:
-        have[r["config_hash"]] += 1
+        have[key(by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r))] += 1
     out = []
     for p in spec.grid_points():
-        h = from_dict(spec.trial_raw(p)).hash
-        n = min(have[h], spec.num_samples)
-        have[h] -= n
+        n = min(have[key(p)], spec.num_samples)
+        have[key(p)] -= n
         out += [p] * (spec.num_samples - n)
     return out
+
+
+def settle_study(spec: SweepSpec, storage: str) -> int:
+    """An Optuna sweep after a resume: the study's trials still RUNNING were asked by a driver
+    that died. Each is told the result of the row its values made (a trial that finished while
+    Tune's state forgot it), or failed (its trial never got a row; the resume sampled another),
+    so the study completes each trial once. Returns how many it told."""
+    import optuna
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    metrics = spec.metric if isinstance(spec.metric, list) else [spec.metric]
+    by_values = {json.dumps(_values(spec, r), sort_keys=True): r for r in rows(spec.root)}
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        r = by_values.get(json.dumps(t.params, sort_keys=True))
+        values = [r[m] for m in metrics] if r is not None and r["status"] == "finished" else None
+        if values is None or None in values:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(t.number, values if len(values) > 1 else values[0])
+    return len(stale)
 
 
 def reruns(have_rows: list, statuses: tuple, before: float) -> list:

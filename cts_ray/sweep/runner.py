@@ -14,8 +14,8 @@ from ..config import from_dict
 from ..errors import ConfigError, StorageError
 from . import tables
 from .adapters import restored_tuner
-from .resume import (INTERRUPTED, check, claimable, forgotten, missing, point_of, reruns, restorable, rows,
-                     set_aside, write_record)
+from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
+                     rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
@@ -131,8 +131,18 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                                    verbose, stop=guard)
         grids = [_fit(spec, tuner, logger, guard, cfg0 if shared is not None else None)]
     _compact(spec)
-    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for g in grids for r in g if r.error),
+    return {"summary": summarise(spec, _tune_errors(spec, grids)), "paths": paths(spec),
+            "errors": sum(1 for g in grids for r in g if r.error),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+
+
+def _tune_errors(spec: SweepSpec, grids: list) -> dict:
+    """{config hash: why} of the trials Tune failed: what the summary says of a point left with no row."""
+    out = {}
+    for result in (r for g in grids for r in g if r.error):
+        first = (str(result.error).strip().splitlines() or [""])[-1][:200]
+        out[from_dict(spec.trial_raw(result.config)).hash] = f"its trial failed before it wrote a row ({first})"
+    return out
 
 
 def _trainable(state: dict, cfg0):
@@ -160,7 +170,8 @@ def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, a
     root = spec.root
     forget_progress(root, retried)   # a retried trial runs afresh
     state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
-    logger.defer = {r["config_hash"] for r in rows(root)} | _point_hashes(spec)   # any trial may go on as another
+    # any trial may go on as another (its MLflow run is found at its first result)
+    logger.defer = {r["config_hash"] for r in rows(root)} | (set(grid_keys(spec)) if spec.searcher == "grid" else set())
     grids = []
     if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
         state["orphans"] = forgotten(root)
@@ -178,11 +189,12 @@ def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, a
               "a row afresh", file=sys.stderr)
     grids += _account(spec, logger, guard, cfg0, state, again, started, verbose)
     logger.settle(rows(root))
+    if spec.searcher == "optuna":
+        try:
+            settle_study(spec, optuna_storage(spec))
+        except Exception as e:   # bookkeeping of the study only: the trials and their rows stand
+            print(f"cts-ray: settling the Optuna study failed ({type(e).__name__}: {e})", file=sys.stderr)
     return grids
-
-
-def _point_hashes(spec: SweepSpec) -> set:
-    return {from_dict(spec.trial_raw(p)).hash for p in spec.grid_points()} if spec.searcher == "grid" else set()
 
 
 def _account(spec: SweepSpec, logger, guard: StorageGuard, cfg0, state: dict, again: tuple, started: float,
@@ -194,7 +206,7 @@ def _account(spec: SweepSpec, logger, guard: StorageGuard, cfg0, state: dict, ag
     have = rows(root)
     redo = reruns(have, again, started)
     todo = missing(spec, have)
-    points = [point_of(spec, r) for r in redo] + [p for p in todo if p is not None]
+    points = points_of(spec, redo) + [p for p in todo if p is not None]
     sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
     state = {**state, "orphans": claimable(root, redo),
              "rerun": state["rerun"] | {r["trial_id"] for r in redo}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from typing import Optional
 
 from . import tables
 from .spec import SweepSpec
@@ -12,17 +13,18 @@ from .spec import SweepSpec
 STATUSES = ("finished", "stopped", "diverged", "error")
 
 
-def summarise(spec: SweepSpec) -> dict:
+def summarise(spec: SweepSpec, why: Optional[dict] = None) -> dict:
     """One row per setting: the swept values other than the seed (a knob that does not apply to a
     method is '–' for it), with trial counts per status, the accuracy of its finished trials, their
     mean effective density (kept weights on an input→output path) and how many have a collapsed layer.
-    Random and Optuna sweeps (every trial its own setting) also get their best trials."""
+    Random and Optuna sweeps (every trial its own setting) also get their best trials; every sweep,
+    the trials with no row (``not_run``; ``why``: {config hash: reason} for some of them)."""
     from ..config import flatten, stable_hash
     from ..methods import applies, effective
     try:
         t = tables.read(spec.root, "trials").to_pylist()
     except FileNotFoundError:
-        return {"keys": [], "rows": [], "best": None, "reasons": [], "not_run": not_run(spec, [])}
+        return {"keys": [], "rows": [], "best": None, "reasons": [], "not_run": not_run(spec, [], why)}
     keys = [k for k in {**spec.grid, **spec.sample} if k not in ("seed", "search.method", "search.density")]
     groups = defaultdict(list)
     for r in t:
@@ -52,21 +54,24 @@ def summarise(spec: SweepSpec) -> dict:
                                                                  reverse=mode == "max")[:5]}
     reasons = [f"{r['status']}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}"
                for r in sorted(t, key=lambda r: r["trial_id"]) if r["status"] != "finished"]
-    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons, "not_run": not_run(spec, t)}
+    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons, "not_run": not_run(spec, t, why)}
 
 
 NOT_RUN_SHOWN = 20   # points listed by name; the rest are counted
 
 
-def not_run(spec: SweepSpec, trials: list) -> list[dict]:
+def not_run(spec: SweepSpec, trials: list, why: Optional[dict] = None) -> list[dict]:
     """The recorded sweep's trials that have no row (``resume.missing``): one entry per grid point
-    (None: a random or Optuna sweep's sampled trial) with how many of its repeats, and why."""
+    (None: a random or Optuna sweep's sampled trial) with how many of its repeats, and why
+    (``why``: by config hash; else it never started)."""
+    from ..config import from_dict
     from .resume import missing
     out: dict = {}
     for p in missing(spec, trials):
         entry = out.setdefault(json.dumps(p, sort_keys=True), {"point": p, "count": 0})
         entry["count"] += 1
-        entry["reason"] = "not started; --resume runs it"
+        reason = (why or {}).get(from_dict(spec.trial_raw(p)).hash) if p is not None and why else None
+        entry["reason"] = f"{reason or 'not started'}; --resume runs it"
     return list(out.values())
 
 
