@@ -5,13 +5,14 @@ import argparse
 import os
 import sys
 
-from .errors import AnalysisError, CompactError, ConfigError, DivergedError, SchemaError
+from .errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE, AnalysisError,
+                     CompactError, ConfigError, DivergedError, SchemaError, StorageError, SweepBusyError)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other input error
         print(f"cts-ray: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 class _Version(argparse.Action):
@@ -229,10 +230,7 @@ def _main(argv=None) -> int:
             return 0
         if args.command == "eval":
             from . import pipeline
-            r = pipeline.evaluate_run(args.run_dir)
-            same = "equal to" if r["test_accuracy"] == r["recorded"] else "differs from"
-            print(f"test accuracy {100 * r['test_accuracy']:.2f} %  (loss {r['test_loss']:.4f}); {same} the "
-                  f"recorded {100 * r['recorded']:.2f} %")
+            print(_eval_line(pipeline.evaluate_run(args.run_dir)))
             return 0
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
@@ -255,14 +253,29 @@ def _main(argv=None) -> int:
     # bad input, data that cannot answer, or a model compaction cannot handle: one line
     except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except StorageError as e:    # the message names the cause and the folder
+        print(f"cts-ray: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except SweepBusyError as e:  # names the live driver (host, pid, since when)
+        print(f"cts-ray: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         print("cts-ray: interrupted; nothing was written for the unfinished run", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _eval_line(r: dict) -> str:
+    """What `cts-ray eval` prints: the accuracy now, against the one the run recorded."""
+    now = f"test accuracy {100 * r['test_accuracy']:.2f} %  (loss {r['test_loss']:.4f})"
+    if r["recorded"] is None:
+        return f"{now}; the run recorded none"
+    same = "equal to" if r["test_accuracy"] == r["recorded"] else "differs from"
+    return f"{now}; {same} the recorded {100 * r['recorded']:.2f} %"
 
 
 if __name__ == "__main__":
