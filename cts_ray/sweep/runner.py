@@ -12,6 +12,7 @@ from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
+from .preflight import decode_images
 from .resume import check, forgotten, write_record
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
@@ -104,6 +105,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     from .trainable import spec_state, trial
     _quiet_tune()
     points = check(spec, resume=resume, extend=extend)
+    decode_images(spec)   # a damaged image: refused here, once, before Ray starts
     resume = resume and not extend
     if resume and not tune.Tuner.can_restore(str(spec.root / TUNE_DIR)):
         raise ConfigError(f"--resume: no sweep to resume at {str(spec.root / TUNE_DIR)!r}; run it without --resume "
