@@ -130,9 +130,15 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """``model`` with the state dict saved at ``path``; a damaged file, or one of another
     architecture, is a one-line ConfigError naming it."""
     try:
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-    except Exception as e:   # torch raises many kinds here: pickle, zip, EOF, shape mismatches
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:   # torch raises many kinds here: pickle, zip, EOF
         raise _damaged(path, e) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"RUN_DIR: {str(path)!r} does not fit the model its config.yaml describes ({why}); "
+                          "expected the run's own config.yaml and ticket.pt") from None
     return model
 
 

@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .. import records
-from ..errors import SchemaError
+from ..errors import AnalysisError, SchemaError
 from ..methods import applies
 
 SCHEMA_VERSION = 1
@@ -193,7 +193,12 @@ def read(root, table: str, columns: Optional[list] = None) -> pa.Table:
     if not folders or not any(own or compacted for f in folders for own, compacted in _listing(f).values()):
         raise FileNotFoundError(f"{root}: no {table} table (expected tables/{table}/method=*/*.parquet)")
     renamed = RENAMED.get(table, {})
-    out = pa.concat_tables([_read_consistent(f, _schema(table)) for f in folders])
+    try:
+        out = pa.concat_tables([_read_consistent(f, _schema(table)) for f in folders])
+    except (pa.ArrowException, OSError) as e:   # a damaged file (torn copy, bad disk): one line naming it
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AnalysisError(f"{root}: the {table} table cannot be read ({why}); expected the Parquet files "
+                            "cts-ray wrote (move the damaged one away)") from None
     for old, new in renamed.items():
         i = out.schema.get_field_index(new)
         out = out.set_column(i, new, pc.coalesce(out.column(new), out.column(old))).drop_columns([old])
