@@ -16,7 +16,7 @@ import numpy as np
 from . import plots, stats
 from ..records import AXIS_KEYS
 from ..errors import AnalysisError
-from .load import AXES, Results, context
+from .load import AXES, Results, context, varying_keys
 
 ALPHA = 0.05
 
@@ -38,6 +38,7 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
         if a not in AXES:
             raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
     rows, seen = [], {}
+    swept = {m: varying_keys(g["_flat"]) for m, g in df.groupby("method")}
     for axis in axes or AXES:
         ctx = [context(f, drop=(AXIS_KEYS[axis],)) for f in df["_flat"]]
         for (m, _, density), g in df.assign(_ctx=ctx).groupby(["method", "_ctx", "target_density"], sort=True):
@@ -53,6 +54,7 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
             p = stats.anova_p(groups)
             best = values[int(np.argmax(means))]
             rows.append({"method": m, "axis": axis, "density": density, "values": values,
+                         "held": held_at(g, swept[m], drop=(axis,)),
                          "n": [len(x) for x in groups], "means": means,
                          "stds": [float(x.std(ddof=1)) if len(x) > 1 else math.nan for x in groups],
                          "range": rng, "range_ci": (rlo, rhi),
@@ -67,6 +69,29 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
         raise AnalysisError(f"insensitivity: {asked} has a single value at each setting in these trials ({held}); "
                             f"sweep one, e.g. grid: {{search.temperature: [0.25, 0.5, 1.0]}}")
     return sorted(rows, key=lambda r: (r["method"], AXES.index(r["axis"]), -r["density"]))
+
+
+# an axis's column where the config key is one (mask_lr: the resolved search.lr)
+_AXIS_OF = {key: axis for axis, key in AXIS_KEYS.items() if axis in AXES}
+
+
+def swept_axes(keys: list) -> list[str]:
+    """The axes (``AXES`` order) whose config keys are among ``keys``."""
+    return [a for a in AXES if AXIS_KEYS[a] in keys]
+
+
+def held_at(g, keys: list, drop=()) -> str:
+    """What the swept keys other than ``drop`` (axes) were held at in the trials ``g``:
+    'objective=kl_reverse, mask_lr=0.1', or '–' when nothing else was swept."""
+    first = g.iloc[0]
+    out = []
+    for k in keys:
+        name = _AXIS_OF.get(k, k.removeprefix("search."))
+        if name in drop:
+            continue
+        v = first[name] if name in AXES else first["_flat"].get(k)
+        out.append(f"{name}={f'{v:.4g}' if isinstance(v, float) else v}")
+    return ", ".join(out) or "–"
 
 
 def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
@@ -89,13 +114,13 @@ def _p(p) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| method | axis | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
+    out = ["| method | axis | held at | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
            "| std across values [95 % CI] | seed std | std across values / seed std | ANOVA p | verdict |",
-           "|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
+           "|---|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
         ns = sorted(set(r["n"]))
-        out.append(f"| {r['method']} | {r['axis']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
+        out.append(f"| {r['method']} | {r['axis']} | {r['held']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
                    f"| {', '.join(stats.fmt(m) for m in r['means'])} "
                    f"| {stats.fmt(r['range'])} [{stats.fmt(r['range_ci'][0])}, {stats.fmt(r['range_ci'][1])}] "
                    f"| {stats.fmt(r['std'])} [{stats.fmt(r['std_ci'][0])}, {stats.fmt(r['std_ci'][1])}] | {stats.fmt(r['seed_std'])} "
@@ -103,7 +128,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out + ["", COLUMNS, "", stats.RULE])
 
 
-COLUMNS = ("Columns: *values (seeds each)* the axis values compared, everything else equal, and the seeds per "
+COLUMNS = ("Columns: *held at* the values of the other swept settings at which the axis was varied; "
+           "*values (seeds each)* the axis values compared, everything else equal, and the seeds per "
            "value; *mean accuracy* per value, over its seeds; *range* max − min of those means; *std across values* "
            "the std of those means; [95 % CI] percentile bootstrap over seeds resampled within each value; *seed std* "
            "the within-value std pooled over values; *std across values / seed std* how many seed-noise units the "
@@ -124,7 +150,8 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
             # ± seed std, clipped to [0, 100] %; none from a single seed (nan)
             means, sd = np.array(r["means"]), np.array(r["stds"])
             yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %")
+            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
+                        + ("" if r["held"] == "–" else f", {r['held']}"))
         if numeric:
             vals = [v for r in sel for v in r["values"]]
             if min(vals) > 0 and max(vals) / min(vals) >= 4:
