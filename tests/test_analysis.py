@@ -82,7 +82,7 @@ def _grid(root, means: dict) -> Path:
     return root
 
 
-def test_two_axes_interaction_and_held_at(tmp_path):
+def test_two_axes_interaction_and_held_at(tmp_path, capsys):
     """A 2 x 2 grid whose effects add (10 points of LR, 5 of objective at either) and one where the
     objective's effect flips with the LR: the ANOVA tells them apart; every insensitivity row names
     the other axis's value."""
@@ -107,6 +107,8 @@ def test_two_axes_interaction_and_held_at(tmp_path):
         ("mask_lr", "objective=ce", 10), ("mask_lr", "objective=kl_reverse", 5),
         ("objective", "mask_lr=0.01", 15), ("objective", "mask_lr=0.1", 0)]
     assert "| cts | mask_lr | objective=ce | 10 |" in insensitivity.markdown(rows)
+    assert cli.main(["analyze", "interaction", str(crossed)]) == 0
+    assert "| cts | mask_lr × objective | – | 10 | 3 |" in capsys.readouterr().out
     # one axis alone: no interaction to tell, refused in one line
     with pytest.raises(AnalysisError, match="interaction: no two swept axes form a grid"):
         interaction.analyse(load_mod.load([tmp_path / "add"]), axes=["mask_lr"])

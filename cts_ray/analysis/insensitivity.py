@@ -34,9 +34,7 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
             raise AnalysisError(f"method: {method!r} has no finished trials here; "
                                 f"allowed: {', '.join(sorted(set(df['method'])))}")
         df = df[df["method"] == method]
-    for a in axes or ():
-        if a not in AXES:
-            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+    check_axes(axes)
     rows, seen = [], {}
     swept = {m: varying_keys(g["_flat"]) for m, g in df.groupby("method")}
     for axis in axes or AXES:
@@ -75,6 +73,12 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
 _AXIS_OF = {key: axis for axis, key in AXIS_KEYS.items() if axis in AXES}
 
 
+def check_axes(axes) -> None:
+    for a in axes or ():
+        if a not in AXES:
+            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+
+
 def swept_axes(keys: list) -> list[str]:
     """The axes (``AXES`` order) whose config keys are among ``keys``."""
     return [a for a in AXES if AXIS_KEYS[a] in keys]
@@ -103,13 +107,8 @@ def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
         return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
                 f"(seed std {seed_std:.2f}, p = {stats.p_text(p)})")
     return (f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; "
-            f"best at {best:.4g} (p {_p(p)})" if isinstance(best, float) else
-            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {_p(p)})")
-
-
-def _p(p) -> str:
-    text = stats.p_text(p)
-    return text if text.startswith("<") else f"= {text}"
+            f"best at {best:.4g} (p {stats.p_relation(p)})" if isinstance(best, float) else
+            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {stats.p_relation(p)})")
 
 
 

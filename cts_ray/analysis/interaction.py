@@ -15,17 +15,15 @@ import numpy as np
 from . import plots, stats
 from ..errors import AnalysisError
 from ..records import AXIS_KEYS
-from .insensitivity import ALPHA, held_at, swept_axes
-from .load import AXES, Results, context, varying_keys
+from .insensitivity import ALPHA, check_axes, held_at, swept_axes
+from .load import Results, context, varying_keys
 
 
 def analyse(res: Results, axes=None, method=None) -> list[dict]:
     df = res.trials[res.trials["sanity"] == "none"]
     if method is not None:
         df = df[df["method"] == method]
-    for a in axes or ():
-        if a not in AXES:
-            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+    check_axes(axes)
     rows = []
     for m, trials in df.groupby("method", sort=True):
         swept = varying_keys(trials["_flat"])
@@ -62,18 +60,13 @@ def _verdict(a: str, b: str, p: dict, cells: dict) -> str:
     if math.isnan(p["ab"]):
         return f"indicative: no test (needs ≥ {stats.MIN_TEST} seeds per cell, has {seeds})"
     if p["ab"] < ALPHA:
-        return (f"{a} and {b} interact (p {_p(p['ab'])}): the effect of {a} depends on {b}; read each "
+        return (f"{a} and {b} interact (p {stats.p_relation(p['ab'])}): the effect of {a} depends on {b}; read each "
                 f"{a} row of the insensitivity table at its {b}, not as one effect")
-    return (f"no interaction (p {_p(p['ab'])}): the effects add; {a}: {_effect(p['a'])}, {b}: {_effect(p['b'])}")
+    return (f"no interaction (p {stats.p_relation(p['ab'])}): the effects add; {a}: {_effect(p['a'])}, {b}: {_effect(p['b'])}")
 
 
 def _effect(p: float) -> str:
-    return f"an effect (p {_p(p)})" if p < ALPHA else f"no effect beyond seed noise (p {_p(p)})"
-
-
-def _p(p: float) -> str:
-    text = stats.p_text(p)
-    return text if text.startswith("<") else f"= {text}"
+    return f"an effect (p {stats.p_relation(p)})" if p < ALPHA else f"no effect beyond seed noise (p {stats.p_relation(p)})"
 
 
 def _order(values) -> list:

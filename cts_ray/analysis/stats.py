@@ -159,6 +159,12 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_relation(p: float) -> str:
+    """A p-value after 'p': '< 0.001' or '= 0.042'."""
+    text = p_text(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def count(n: int, noun: str, plural: str = "") -> str:
     """A count as English: 'one seed', '3 seeds' (``plural`` where adding an s is wrong)."""
     return f"one {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
