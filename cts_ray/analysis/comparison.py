@@ -26,7 +26,7 @@ def mean_std(x) -> str:
 
 
 def analyse(res: Results) -> dict:
-    """Every setting present is a row (labelled by what differs from the defaults)."""
+    """Every setting present is a row (labelled by what differs from the sweep's base config)."""
     main = res.trials[res.trials["sanity"] == "none"]
     if main.empty:
         raise AnalysisError("comparison: no trials without a sanity check here")
@@ -120,8 +120,9 @@ def accuracy_table(result: dict) -> str:
     if len(result["dense"]):
         foot += f"; dense network {mean_std(result['dense'])} % ({stats.count(len(result['dense']), 'seed')})"
     return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
-                             "present, named by what differs from the defaults (the plain method name is the "
-                             "setting at the defaults). " + result["left_out"] + " " + stats.RULE])
+                             "present, named by its values of the keys that differ between the settings, where they "
+                             "differ from the sweep's base config (the plain method name is the setting at that "
+                             "base). " + result["left_out"] + " " + stats.RULE])
 
 
 def off_target_notes(result: dict) -> str:
