@@ -160,3 +160,15 @@ def _test_accuracies(store) -> dict:
     (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
     runs = client.search_runs([exp.experiment_id], "tags.`cts.role` = 'trial'")
     return {r.data.tags["cts.method"]: r.data.metrics["test_accuracy"] for r in runs}
+
+
+def test_the_link_is_a_filter_mlflow_parses_for_any_sweep_name():
+    from urllib.parse import parse_qs
+    from mlflow.utils.search_utils import SearchUtils
+    from cts_ray.sweep.mlflow_log import ui_link
+    for name in ("quickstart", "bob's sweep"):
+        query = parse_qs(ui_link("3", name).split("?", 1)[1])
+        assert query["workflowType"] == ["machine_learning"] and query["orderByAsc"] == ["false"]
+        assert query["orderByKey"] == ["metrics.`test_accuracy`"]
+        parsed = SearchUtils.parse_search_filter(query["searchFilter"][0])
+        assert [(c["key"], c["value"]) for c in parsed] == [("cts.sweep", name), ("cts.role", "trial")]

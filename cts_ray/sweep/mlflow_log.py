@@ -47,7 +47,8 @@ def ui_link(experiment_id: str, sweep: Optional[str] = None) -> str:
     link = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if sweep is None:
         return link
-    facets = {"searchFilter": f"tags.`cts.sweep` = '{sweep}' AND tags.`cts.role` = 'trial'",
+    quote_mark = '"' if "'" in sweep else "'"   # MLflow's filter takes either around a string
+    facets = {"searchFilter": f"tags.`cts.sweep` = {quote_mark}{sweep}{quote_mark} AND tags.`cts.role` = 'trial'",
               "orderByKey": "metrics.`test_accuracy`", "orderByAsc": "false"}
     return f"{link}&{urlencode(facets, quote_via=quote)}"
 
