@@ -66,14 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", metavar="FILE", help="the program file (default RUN_DIR/compact.pt2; the JSON goes "
                                                  "beside it with suffix .json)")
 
-    a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
-    a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
-                   help="insensitivity: hyperparameter spread against seed spread; seeds: seed variance and "
-                        "significance; comparison: method x density tables, compute, sanity checks")
+    a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, interaction, seeds or "
+                                       "comparison")
+    a.add_argument("kind", choices=["insensitivity", "interaction", "seeds", "comparison"],
+                   help="insensitivity: hyperparameter spread against seed spread; interaction: two-way ANOVA of "
+                        "two swept axes; seeds: seed variance and significance; comparison: method x density "
+                        "tables, compute, sanity checks")
     _results_args(a)
     a.add_argument("--out", help="also write the plots (PNG) into this folder")
-    a.add_argument("--method", help="insensitivity: only this method")
-    a.add_argument("--axis", action="append", help="insensitivity: only this axis (repeatable): temperature, "
+    a.add_argument("--method", help="insensitivity, interaction: only this method")
+    a.add_argument("--axis", action="append", help="insensitivity, interaction: only this axis (repeatable): temperature, "
                                                    "mask_lr, search_length, objective, controller, search_point")
 
     rp = sub.add_parser("report", help="one Markdown report (tables, PNG plots, provenance) of sweep results")
@@ -112,9 +114,10 @@ def _analysis(args) -> int:
         print(f"report: {path}")
         return 0
     res = load_mod.load(args.results, metric=args.metric, allow_incomplete=args.allow_incomplete, where=where)
-    options = {"axes": args.axis, "method": args.method} if args.kind == "insensitivity" else {}
-    if args.kind != "insensitivity" and (args.axis or args.method):
-        raise AnalysisError("--axis/--method: only for `analyze insensitivity`")
+    axial = args.kind in ("insensitivity", "interaction")
+    options = {"axes": args.axis, "method": args.method} if axial else {}
+    if not axial and (args.axis or args.method):
+        raise AnalysisError("--axis/--method: only for `analyze insensitivity` or `analyze interaction`")
     from pathlib import Path
     text, files = report.run_kind(args.kind, res, Path(args.out) if args.out else None, **options)
     print(f"Used: {res.describe()}\n")
@@ -191,7 +194,7 @@ def _sweep(args) -> int:
         print(f"{what:<14} {where}")
     if result["mlflow_experiment"] is not None:
         from .sweep.mlflow_log import ui_link
-        print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'])}  (on the UI serving that store)")
+        print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'], spec.name)}  (on the UI serving that store)")
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
     return 1 if result["errors"] else 0

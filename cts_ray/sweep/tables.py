@@ -40,11 +40,14 @@ _TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_
 
 
 def _schema_of(*parts) -> pa.Schema:
-    """``parts``: record classes (records.py) and (name, Python type) pairs, in column order."""
-    cols = [("schema_version", int)]
+    """``parts``: record classes (records.py) and (name, Python type) pairs, in column order; a
+    field with a unit (records.py) carries it as the Parquet field's metadata ``{"unit": …}``."""
+    cols, units = [("schema_version", int)], {}
     for p in parts:
         cols += [p] if isinstance(p, tuple) else records.columns(p)
-    return pa.schema([(n, pa.int32() if n == "schema_version" else _TYPES[t]) for n, t in cols])
+        units.update({} if isinstance(p, tuple) else records.units(p))
+    return pa.schema([pa.field(n, pa.int32() if n == "schema_version" else _TYPES[t],
+                               metadata={"unit": units[n]} if n in units else None) for n, t in cols])
 
 
 # every table's columns come from the records they hold (records.py): add a field there, not here
