@@ -14,6 +14,7 @@ from ..config import from_dict
 from ..errors import ConfigError, StorageError
 from . import tables
 from .adapters import restored_tuner
+from .preflight import decode_images
 from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
                      rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
@@ -113,6 +114,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     from .trainable import spec_state
     _quiet_tune()
     points = check(spec, resume=resume, extend=extend, retry=retry)
+    decode_images(spec)   # a damaged image: refused here, once, before Ray starts
     resume = resume and not extend
     started = time.time()
     write_record(spec, resume=resume, added=points)

@@ -98,7 +98,7 @@ def format_summary(summary: dict) -> str:
     keys = summary["keys"]
     short = [k.removeprefix("search.") for k in keys]
     head = ["method", "density", *short, "finished", "stopped", "diverged", "failed", "seeds", "effective",
-            "test accuracy (mean ± std of finished trials)"]
+            "test accuracy % (mean ± std of finished trials)"]
     table = [head]
     for r in summary["rows"]:
         acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f}" + \
@@ -124,7 +124,8 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"best trials by {b['metric']} ({b['mode']}):"]
         for r in b["trials"]:
             values = ", ".join(f"{k.removeprefix('search.')}={_value(r['values'][k])}" for k in keys)
-            lines.append(f"  {r['trial_id']}  {100 * r[b['metric']] if 'accuracy' in b['metric'] else r[b['metric']]:.4g}"
+            value = f"{100 * r[b['metric']]:.4g} %" if "accuracy" in b["metric"] else f"{r[b['metric']]:.4g}"
+            lines.append(f"  {r['trial_id']}  {value}"
                          f"  {r['method']} density {_value(r['target_density'])} seed {r['seed']}"
                          + (f"  {values}" if values else ""))
     if summary["reasons"]:
