@@ -169,7 +169,7 @@ def test_a_sweep_on_a_disk_that_fills_stops_in_one_line_and_resumes_to_every_poi
     assert len({tuple(r.values()) for r in epochs}) == len(epochs)   # no epoch twice
     runs = _mlflow_trials(disk / "sweeps" / "mlflow.db", "fill")
     assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(ids), [r.data.tags for r in runs]
-    print(f"rows after the resume: {len(trials)}")
+    print(f"rows after the resume: {len(trials)}; the resume's output:\n{p.stdout[-2500:]}{p.stderr[-1500:]}")
 
     # the same accuracies as a sweep that never hit the fault
     ref = _sweep_file(tmp_path, "unbroken", body)
