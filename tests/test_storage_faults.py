@@ -168,7 +168,9 @@ def test_a_sweep_on_a_disk_that_fills_stops_in_one_line_and_resumes_to_every_poi
     epochs = tables.read(root, "epochs", ["trial_id", "phase", "round", "epoch"]).to_pylist()
     assert len({tuple(r.values()) for r in epochs}) == len(epochs)   # no epoch twice
     runs = _mlflow_trials(disk / "sweeps" / "mlflow.db", "fill")
-    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(ids), [r.data.tags for r in runs]
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(ids), \
+        [(r.data.tags["cts.trial_id"], r.info.status, r.data.tags.get("cts.status"), r.data.metrics.get("step"))
+         for r in runs]
     print(f"rows after the resume: {len(trials)}; the resume's output:\n{p.stdout[-2500:]}{p.stderr[-1500:]}")
 
     # the same accuracies as a sweep that never hit the fault
