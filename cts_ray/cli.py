@@ -218,13 +218,14 @@ def _sweep(args) -> int:
 
 def _storage_stop(e: OSError, root, args) -> int:
     """A sweep stopped by its storage (full, read-only, gone): its line, then what to do, exit EXIT_STORAGE."""
-    from .storage import classify
+    from .storage import classify, kind_of
     fault = classify(e, root)
     if fault is None:
         raise e
+    todo = {"full": "free space there", "read-only": f"make {root} writable again",
+            "gone": f"bring {root} back (mount its storage)"}[kind_of(fault)]
     print(f"cts-ray: {fault}", file=sys.stderr)
-    print(f"cts-ray: the sweep stopped; free space (or make {root} writable again), then run: "
-          f"{resume_command(args)}", file=sys.stderr)
+    print(f"cts-ray: the sweep stopped; {todo}, then run: {resume_command(args)}", file=sys.stderr)
     return EXIT_STORAGE
 
 

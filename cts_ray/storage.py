@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -27,6 +28,8 @@ _KIND = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "read-only",
 _MARKERS = {"unexpected pos": None, "No space left on device": "full", "Disk quota exceeded": "full",
             "database or disk is full": "full", "Read-only file system": "read-only",
             "attempt to write a readonly database": "read-only"}
+# the line storage_error writes (found again in other text, e.g. Tune's error file of a trial)
+LINE = re.compile(r"storage (full|read-only|gone): [^\n]*")
 FULL_BELOW = 1 << 20   # free bytes under which a storage folder counts as full when nothing else says why
 
 
@@ -111,6 +114,12 @@ def storage_error(kind: str, folder) -> StorageError:
     if kind != "full":
         return StorageError(f"storage {kind}: {folder}")
     return StorageError(f"storage full: {folder} ({_free(Path(folder)) / 1e6:.1f} MB free)")
+
+
+def kind_of(fault: StorageError) -> str:
+    """``full``, ``read-only`` or ``gone``: which storage_error line ``fault`` says."""
+    found = LINE.search(str(fault))
+    return found.group(1) if found else "full"
 
 
 def _free(folder: Path) -> int:

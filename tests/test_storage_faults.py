@@ -145,7 +145,7 @@ def test_a_sweep_on_a_disk_that_fills_stops_in_one_line_and_resumes_to_every_poi
     # no traceback: only our one-line messages (MLflow's stop on the full sqlite file among them) and INFO logs
     assert "Traceback" not in err and not [x for x in lines if not x.startswith("cts-ray: ") and not re.search(r"\sINFO\s", x)], err
     assert sum(line.startswith(f"cts-ray: storage full: {root} (") for line in lines) == 1, err
-    assert lines[-1].startswith("cts-ray: the sweep stopped; free space") and \
+    assert lines[-1].startswith("cts-ray: the sweep stopped; free space there, then run: ") and \
         lines[-1].endswith(f"cts-ray sweep {f} --resume --retry-failed --address {ray_cluster}"), lines[-1]
     # nothing written is damaged: tables, sweep.json, the MLflow store
     before = tables.read(root, "trials").to_pylist()

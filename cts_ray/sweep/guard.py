@@ -4,7 +4,6 @@ fail the same way. The runner then raises that trial's one-line StorageError (ex
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +12,6 @@ from ray.tune.stopper import Stopper
 
 from .. import storage
 from ..errors import StorageError
-
-# the line storage.storage_error writes, as it appears in Tune's error file of the trial
-_LINE = re.compile(r"(storage (?:full|read-only|gone): [^\n]*)")
 
 
 class StorageGuard(Callback, Stopper):
@@ -71,5 +67,5 @@ def _trial_fault(trial) -> Optional[StorageError]:
         text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
     except OSError:   # the full disk cut it short, or it was never written
         return None
-    found = _LINE.findall(text)
-    return StorageError(found[-1].strip()) if found else None
+    found = [m.group(0).strip() for m in storage.LINE.finditer(text)]
+    return StorageError(found[-1]) if found else None
