@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from .errors import AnalysisError, CompactError, ConfigError, DivergedError, SchemaError
+from .errors import (EXIT_BUSY, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, AnalysisError, CompactError,
+                     ConfigError, DivergedError, SchemaError, SweepBusyError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--extend", action="store_true",
                    help="add the trials of new grid values to a finished sweep (other settings unchanged)")
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
-    w.add_argument("--quiet", action="store_true", help="no live progress table")
+    w.add_argument("--quiet", action="store_true", help="no live progress (the summary only)")
+    w.add_argument("--verbose", action="store_true", help="Ray Tune's full trial tables instead of the progress line")
     w.add_argument("--dry-run", action="store_true",
                    help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
                         "start nothing")
@@ -174,15 +176,28 @@ def _sweep(args) -> int:
         from .sweep.preview import preview
         print(preview(spec))
         return 0
+    import signal
     from .sweep import runner
+    from .sweep.lease import take
     from .sweep.resume import check
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM is Ctrl-C (runner: while trials run)
+    with take(spec.root):   # one driver per sweep: before anything reads or writes it
+        points = check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
+        n = spec.trial_count() if points is None else len(points) * spec.num_samples
+        print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
+              f"folder {spec.root}", flush=True)
+        try:
+            result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
+                                      verbose=0 if args.quiet else 2 if args.verbose else 1)
+        except KeyboardInterrupt:   # a second Ctrl-C, or one before the trials started
+            print(f"\ncts-ray: interrupted; resume with: {_again(args, '--resume')}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    _print_sweep_end(result)
+    return _sweep_exit(args, result)
+
+
+def _print_sweep_end(result: dict) -> None:
     from .sweep.summary import format_summary
-    points = check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
-    n = spec.trial_count() if points is None else len(points) * spec.num_samples
-    print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
-          f"folder {spec.root}", flush=True)
-    result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
-                              verbose=0 if args.quiet else 1)
     print()
     print(format_summary(result["summary"]))
     print()
@@ -193,7 +208,36 @@ def _sweep(args) -> int:
         print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'])}  (on the UI serving that store)")
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
-    return 1 if result["errors"] else 0
+
+
+def _sweep_exit(args, result: dict) -> int:
+    """The exit code (README "Exit codes"), after the last line: what to run next, if anything."""
+    stopped = result.get("interrupted")
+    if stopped is not None:
+        print(f"\ninterrupted: {stopped['running']} trial(s) were running (recorded as interrupted), "
+              f"{stopped['not_started']} had not started")
+        print(f"resume with: {_again(args, '--resume')}")
+        return EXIT_INTERRUPTED
+    counts = [r["counts"] for r in result["summary"]["rows"]]
+    failed = max(sum(c["error"] + c["diverged"] for c in counts), result["errors"])
+    if failed:
+        print(f"\n{failed} trial(s) of this sweep failed or diverged (reasons above); once the cause is fixed, "
+              f"retry them with: {_again(args, '--resume', '--retry-failed')}")
+        return EXIT_TRIALS_FAILED
+    return EXIT_OK
+
+
+def _again(args, *flags: str) -> str:
+    """The `cts-ray sweep` command that continues this one: its file, ``flags``, and the --set,
+    --name and --address it ran with."""
+    import shlex
+    words = ["cts-ray", "sweep", args.file, *flags]
+    for override in args.overrides:
+        words += ["--set", override]
+    for flag, value in (("--name", args.name), ("--address", args.address)):
+        if value:
+            words += [flag, value]
+    return shlex.join(words)
 
 
 def main(argv=None) -> int:
@@ -256,6 +300,9 @@ def _main(argv=None) -> int:
     except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
         return 2
+    except SweepBusyError as e:   # another live driver runs this sweep; nothing was touched
+        print(f"cts-ray: busy: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)

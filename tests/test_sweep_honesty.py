@@ -113,7 +113,7 @@ def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_o
     rows = {(r["method"], r["values"]["search.temperature"]): r for r in summary["rows"]}
     assert set(rows) == {("cts", 0.5), ("cts", 1.0), ("snip", None)}     # τ is not SNIP's: one row
     assert rows["cts", 0.5]["n"] == 2 and rows["cts", 0.5]["std"] is not None
-    assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0}
+    assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0, "interrupted": 0}
     assert rows["cts", 1.0]["std"] is None                                # one value: no std
     assert rows["snip", None]["counts"]["stopped"] == 1 and rows["snip", None]["n"] == 1   # the repeat counts once
     text = format_summary(summary)

@@ -97,8 +97,17 @@ def tracking_uri(spec: SweepSpec) -> str:
 
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
               verbose: int = 1) -> dict:
-    """Run, resume or extend a sweep; returns {"summary": summarise's, "paths": paths', "errors": trials
-    that failed, "mlflow_error": why MLflow logging stopped or None, "mlflow_experiment": its id}."""
+    """Run, resume or extend a sweep, holding its driver lease (lease.py); returns {"summary":
+    summarise's, "paths": paths', "errors": trials that failed, "mlflow_error": why MLflow logging
+    stopped or None, "mlflow_experiment": its id, "interrupted": None, or after Ctrl-C/SIGTERM
+    {"running": trials recorded as interrupted, "not_started": trials with no row}}.
+    ``verbose``: 0 nothing live, 1 the live view (live.py), 2 Tune's own tables."""
+    from .lease import take
+    with take(spec.root):
+        return _run_sweep(spec, address, resume, extend, verbose)
+
+
+def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bool, verbose: int) -> dict:
     from ray import tune
 
     from .trainable import spec_state, trial
@@ -120,16 +129,117 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     trainable = tune.with_resources(tune.with_parameters(trial, spec_state=state),
                                     {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    callbacks = [logger, JsonLoggerCallback(), CSVLoggerCallback()]
+
+    from .live import LiveView
+    live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
+                    show=verbose == 1)
+    callbacks = [logger, live, JsonLoggerCallback(), CSVLoggerCallback()]
     if resume:
         shared = _shared_work_grid(spec, None)   # what the restored searcher is (the spec is unchanged)
-        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks)
+        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks, verbose=_tune_verbose(verbose))
     else:
         tuner, shared = _new_tuner(spec, trainable, callbacks, points, verbose)
-    grid = _fit(tuner, logger, cfg0 if shared is not None else None)
-    _wrap_up(spec, grid)
+    with _Interrupts() as interrupts, _tune_output(verbose):
+        grid = _fit(tuner, logger, cfg0 if shared is not None else None)
+    running = _record_interrupted(spec, live) if interrupts.count else set()
+    _wrap_up(spec, grid, skip=running)
     return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
-            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id,
+            "interrupted": _interrupted_counts(spec, running) if interrupts.count else None}
+
+
+def _tune_verbose(verbose: int) -> int:
+    return 1 if verbose >= 2 else 0   # Tune's tables only when asked for (--verbose)
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: int):
+    """Tune's console output off unless ``verbose`` >= 2: its newer engine prints an experiment
+    box at verbose 0 still; the older one at 0 prints nothing."""
+    key = "RAY_AIR_NEW_OUTPUT"
+    before = os.environ.get(key)
+    if verbose < 2:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM during ``tuner.fit`` end the sweep as Tune ends it on SIGUSR1: running
+    trials stop, its state is saved, ``fit`` returns; ``count`` says it happened. A second one
+    raises KeyboardInterrupt (Tune's cleanup skipped). Tune's own SIGINT handler is kept out (it
+    cannot tell anyone it fired), and so are its log lines on it (its hint is Tuner.restore, not
+    our command)."""
+
+    def __init__(self):
+        self.count, self.saved = 0, {}
+
+    def __enter__(self) -> "_Interrupts":
+        import logging
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._on_signal)
+            self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self.tune_log = logging.getLogger("ray.tune.tune")
+        self.tune_log.addFilter(self._unless_interrupt)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGUSR1)   # Tune's own stop: trials end, its state is saved
+
+    def _unless_interrupt(self, record) -> bool:
+        text = str(record.msg)
+        return not (self.count and any(t in text for t in ("interrupted", "Trials did not complete", "Stop signal")))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.saved:
+            if self.env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
+        self.tune_log.removeFilter(self._unless_interrupt)
+
+
+def _record_interrupted(spec: SweepSpec, live) -> set:
+    """A row with status ``interrupted`` for each trial that was running when the driver was
+    interrupted; returns their Tune trial ids. Their progress files stay: --resume continues them."""
+    from .trainable import write_interrupted
+    out = set()
+    for trial_id, (status, config, last) in live.trials.items():
+        if status not in ("RUNNING", "PAUSED") or trial_id in live.ended:
+            continue
+        try:
+            write_interrupted(spec.root, spec, trial_id, config, last)
+        except Exception as e:   # one trial's row: never the reason the others get none
+            print(f"cts-ray: recording trial {trial_id} as interrupted failed ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+        out.add(trial_id)
+    return out
+
+
+def _interrupted_counts(spec: SweepSpec, running: set) -> dict:
+    """What an interrupted sweep left: trials recorded as interrupted, and the sweep's trials with
+    no row at all (not started)."""
+    try:
+        rows = len(tables.read(spec.root, "trials", ["trial_id"]))
+    except FileNotFoundError:
+        rows = 0
+    return {"running": len(running), "not_started": max(0, (spec.trial_count() or 0) - rows)}
 
 
 def _quiet_tune() -> None:
@@ -153,7 +263,7 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                callbacks=callbacks, verbose=verbose)
+                                callbacks=callbacks, verbose=_tune_verbose(verbose))
     space, search_alg, samples = param_space(spec, points), _searcher(spec), spec.num_samples
     shared = _shared_work_grid(spec, points)
     if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
@@ -178,11 +288,13 @@ def _fit(tuner, logger, cfg0=None):
         logger.flush()
 
 
-def _wrap_up(spec: SweepSpec, grid) -> None:
-    """Rows for the trials a scheduler stopped, then the tables compacted."""
+def _wrap_up(spec: SweepSpec, grid, skip: set = frozenset()) -> None:
+    """Rows for the trials a scheduler stopped, then the tables compacted. ``skip``: the Tune ids of
+    trials an interrupt stopped (they have their rows)."""
     from .trainable import write_stopped
     for result in grid:   # no error and no final report: a scheduler stopped it
-        if result.error is None and result.metrics and result.metrics.get("phase") != "final":
+        if result.error is None and result.metrics and result.metrics.get("phase") != "final" \
+                and result.metrics.get("trial_id") not in skip:
             write_stopped(spec.root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
     try:   # no trial writes now: one file per method and table instead of one per trial
         tables.compact(spec.root)
@@ -197,7 +309,7 @@ def _connect(address: Optional[str], verbose: int) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=verbose > 1, include_dashboard=False,
+        ray.init(address=address, log_to_driver=verbose > 2, include_dashboard=False,
                  **({} if address else {"configure_logging": False}))
     except (ConnectionError, RuntimeError) as e:
         # Ray 2.60 sends a token only when RAY_AUTH_MODE=token (or for address auto): turning it on
