@@ -2,6 +2,7 @@
 the command that resumes, one driver per sweep (a lease), summaries readable at any size, and a
 calm live view. Real `cts-ray sweep` processes and signals on the two-raylet test cluster. (Exit
 code 3 for failed trials: test_sweep.py's diverging-trial test.)"""
+import io
 import json
 import os
 import signal
@@ -73,10 +74,13 @@ def test_ctrl_c_and_sigterm_record_interrupted_trials_and_print_the_command_that
     assert "interrupted" in {r["status"] for r in rows.values()} and "Tuner.restore" not in out + err
     assert out.strip().splitlines()[-1].startswith(f"resume with: cts-ray sweep {f} --resume")
     # and a resume finishes them: their interrupted rows replaced, one row per trial
-    p = _run([f, "--address", ray_cluster, "--quiet", "--resume", "--set", "num_samples=1"], tmp_path)
+    p = _run([f, "--address", ray_cluster, "--resume", "--set", "num_samples=1"], tmp_path)
     after = _rows(root)
     assert len(after) == 2 and {r["status"] for r in after} == {"finished"}, after
     assert interrupted <= {r["trial_id"] for r in after} and "interrupted" not in p.stdout
+    # the live view in a pipe: a line per trial as it ends, progress lines, no carriage returns
+    assert "\r" not in p.stdout and "ended · " in p.stdout
+    assert any(line.startswith("finished ") and " seed " in line and line.endswith(" %") for line in p.stdout.splitlines())
 
 
 def test_one_driver_per_sweep_and_a_killed_drivers_lease_is_taken_over(ray_cluster, tmp_path):
@@ -149,3 +153,43 @@ def test_two_rows_of_one_grid_point_read_as_ran_twice_not_as_a_knob(tmp_path):
                         {"test_accuracy": 0.5})
     text = format_summary(summarise(spec))
     assert "snip at density 0.05 seed 0: ran 2 times" in text and "does not apply" not in text, text
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_the_live_view_prints_a_line_per_ended_trial_and_redraws_only_on_a_terminal(tmp_path):
+    from ray.tune.experiment import Trial
+    from cts_ray.config import from_dict
+    from cts_ray.sweep.live import LiveView
+    from cts_ray.sweep.spec import SweepSpec
+    spec = SweepSpec(name="view", base={}, storage=str(tmp_path), grid={"seed": [0, 1, 2]})
+    for tty in (False, True):
+        trials = [Trial("trial", config={"seed": s}, stub=True, trial_id=f"v_0000{s}") for s in range(2)]
+        out = _Stream(tty)
+        view = LiveView(3, lambda params: from_dict(spec.trial_raw(params)), stream=out)
+        trials[0].set_status(Trial.RUNNING)
+        view.on_step_end(1, trials)
+        trials[0].update_last_result({"phase": "final", "status": "finished", "test_accuracy": 0.91234})
+        trials[0].set_status(Trial.TERMINATED)
+        view.on_trial_complete(2, trials, trials[0])
+        trials[1].set_status(Trial.RUNNING)
+        view.on_step_end(3, trials)
+        view.on_trial_error(4, trials, trials[1])
+        view.on_experiment_end(trials)
+        text = out.getvalue()
+        ended = [line.split("\x1b[K")[-1] for line in text.split("\n") if "seed" in line]
+        assert [line.split() for line in ended] == [
+            ["finished", "v_00000", "cts", "density", "0.05", "seed", "0", "test", "accuracy", "91.23", "%"],
+            ["failed", "v_00001", "cts", "density", "0.05", "seed", "1"]], text
+        assert text.rstrip("\n").split("\n")[-1].endswith("[2/3 ended · 0 running · 1 pending · 1 failed]  elapsed 0:00")
+        if tty:   # redrawn in place
+            assert text.startswith("\r\x1b[K[0/3 ended · 1 running · 2 pending · 0 failed]")
+        else:     # a log: no carriage returns; progress at the start, then at most every 30 s, and at the end
+            assert "\r" not in text and len(text.splitlines()) == 4, text

@@ -57,11 +57,11 @@ class LiveView(Callback):
         self.trials = {t.trial_id: (t.status, t.config, t.last_result or {}) for t in trials}
         every = TTY_EVERY_S if self._tty() else LOG_EVERY_S
         if self.show and time.time() - self.shown_at >= every:
-            self._progress(trials)
+            self._progress()
 
     def on_experiment_end(self, trials, **info):
         if self.show:
-            self._progress([], final=True)
+            self._progress(final=True)
 
     def _ended(self, trial, status: str) -> None:
         self.ended[trial.trial_id] = status
@@ -78,18 +78,20 @@ class LiveView(Callback):
         replay = "  (ended before)" if last.get("already_finished") else ""
         self._line(f"{status:<9} {trial.trial_id:<12} {what}{acc_text}{replay}")
 
-    def _progress(self, trials, final: bool = False) -> None:
-        counts = {"RUNNING": 0, "PENDING": 0, "TERMINATED": 0, "ERROR": 0}
-        for status, _, _ in self.trials.values():
-            counts[status] = counts.get(status, 0) + 1
-        done = counts["TERMINATED"] + counts["ERROR"]   # a resumed sweep's earlier trials included
-        failed = counts["ERROR"] + sum(s in ("diverged", "error") for s in self.ended.values())
+    def _progress(self, final: bool = False) -> None:
+        status = {tid: st for tid, (st, _, _) in self.trials.items()}
+        for tid in self.ended:   # ended since the last step: no longer running
+            status[tid] = "TERMINATED"
+        running = sum(st in ("RUNNING", "PAUSED") for st in status.values())
+        done = sum(st in ("TERMINATED", "ERROR") for st in status.values())   # a resumed sweep's earlier ones too
+        failed = len({tid for tid, (st, _, _) in self.trials.items() if st == "ERROR"} |
+                     {tid for tid, how in self.ended.items() if how in ("failed", "diverged", "error")})
         # trials not created yet count as pending: Tune makes a grid's trials as slots free up
-        pending = max(counts["PENDING"], self.total - done - counts["RUNNING"])
+        pending = max(0, self.total - done - running)
         elapsed = time.time() - self.started
-        left = pending + counts["RUNNING"]
+        left = pending + running
         eta = f"  ETA {clock(elapsed / len(self.ended) * left)}" if self.ended and left and not final else ""
-        text = (f"[{done}/{self.total} ended · {counts['RUNNING']} running · {pending} pending · {failed} failed]"
+        text = (f"[{done}/{self.total} ended · {running} running · {pending} pending · {failed} failed]"
                 f"  elapsed {clock(elapsed)}{eta}")
         self.shown_at = time.time()
         if self._tty() and not final:
