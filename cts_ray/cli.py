@@ -5,14 +5,15 @@ import argparse
 import os
 import sys
 
-from .errors import (EXIT_BUSY, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIALS_FAILED, AnalysisError, CompactError,
-                     ConfigError, DivergedError, SchemaError, SweepBusyError)
+from .errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE,
+                     EXIT_TRIALS_FAILED, AnalysisError, CompactError, ConfigError, DivergedError, SchemaError,
+                     StorageError, SweepBusyError)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other input error
         print(f"cts-ray: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 class _Version(argparse.Action):
@@ -67,14 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", metavar="FILE", help="the program file (default RUN_DIR/compact.pt2; the JSON goes "
                                                  "beside it with suffix .json)")
 
-    a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, seeds or comparison")
-    a.add_argument("kind", choices=["insensitivity", "seeds", "comparison"],
-                   help="insensitivity: hyperparameter spread against seed spread; seeds: seed variance and "
-                        "significance; comparison: method x density tables, compute, sanity checks")
+    a = sub.add_parser("analyze", help="one analysis of sweep results: insensitivity, interaction, seeds or "
+                                       "comparison")
+    a.add_argument("kind", choices=["insensitivity", "interaction", "seeds", "comparison"],
+                   help="insensitivity: hyperparameter spread against seed spread; interaction: two-way ANOVA of "
+                        "two swept axes; seeds: seed variance and significance; comparison: method x density "
+                        "tables, compute, sanity checks")
     _results_args(a)
     a.add_argument("--out", help="also write the plots (PNG) into this folder")
-    a.add_argument("--method", help="insensitivity: only this method")
-    a.add_argument("--axis", action="append", help="insensitivity: only this axis (repeatable): temperature, "
+    a.add_argument("--method", help="insensitivity, interaction: only this method")
+    a.add_argument("--axis", action="append", help="insensitivity, interaction: only this axis (repeatable): temperature, "
                                                    "mask_lr, search_length, objective, controller, search_point")
 
     rp = sub.add_parser("report", help="one Markdown report (tables, PNG plots, provenance) of sweep results")
@@ -113,9 +116,10 @@ def _analysis(args) -> int:
         print(f"report: {path}")
         return 0
     res = load_mod.load(args.results, metric=args.metric, allow_incomplete=args.allow_incomplete, where=where)
-    options = {"axes": args.axis, "method": args.method} if args.kind == "insensitivity" else {}
-    if args.kind != "insensitivity" and (args.axis or args.method):
-        raise AnalysisError("--axis/--method: only for `analyze insensitivity`")
+    axial = args.kind in ("insensitivity", "interaction")
+    options = {"axes": args.axis, "method": args.method} if axial else {}
+    if not axial and (args.axis or args.method):
+        raise AnalysisError("--axis/--method: only for `analyze insensitivity` or `analyze interaction`")
     from pathlib import Path
     text, files = report.run_kind(args.kind, res, Path(args.out) if args.out else None, **options)
     print(f"Used: {res.describe()}\n")
@@ -192,11 +196,11 @@ def _sweep(args) -> int:
         except KeyboardInterrupt:   # a second Ctrl-C, or one before the trials started
             print(f"\ncts-ray: interrupted; resume with: {_again(args, '--resume')}", file=sys.stderr)
             return EXIT_INTERRUPTED
-    _print_sweep_end(result)
+    _print_sweep_end(spec, result)
     return _sweep_exit(args, result)
 
 
-def _print_sweep_end(result: dict) -> None:
+def _print_sweep_end(spec, result: dict) -> None:
     from .sweep.summary import format_summary
     print()
     print(format_summary(result["summary"]))
@@ -205,7 +209,7 @@ def _print_sweep_end(result: dict) -> None:
         print(f"{what:<14} {where}")
     if result["mlflow_experiment"] is not None:
         from .sweep.mlflow_log import ui_link
-        print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'])}  (on the UI serving that store)")
+        print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'], spec.name)}  (on the UI serving that store)")
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
 
@@ -218,8 +222,7 @@ def _sweep_exit(args, result: dict) -> int:
               f"{stopped['not_started']} had not started")
         print(f"resume with: {_again(args, '--resume')}")
         return EXIT_INTERRUPTED
-    counts = [r["counts"] for r in result["summary"]["rows"]]
-    failed = max(sum(c["error"] + c["diverged"] for c in counts), result["errors"])
+    failed = result["failed"]
     if failed:
         print(f"\n{failed} trial(s) of this sweep failed or diverged (reasons above); once the cause is fixed, "
               f"retry them with: {_again(args, '--resume', '--retry-failed')}")
@@ -273,10 +276,7 @@ def _main(argv=None) -> int:
             return 0
         if args.command == "eval":
             from . import pipeline
-            r = pipeline.evaluate_run(args.run_dir)
-            same = "equal to" if r["test_accuracy"] == r["recorded"] else "differs from"
-            print(f"test accuracy {100 * r['test_accuracy']:.2f} %  (loss {r['test_loss']:.4f}); {same} the "
-                  f"recorded {100 * r['recorded']:.2f} %")
+            print(_eval_line(pipeline.evaluate_run(args.run_dir)))
             return 0
         cfg = config_mod.load(args.config, args.overrides)
         from . import pipeline
@@ -299,17 +299,29 @@ def _main(argv=None) -> int:
     # bad input, data that cannot answer, or a model compaction cannot handle: one line
     except (ConfigError, AnalysisError, SchemaError, CompactError) as e:
         print(f"cts-ray: error: {e}", file=sys.stderr)
-        return 2
-    except SweepBusyError as e:   # another live driver runs this sweep; nothing was touched
-        print(f"cts-ray: busy: {e}", file=sys.stderr)
-        return EXIT_BUSY
+        return EXIT_BAD_INPUT
     except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except StorageError as e:    # the message names the cause and the folder
+        print(f"cts-ray: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except SweepBusyError as e:  # names the live driver (host, pid, since when)
+        print(f"cts-ray: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         print("cts-ray: interrupted; nothing was written for the unfinished run", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _eval_line(r: dict) -> str:
+    """What `cts-ray eval` prints: the accuracy now, against the one the run recorded."""
+    now = f"test accuracy {100 * r['test_accuracy']:.2f} %  (loss {r['test_loss']:.4f})"
+    if r["recorded"] is None:
+        return f"{now}; the run recorded none"
+    same = "equal to" if r["test_accuracy"] == r["recorded"] else "differs from"
+    return f"{now}; {same} the recorded {100 * r['recorded']:.2f} %"
 
 
 if __name__ == "__main__":

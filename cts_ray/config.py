@@ -8,6 +8,7 @@ which device runs it), like open_lth's ``Desc``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -310,8 +311,7 @@ def _build_section(cls, raw: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in fields:
-            raise ConfigError(f"{prefix}.{k}: unknown key; allowed keys in {prefix}: "
-                              f"{', '.join(fields)}")
+            raise unknown_key([prefix, k], 1, list(fields), f"allowed keys in {prefix}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -347,7 +347,7 @@ def from_dict(raw: dict) -> Config:
     top = {f.name: f for f in dataclasses.fields(Config)}
     for k in raw:
         if k not in top:
-            raise ConfigError(f"{k}: unknown key; allowed top-level keys: {', '.join(top)}")
+            raise unknown_key([k], 0, list(top), "allowed top-level keys")
     kwargs = {}
     for name, cls in SECTIONS.items():
         kwargs[name] = _build_section(cls, raw.get(name) or {}, name)
@@ -438,10 +438,38 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def did_you_mean(parts: list[str], i: int, options) -> str:
+    """`` did you mean KEY?``: ``parts`` with ``parts[i]`` replaced by its closest match among
+    ``options`` (difflib), or nothing when none is close."""
+    close = difflib.get_close_matches(str(parts[i]), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" did you mean {'.'.join([*map(str, parts[:i]), close[0], *map(str, parts[i + 1:])])}?" if close else ""
+
+
+def unknown_key(parts: list[str], i: int, allowed, what: str) -> ConfigError:
+    """``KEY: unknown key; did you mean X? WHAT: a, b, c`` (one line) for ``parts[i]`` not in ``allowed``."""
+    return ConfigError(f"{'.'.join(map(str, parts))}: unknown key;{did_you_mean(parts, i, allowed)} "
+                       f"{what}: {', '.join(map(str, allowed))}")
+
+
+def top_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def check_key(parts: list[str], start: int = 0) -> None:
+    """``parts[start:]`` (``search.density``) names a real run-config field, else a one-line
+    ConfigError naming all of ``parts`` (``grid.search.density``), with a did-you-mean among the
+    keys of its level."""
+    top, head = top_keys(), parts[start]
+    if head not in top:
+        raise unknown_key(parts, start, top, "allowed top-level keys")
+    if head in SECTIONS and len(parts) == start + 2:
+        fields = [f.name for f in dataclasses.fields(SECTIONS[head])]
+        if parts[start + 1] not in fields:
+            raise unknown_key(parts, start + 1, fields, f"allowed keys in {head}")
+
+
 def set_in(raw: dict, parts: list[str], value) -> None:
-    top = {f.name for f in dataclasses.fields(Config)}
-    if parts[0] not in top:
-        raise ConfigError(f"{'.'.join(parts)}: unknown key; allowed top-level keys: {', '.join(sorted(top))}")
+    check_key(parts)
     if parts[0] in SECTIONS and len(parts) != 2:
         raise ConfigError(f"{'.'.join(parts)}: expected {parts[0]}.KEY")
     if parts[0] not in SECTIONS and len(parts) != 1:
@@ -495,10 +523,15 @@ def read_yaml(path, keys=None) -> dict:
 def load(path=None, overrides=()) -> Config:
     """Read YAML (or start from defaults), apply ``--set`` overrides, validate."""
     raw = read_yaml(path) if path is not None else {}
+    apply_overrides(raw, overrides)
+    return from_dict(raw)
+
+
+def apply_overrides(raw: dict, overrides=()) -> None:
+    """``--set KEY=VALUE`` texts written into a raw config mapping, each key checked."""
     for text in overrides:
         parts, value = parse_override(text)
         set_in(raw, parts, value)
-    return from_dict(raw)
 
 
 def describe() -> list[tuple[str, Any, str, str]]:

@@ -98,33 +98,88 @@ def same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max()))))
 
 
-def load_ticket(run_dir: Path) -> tuple[torch.nn.Module, Mask, tuple, dict]:
-    """(model with the ticket's weights, mask, input shape, resolved config as a dict) of a run
-    folder (checked by ``export_run``); the model is rebuilt from the run's full model config (all
-    its options)."""
+def check_run_dir(run_dir, needed=NEEDED) -> Path:
+    """``run_dir`` as a Path once it holds ``needed``; else a one-line ConfigError."""
+    run_dir = Path(run_dir)
+    for name in needed:
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
+                              "(or a sweep's trials/<trial>)")
+    return run_dir
+
+
+def _damaged(path: Path, e: BaseException) -> ConfigError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return ConfigError(f"RUN_DIR: {str(path)!r} cannot be read ({type(e).__name__}: {why}); expected the file "
+                       "cts-ray wrote (damaged or truncated: run the experiment again)")
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run folder's summary.json; a damaged one is a one-line ConfigError."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(path, e) from None
+    if not isinstance(summary, dict):
+        raise _damaged(path, ValueError("not a JSON object"))
+    return summary
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model`` with the state dict saved at ``path``; a damaged file, or one of another
+    architecture, is a one-line ConfigError naming it."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:   # torch raises many kinds here: pickle, zip, EOF
+        raise _damaged(path, e) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"RUN_DIR: {str(path)!r} does not fit the model its config.yaml describes ({why}); "
+                          "expected the run's own config.yaml and ticket.pt") from None
+    return model
+
+
+def run_config(run_dir: Path):
+    """A run folder's resolved config (``config.Config``)."""
     from .config import load as load_config
-    cfg = load_config(run_dir / "config.yaml")
-    data = json.loads((run_dir / "summary.json").read_text()).get("data") or {}
+    return load_config(run_dir / "config.yaml")
+
+
+def build_ticket_model(cfg, input_shape, num_classes: int, run_dir: Path) -> nn.Module:
+    """The one place a saved run's model is rebuilt: from the run's full model config (every
+    option: batchnorm, shortcut, classifier bias), then given the ticket's weights."""
+    with torch.random.fork_rng(devices=[]):   # its initialisation is replaced by the ticket's weights
+        model = models.from_config(cfg.model, tuple(input_shape), num_classes)
+    return load_weights(model, run_dir / "ticket.pt")
+
+
+def load_ticket(run_dir) -> tuple[torch.nn.Module, Mask, tuple, dict]:
+    """(model with the ticket's weights, mask, input shape, resolved config as a dict) of a run
+    folder; the model is rebuilt from the run's full model config (all its options)."""
+    run_dir = check_run_dir(run_dir)
+    cfg = run_config(run_dir)
+    data = read_summary(run_dir).get("data") or {}
     if "input_shape" not in data:   # summary without data provenance: the data set says
         from .data import load as load_data
         d = load_data(cfg.data, "cpu")
         data = {"input_shape": list(d.input_shape), "num_classes": d.num_classes, "mean": list(d.mean),
                 "std": list(d.std)}
     shape = tuple(data["input_shape"])
-    with torch.random.fork_rng(devices=[]):   # its initialisation is replaced by the ticket's weights
-        model = models.from_config(cfg.model, shape, data["num_classes"])
-    model.load_state_dict(torch.load(run_dir / "ticket.pt", weights_only=True, map_location="cpu"))
-    return model.eval(), Mask.load(run_dir / "mask.pt"), shape, {**cfg.to_dict(), "data_provenance": data}
+    model = build_ticket_model(cfg, shape, data["num_classes"], run_dir)
+    try:
+        mask = Mask.load(run_dir / "mask.pt")
+    except Exception as e:
+        raise _damaged(run_dir / "mask.pt", e) from None
+    return model.eval(), mask, shape, {**cfg.to_dict(), "data_provenance": data}
 
 
 def export_run(run_dir, out=None) -> dict:
     """Write the compact ticket of ``run_dir`` to ``out`` (default RUN_DIR/compact.pt2) and its
     description to ``out`` with suffix .json; returns that description."""
-    run_dir = Path(run_dir)
-    for name in NEEDED:
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
-                              "(or a sweep's trials/<trial>)")
+    run_dir = check_run_dir(run_dir)
     out = run_dir / "compact.pt2" if out is None else Path(out)
     if out.is_dir():
         raise ConfigError(f"--out: {str(out)!r} is a folder; expected a file name such as ticket.pt2")

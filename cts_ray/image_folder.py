@@ -246,6 +246,21 @@ def channel_stats(x) -> tuple[list, list]:
     return mean.tolist(), (s2 / n - mean.square()).sqrt().tolist()
 
 
+def decode_once(root, image_size: Optional[int] = None, on_start=lambda n: None) -> Optional[int]:
+    """The sweep driver's pre-flight: decode every image of the folder into the decode cache the
+    trials read, unless a cache for its current files exists; ``on_start(n)`` hears the number of
+    images before they are decoded. Returns that number (None: cached already); a damaged image is
+    a one-line ConfigError naming it. Keeps nothing in memory (the driver runs Ray next)."""
+    listing = scan(root)
+    key = listing.key(image_size)
+    if cache_path(key).is_file():
+        return None   # decoded before: every image in it was read
+    n = sum(len(rows) for rows in listing.files.values())
+    on_start(n)
+    _read_or_decode(listing, image_size, key)
+    return n
+
+
 _LOADED: dict = {}   # key -> Arrays: read once per process, like every data set
 
 

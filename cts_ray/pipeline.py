@@ -27,7 +27,7 @@ from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
 from .config import Config, check_folder
 from .errors import CompactError, ConfigError
-from .export import ticket_cost
+from .export import build_ticket_model, check_run_dir, read_summary, run_config, ticket_cost
 from .masking import Mask
 from .methods import METHODS, SearchContext, Ticket, applies
 from .records import Summary
@@ -159,22 +159,17 @@ def ticket_weights(state: dict, mask: Mask) -> dict:
 
 
 def evaluate_run(run_dir) -> dict:
-    """Re-evaluate a run folder's ticket (ticket.pt) on its config's test set:
-    {"test_accuracy", "test_loss", "recorded": the run's summary test_accuracy}."""
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "summary.json", "ticket.pt"):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no {name}; expected a run folder written by cts-ray run "
-                              "(or a sweep's trials/<trial>)")
-    from .config import load as load_config
-    cfg = load_config(run_dir / "config.yaml")
+    """Re-evaluate a run folder's ticket (ticket.pt) on its config's test set, the model rebuilt
+    from the run's full model config: {"test_accuracy", "test_loss", "recorded": the run's
+    summary test_accuracy}. A folder that is not a run, or a damaged file, is a ConfigError."""
+    run_dir = check_run_dir(run_dir, ("config.yaml", "summary.json", "ticket.pt"))
+    recorded = read_summary(run_dir).get("test_accuracy")
+    cfg = run_config(run_dir)
     device = runtime.configure(cfg.resources)
     amp = runtime.use_amp(cfg.resources, device)
     data = data_mod.load(cfg.data, device)
-    model = prepare(models.build(cfg.model.name, data.input_shape, data.num_classes), device, amp)
-    model.load_state_dict(torch.load(run_dir / "ticket.pt", weights_only=True))
-    recorded = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
-    return {**evaluate(model, data, amp), "recorded": recorded}
+    model = build_ticket_model(cfg, data.input_shape, data.num_classes, run_dir)
+    return {**evaluate(prepare(model, device, amp), data, amp), "recorded": recorded}
 
 
 def ticket_to_state(ticket: Ticket) -> dict:
@@ -226,7 +221,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     device = runtime.configure(cfg.resources)
     data = data_mod.load(cfg.data, device)           # ConfigError here still precedes any writing
     if cfg.resources.threads is None and device.type == "cpu":
-        params = sum(p.numel() for p in models.build(cfg.model.name, data.input_shape, data.num_classes).parameters())
+        params = sum(p.numel() for p in models.from_config(cfg.model, data.input_shape, data.num_classes).parameters())
         torch.set_num_threads(runtime.default_threads(params))
     for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
         shutil.rmtree(old, ignore_errors=True)

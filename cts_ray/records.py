@@ -21,7 +21,7 @@ from typing import Optional
 
 
 def _f(default=None, *, column=True, mlflow=False, final=False, tune=False, compared=False, source=None,
-       name=None, to_column=None, key=None, doc=""):
+       name=None, to_column=None, key=None, unit=None, doc=""):
     """A result field.
 
     ``column``: a column of its table (``False``: in summary.json only); ``to_column``: how the
@@ -30,9 +30,10 @@ def _f(default=None, *, column=True, mlflow=False, final=False, tune=False, comp
     ``final``: reported to Tune and logged to MLflow when the run ends. ``tune``: reported to Tune
     with every result (what ``metric`` in a sweep file and its schedulers may name). ``compared``:
     a metric the analysis compares tickets by. ``source``: the key a pipeline record holds it
-    under. ``key``: the config key an axis comes from."""
+    under. ``key``: the config key an axis comes from. ``unit``: what one of its numbers is
+    (``"fraction"``: 0 to 1, never a percentage; ``"s"``: seconds), the Parquet field's metadata."""
     meta = dict(column=column, mlflow=mlflow, final=final, tune=tune, compared=compared, source=source,
-                name=name, to_column=to_column, key=key, doc=doc)
+                name=name, to_column=to_column, key=key, unit=unit, doc=doc)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +55,7 @@ class Axes:
     objective: Optional[str] = _f(key="search.objective")
     controller: Optional[str] = _f(key="search.controller")
     sanity: Optional[str] = _f(key="search.sanity")
-    target_density: Optional[float] = _f(key="search.density")
+    target_density: Optional[float] = _f(key="search.density", unit="fraction")
     temperature: Optional[float] = _f(key="search.temperature")
     seed: Optional[int] = _f(key="seed")
     dataset: Optional[str] = _f(key="data.name")
@@ -79,15 +80,15 @@ class Epoch:
     cached: Optional[bool] = _f(doc="read from the sweep's dense cache")
     lr: Optional[float] = _f(mlflow=True)
     train_loss: Optional[float] = _f(mlflow=True)
-    train_accuracy: Optional[float] = _f(mlflow=True, doc="fraction")
+    train_accuracy: Optional[float] = _f(mlflow=True, unit="fraction")
     test_loss: Optional[float] = _f(mlflow=True)
-    test_accuracy: Optional[float] = _f(mlflow=True, doc="fraction")
+    test_accuracy: Optional[float] = _f(mlflow=True, unit="fraction")
     search_objective: Optional[float] = _f(mlflow=True, source="objective")
-    expected_density: Optional[float] = _f(mlflow=True)
-    hard_density: Optional[float] = _f(mlflow=True)
+    expected_density: Optional[float] = _f(mlflow=True, unit="fraction")
+    hard_density: Optional[float] = _f(mlflow=True, unit="fraction")
     lambda_: Optional[float] = _f(mlflow=True, name="lambda", source="lambda")
     topk_changed: Optional[float] = _f(mlflow=True)
-    seconds: Optional[float] = _f(mlflow=True)
+    seconds: Optional[float] = _f(mlflow=True, unit="s")
 
     @classmethod
     def from_record(cls, record: dict) -> "Epoch":
@@ -119,7 +120,7 @@ class Layer:
     layer: Optional[str] = _f()
     numel: Optional[int] = _f()
     kept: Optional[int] = _f()
-    density: Optional[float] = _f()
+    density: Optional[float] = _f(unit="fraction")
     units: Optional[int] = _f(doc="output units or channels")
     effective_kept: Optional[int] = _f(doc="kept weights on an input-to-output path")
     alive_units: Optional[int] = _f(doc="units with an effective incoming weight")
@@ -154,11 +155,11 @@ class Summary:
     search_point: str = _f(column=False)
     search_epoch: int = _f(column=False)
     target_density: float = _f(column=False)
-    achieved_density: float = _f(final=True, tune=True)
+    achieved_density: float = _f(final=True, tune=True, unit="fraction")
     kept_weights: int = _f()
     prunable_weights: int = _f()
     layer_densities: dict = _f({}, column=False)
-    effective_density: float = _f(final=True, doc="kept weights on an input-to-output path / prunable")
+    effective_density: float = _f(final=True, unit="fraction", doc="kept weights on an input-to-output path / prunable")
     effective_kept: int = _f(final=True)
     collapsed_layers: list = _f([], final=True, name="collapsed", to_column=len,
                                 doc="layers with no weight on a path (the column counts them)")
@@ -166,16 +167,16 @@ class Summary:
     compact_params: Optional[int] = _f(final=True, doc="parameters of the compact ticket (compact.py); null: "
                                                        "a family compaction does not handle")
     compact_flops: Optional[int] = _f(final=True, doc="multiply-adds per example of the compact ticket")
-    compact_flops_fraction: Optional[float] = _f(final=True, doc="compact FLOPs / the dense network's")
-    test_accuracy: float = _f(final=True, tune=True, compared=True, doc="fraction, the last retraining epoch")
+    compact_flops_fraction: Optional[float] = _f(final=True, unit="fraction", doc="compact FLOPs / the dense network's")
+    test_accuracy: float = _f(final=True, tune=True, compared=True, unit="fraction", doc="the last retraining epoch")
     # max over retraining epochs of the test accuracy: a curve's peak, not a result selected on data
-    peak_test_accuracy: float = _f(final=True, tune=True, compared=True, doc="fraction")
-    dense_test_accuracy: Optional[float] = _f(final=True, doc="fraction")
-    pretrain_seconds: float = _f()
+    peak_test_accuracy: float = _f(final=True, tune=True, compared=True, unit="fraction")
+    dense_test_accuracy: Optional[float] = _f(final=True, unit="fraction")
+    pretrain_seconds: float = _f(unit="s")
     dense_seconds: float = _f(column=False)
-    search_seconds: float = _f()
-    retrain_seconds: float = _f()
-    ticket_seconds: float = _f(final=True, tune=True, doc="SPEC §1: time to a retrained ticket")
+    search_seconds: float = _f(unit="s")
+    retrain_seconds: float = _f(unit="s")
+    ticket_seconds: float = _f(final=True, tune=True, unit="s", doc="SPEC §1: time to a retrained ticket")
     epochs_equivalent: float = _f()
     mask_sha256: str = _f()
     final_search_metrics: Optional[dict] = _f(column=False)
@@ -214,8 +215,8 @@ class Trial:
     run_dir: Optional[str] = _f()
     node_id: Optional[str] = _f()
     hostname: Optional[str] = _f()
-    started_at: Optional[float] = _f()
-    ended_at: Optional[float] = _f()
+    started_at: Optional[float] = _f(unit="s since 1970-01-01 UTC")
+    ended_at: Optional[float] = _f(unit="s since 1970-01-01 UTC")
     code_version: Optional[str] = _f()
     library_versions: Optional[dict] = _f(to_column="json")
     config: Optional[dict] = _f(to_column="json")
@@ -269,6 +270,12 @@ def column_type(cls, f) -> type:
     if typing.get_origin(tp) is typing.Union:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
+
+
+def units(*classes) -> dict[str, str]:
+    """{column name: unit} of the columns the classes' fields make that have one."""
+    return {column_name(f): f.metadata["unit"] for cls in classes for f in dataclasses.fields(cls)
+            if f.metadata.get("column", True) and f.metadata.get("unit")}
 
 
 def columns(*classes) -> list[tuple[str, type]]:

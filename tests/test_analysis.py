@@ -14,7 +14,7 @@ from matplotlib import image
 from scipy import stats as sps
 
 from cts_ray import cli, config
-from cts_ray.analysis import comparison, insensitivity, load as load_mod, plots, seeds, stats
+from cts_ray.analysis import comparison, insensitivity, interaction, load as load_mod, plots, seeds, stats
 from cts_ray.analysis.load import AnalysisError
 from cts_ray.sweep import tables
 
@@ -71,7 +71,81 @@ def test_insensitivity_no_effect_and_large_effect(known):
     assert steep["best"] == 1.0 and steep["verdict"].startswith("sensitive: 15.00 points across 0.25–1")
     lo, hi = steep["range_ci"]
     assert lo <= 15 <= hi and hi - lo < 3   # resampling 3 seeds of ±0.5 moves the range by ≤ 2 points
-    assert "| cts | temperature | 1 |" in insensitivity.markdown(rows)
+    assert "| cts | temperature | – | 1 |" in insensitivity.markdown(rows)
+
+
+def _grid(root, means: dict) -> Path:
+    """A mask LR x objective grid of CTS trials, 3 seeds each, with the given mean accuracies."""
+    for s, e in enumerate(NOISE):
+        for (lr, objective), mean in means.items():
+            _trial(root, seed=s, acc=(mean + e) / 100, search__lr=lr, search__objective=objective)
+    return root
+
+
+def test_two_axes_interaction_and_held_at(tmp_path, capsys):
+    """A 2 x 2 grid whose effects add (10 points of LR, 5 of objective at either) and one where the
+    objective's effect flips with the LR: the ANOVA tells them apart; every insensitivity row names
+    the other axis's value."""
+    additive = _grid(tmp_path / "add", {(0.01, "ce"): 80, (0.01, "kl_reverse"): 85,
+                                        (0.1, "ce"): 90, (0.1, "kl_reverse"): 95})
+    crossed = _grid(tmp_path / "cross", {(0.01, "ce"): 80, (0.01, "kl_reverse"): 95,
+                                         (0.1, "ce"): 90, (0.1, "kl_reverse"): 90})
+    (add,) = interaction.analyse(load_mod.load([additive]))
+    (cross,) = interaction.analyse(load_mod.load([crossed]))
+    assert (add["a"], add["b"], add["n"]) == ("mask_lr", "objective", 3)
+    assert add["p"]["ab"] == pytest.approx(1.0) and add["p"]["a"] < 1e-3 and add["p"]["b"] < 1e-3
+    assert add["verdict"].startswith("no interaction (p = 1.000): the effects add; mask_lr: an effect (p < 0.001)")
+    assert cross["p"]["ab"] < 1e-3 and cross["verdict"].startswith("mask_lr and objective interact (p < 0.001)")
+    assert cross["means"][0.01, "kl_reverse"] == pytest.approx(95)
+    md = interaction.markdown([cross])
+    assert "| cts | mask_lr × objective | – | 10 | 3 | 0.01 / ce: 80.00; 0.01 / kl_reverse: 95.00;" in md
+    (png,) = interaction.plot(load_mod.load([crossed]), [cross], tmp_path)
+    assert Path(png).name == "interaction_cts_mask_lr_objective.png"
+    assert image.imread(png).shape[:2] == plots.PIXELS[::-1]
+    rows = insensitivity.analyse(load_mod.load([crossed]))
+    assert sorted((r["axis"], r["held"], round(r["range"], 6)) for r in rows) == [
+        ("mask_lr", "objective=ce", 10), ("mask_lr", "objective=kl_reverse", 5),
+        ("objective", "mask_lr=0.01", 15), ("objective", "mask_lr=0.1", 0)]
+    assert "| cts | mask_lr | objective=ce | 10 |" in insensitivity.markdown(rows)
+    assert cli.main(["analyze", "interaction", str(crossed)]) == 0
+    assert "| cts | mask_lr × objective | – | 10 | 3 |" in capsys.readouterr().out
+    # one axis alone: no interaction to tell, refused in one line
+    with pytest.raises(AnalysisError, match="interaction: no two swept axes form a grid"):
+        interaction.analyse(load_mod.load([tmp_path / "add"]), axes=["mask_lr"])
+
+
+def test_two_way_anova_equals_the_balanced_formulas():
+    rng = np.random.default_rng(0)
+    a_levels, b_levels, n = (0, 1, 2), (0, 1), 4
+    cells = {(a, b): rng.normal(a + 0.5 * b + 1.5 * (a * b == 2), 1, n) for a in a_levels for b in b_levels}
+    m = {k: v.mean() for k, v in cells.items()}
+    grand = np.mean(list(m.values()))
+    ma = {a: np.mean([m[a, b] for b in b_levels]) for a in a_levels}
+    mb = {b: np.mean([m[a, b] for a in a_levels]) for b in b_levels}
+    ss = {"a": n * len(b_levels) * sum((ma[a] - grand) ** 2 for a in a_levels),
+          "b": n * len(a_levels) * sum((mb[b] - grand) ** 2 for b in b_levels),
+          "ab": n * sum((m[a, b] - ma[a] - mb[b] + grand) ** 2 for a in a_levels for b in b_levels)}
+    dof = {"a": 2, "b": 1, "ab": 2}
+    mse = sum(((v - v.mean()) ** 2).sum() for v in cells.values()) / (len(cells) * (n - 1))
+    expected = {k: sps.f.sf(ss[k] / dof[k] / mse, dof[k], len(cells) * (n - 1)) for k in ss}
+    assert stats.two_way_anova(cells) == pytest.approx(expected)
+    assert all(math.isnan(p) for p in stats.two_way_anova({k: v[:2] for k, v in cells.items()}).values())
+
+
+def test_settings_named_against_the_sweeps_base(tmp_path):
+    """A sweep whose base sets CTS's mask LR to 0.1 (as the mnist config does): its CTS is plain
+    `cts`, only a different LR is named; counts read as English."""
+    root = tmp_path / "based"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"name": "based", "base": {"search": {"lr": 0.1, "loss_scale": 100}},
+                                                 "set": {"search.lr_drop_at": "epoch"}}))
+    _trial(root, search__lr=0.1, search__loss_scale=100, search__lr_drop_at="epoch")
+    _trial(root, search__lr=0.01, search__loss_scale=100, search__lr_drop_at="epoch")
+    _trial(root, method="snip")
+    res = load_mod.load([root])
+    assert sorted(set(res.trials["label"])) == ["cts", "cts (lr=0.01)", "snip"]
+    assert "mean ± std over one seed" in comparison.accuracy_table(comparison.analyse(res))
+    assert res.describe().startswith("3 finished trials from one sweep (based)")
 
 
 def test_seed_statistics_and_significance(known):
@@ -172,7 +246,7 @@ def test_refusals_name_the_problem(tmp_path, known, capsys):
         insensitivity.analyse(load_mod.load([known]), axes=["tau"])
     # a trial that has started (its run folder exists) but has no row yet: still running
     (known / "trials" / "cts-running").mkdir(parents=True)
-    with pytest.raises(AnalysisError, match=r"1 trial\(s\) of known have started but not finished"):
+    with pytest.raises(AnalysisError, match="one trial of known has started but not finished"):
         load_mod.load([known])
     assert load_mod.load([known], allow_incomplete=True).skipped["unfinished"] == 1
     # a folder written by another schema version is refused, not misread
@@ -245,7 +319,7 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
         assert re.search(rf"\| {re.escape(label)} \|.*{re.escape(cell)}", md), (label, d, cell)
     for d in (0.1, 0.03):
         means = [np.mean(by["cts", t, d]) for t in sorted(t for (m, t, dd) in by if m == "cts" and dd == d)]
-        assert f"| cts | temperature | {100 * d:.3g} |" in md
+        assert f"| cts | temperature | – | {100 * d:.3g} |" in md
         assert f"| {max(means) - min(means):.2f} [" in md
     # nominal vs effective density: the main settings' means, straight from the Parquet rows
     for method in ("cts", "random"):
@@ -254,7 +328,7 @@ def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
         nominal, effective = (100 * np.mean([r[k] for r in main]) for k in ("achieved_density", "effective_density"))
         assert f"| {method} | " in md and f"{nominal:.3g} → {effective:.3g} (" in md, method
     assert "Alive units per layer, mean over seeds; layers (units): 1.weight (256) / 3.weight (128) / 5.weight (10)" in md
-    assert "24 finished trials from 2 sweep(s) (methods, temps)" in md
+    assert "24 finished trials from 2 sweeps (methods, temps)" in md
     assert "## Provenance" in md and rows[0]["code_version"] in md and "config hashes" in md
 
 

@@ -94,6 +94,9 @@ def test_resnet20_cts_ticket_on_cifar10_jpeg_through_cts_ray_run(tmp_path, cache
     state = torch.load(out / "search_point.pt", weights_only=True)
     assert not any("running" in k for k in state)               # batchnorm: batch
     assert state["blocks.3.shortcut.0.weight"].shape == (32, 16, 3, 3)
+    from cts_ray import pipeline
+    r = pipeline.evaluate_run(out)   # `cts-ray eval`: the model rebuilt with the run's batchnorm and shortcut
+    assert abs(r["test_accuracy"] - s["test_accuracy"]) <= 1 / 500, (r, s["test_accuracy"])
 
 
 # ---------------------------------------------------------------- bad folders, one line each

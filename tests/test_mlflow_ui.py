@@ -90,7 +90,6 @@ def browser(tmp_path):
 
 
 def test_mlflow_ui_shows_a_sweep_as_a_user_expects(sweep_store, server, browser, tmp_path):
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -106,23 +105,23 @@ def test_mlflow_ui_shows_a_sweep_as_a_user_expects(sweep_store, server, browser,
     assert not (cwd / "mlruns").exists()
     assert len(list((store / "mlartifacts").rglob("mask.pt"))) == 2
 
-    # 1. the link the sweep prints opens the experiment on its training runs (not GenAI's overview)
+    # 1. the link the sweep prints opens the experiment on the sweep's trials: listed flat (no parent
+    #    row to expand, no click), best test accuracy first, each showing its data set
     link = re.search(r"^mlflow ui\s+(#\S+)", stdout, re.M).group(1)
     browser.get(f"{server}/{link}")
-    parent = visible("//div[@role='gridcell']//a[normalize-space()='ui']")
     visible("//*[@role='columnheader'][normalize-space()='Run Name']")
+    cts, random = visible(trial_link.format("cts")), visible(trial_link.format("random"))
     assert "/runs" in browser.current_url and "/overview" not in browser.current_url
-    browser.save_screenshot(str(shots / "1-runs.png"))
-
-    # 2. the sweep's parent run expands to its two trials, each showing its data set
-    parent.find_element(By.XPATH, "./ancestor::div[@role='gridcell']//button").click()
-    cts = visible(trial_link.format("cts"))
-    visible(trial_link.format("random"))
+    assert not browser.find_elements(By.XPATH, "//div[@role='gridcell']//a[normalize-space()='ui']")   # no parent row
     wait.until(lambda d: len(d.find_elements(By.XPATH, "//div[@role='gridcell']//*[starts-with(normalize-space(), "
                                                        "'digits (')]")) >= 2)
-    browser.save_screenshot(str(shots / "2-expanded.png"))
+    acc = _test_accuracies(store)
+    best, worst = (cts, random) if acc["cts"] >= acc["random"] else (random, cts)
+    assert best.location["y"] < worst.location["y"], acc   # sorted by test_accuracy, descending
+    visible("//button[normalize-space()='Sort: test_accuracy']")   # the UI says so, and sorts by others
+    browser.save_screenshot(str(shots / "1-trials.png"))
 
-    # 3. a trial: its params (the values that applied) and its retrain/test_accuracy chart
+    # 2. a trial: its params (the values that applied) and its retrain/test_accuracy chart
     cts.click()
     rows = [visible(f"//*[@role='row'][*[@role='cell'][1][normalize-space()='{param}']]"
                     f"[*[@role='cell'][2][normalize-space()='{value}']]")
@@ -142,13 +141,8 @@ def test_mlflow_ui_shows_a_sweep_as_a_user_expects(sweep_store, server, browser,
     time.sleep(2)
     browser.save_screenshot(str(shots / "5-trial-system-metrics.png"))
 
-    # 4. two trials in the compare view
+    # 3. two trials in the compare view
     browser.get(f"{server}/{link}")
-    parent = visible("//div[@role='gridcell']//a[normalize-space()='ui']")
-    try:   # the UI remembers the expansion (in the browser's storage); expand again only if it did not
-        WebDriverWait(browser, 5).until(EC.visibility_of_element_located((By.XPATH, trial_link.format("cts"))))
-    except TimeoutException:
-        parent.find_element(By.XPATH, "./ancestor::div[@role='gridcell']//button").click()
     for name in ("cts", "random"):
         row = visible(trial_link.format(name)).find_element(By.XPATH, "./ancestor::div[@role='row']")
         row.find_element(By.XPATH, ".//input[@type='checkbox']").click()
@@ -157,3 +151,24 @@ def test_mlflow_ui_shows_a_sweep_as_a_user_expects(sweep_store, server, browser,
     names = visible("//tr[th[normalize-space()='Run Name:'] or td[normalize-space()='Run Name:']]").text
     assert re.search(r"cts-d0\.1-s0-", names) and re.search(r"random-d0\.1-s0-", names), names
     browser.save_screenshot(str(shots / "6-compare.png"))
+
+
+def _test_accuracies(store) -> dict:
+    """Each trial's final test_accuracy as MLflow holds it: {method: value}."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.role` = 'trial'")
+    return {r.data.tags["cts.method"]: r.data.metrics["test_accuracy"] for r in runs}
+
+
+def test_the_link_is_a_filter_mlflow_parses_for_any_sweep_name():
+    from urllib.parse import parse_qs
+    from mlflow.utils.search_utils import SearchUtils
+    from cts_ray.sweep.mlflow_log import ui_link
+    for name in ("quickstart", "bob's sweep"):
+        query = parse_qs(ui_link("3", name).split("?", 1)[1])
+        assert query["workflowType"] == ["machine_learning"] and query["orderByAsc"] == ["false"]
+        assert query["orderByKey"] == ["metrics.`test_accuracy`"]
+        parsed = SearchUtils.parse_search_filter(query["searchFilter"][0])
+        assert [(c["key"], c["value"]) for c in parsed] == [("cts.sweep", name), ("cts.role", "trial")]

@@ -23,6 +23,24 @@ def test_tables_are_the_records_fields():
     assert tables.SCHEMAS["trials"].field("levels").type == pa.string()   # JSON text
 
 
+def test_units_are_in_the_parquet_schema(tmp_path):
+    """Accuracies and densities are fractions (0 to 1), seconds are seconds: said on each Parquet
+    field, in the file a trial writes and in what a read gives back."""
+    fractions = {"trials": ["test_accuracy", "peak_test_accuracy", "dense_test_accuracy", "target_density",
+                            "achieved_density", "effective_density", "compact_flops_fraction"],
+                 "epochs": ["train_accuracy", "test_accuracy", "expected_density", "hard_density"],
+                 "layers": ["density"]}
+    for table, names in fractions.items():
+        for name in names:
+            assert tables.SCHEMAS[table].field(name).metadata == {b"unit": b"fraction"}, (table, name)
+    assert tables.SCHEMAS["trials"].field("ticket_seconds").metadata == {b"unit": b"s"}
+    assert tables.SCHEMAS["trials"].field("status").metadata is None
+    path = tables.write(tmp_path, "trials", "cts", "t1", [{"status": "finished", "test_accuracy": 0.9}],
+                        {"sweep": "s", "trial_id": "t1"})
+    assert pq.read_schema(path).field("test_accuracy").metadata == {b"unit": b"fraction"}
+    assert tables.read(tmp_path, "trials").schema.field("test_accuracy").metadata == {b"unit": b"fraction"}
+
+
 def test_metrics_derive_from_the_fields():
     assert set(R.TUNE_METRICS) <= set(R.FINAL_METRICS) <= set(tables.SCHEMAS["trials"].names)
     assert spec.METRICS == R.TUNE_METRICS and set(R.COMPARED) <= set(R.TUNE_METRICS)

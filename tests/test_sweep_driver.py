@@ -97,14 +97,14 @@ def test_one_driver_per_sweep_and_a_killed_drivers_lease_is_taken_over(ray_clust
     out, err = loser.communicate()
     assert loser.returncode == EXIT_BUSY and out.strip() == "" and err.count("\n") == 1, out + err
     winner = b if loser is a else a
-    assert err.startswith(f"cts-ray: busy: sweep folder {root} is in use by a running driver (host ")
+    assert err.startswith(f"cts-ray: sweep folder {root} is in use by a running driver (host ")
     assert f"pid {winner.pid}, since " in err
     # a --resume while the first runs is refused the same way, touching nothing
     _wait_for(lambda: (root / "sweep.json").exists(), what="the sweep's record")
     record = (root / "sweep.json").read_text()
     p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--resume"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert p.returncode == EXIT_BUSY and "cts-ray: busy:" in p.stderr and (root / "sweep.json").read_text() == record
+    assert p.returncode == EXIT_BUSY and "is in use by a running driver" in p.stderr and (root / "sweep.json").read_text() == record
     # the winner killed outright: its lease stays, names a dead pid, and a --resume takes it over
     _wait_for(_started(root, 1), what="a trial to save an epoch")
     os.killpg(winner.pid, signal.SIGKILL)

@@ -141,7 +141,7 @@ def test_the_report_shows_every_setting_and_says_what_it_left_out(tmp_path):
     table = comparison.accuracy_table(out)
     assert "| cts (temperature=0.5) | 91.00 ± 1.41 (n=2) |" in table and "| snip | 85.00 (n=1) |" in table
     assert "| cts (temperature=1) | 80.00 (n=1) |" in table
-    assert ("Not in this table: 1 diverged trial(s); 1 stopped trial(s); 1 repeat(s) of a config or experiment "
+    assert ("Not in this table: one diverged trial; one stopped trial; one repeat of a config or experiment "
             "already counted. Only finished trials count.") in table
 
 

@@ -26,7 +26,7 @@ def mean_std(x) -> str:
 
 
 def analyse(res: Results) -> dict:
-    """Every setting present is a row (labelled by what differs from the defaults)."""
+    """Every setting present is a row (labelled by what differs from the sweep's base config)."""
     main = res.trials[res.trials["sanity"] == "none"]
     if main.empty:
         raise AnalysisError("comparison: no trials without a sanity check here")
@@ -74,14 +74,14 @@ def _alive_units(res: Results, main) -> dict:
 
 def _left_out(res: Results) -> str:
     """What the tables do not show, and why (one line)."""
-    parts = [f"{n} {why} trial(s)" for why, n in res.skipped.items() if n and not why.startswith("repeats")
+    parts = [stats.count(n, f"{why} trial") for why, n in res.skipped.items() if n and not why.startswith("repeats")
              and not why.startswith("duplicate")]
     checks = int((res.trials["sanity"] != "none").sum())
     if checks:
-        parts.append(f"{checks} sanity-check trial(s) (in Sanity checks)")
+        parts.append(stats.count(checks, "sanity-check trial") + " (in Sanity checks)")
     repeats = sum(n for why, n in res.skipped.items() if why.startswith(("repeats", "duplicate")))
     if repeats:
-        parts.append(f"{repeats} repeat(s) of a config or experiment already counted")
+        parts.append(stats.count(repeats, "repeat") + " of a config or experiment already counted")
     return ("Not in this table: " + "; ".join(parts) + ". Only finished trials count.") if parts else \
         "Every finished trial is in this table."
 
@@ -115,12 +115,14 @@ def accuracy_table(result: dict) -> str:
                if (m, d) in result["cells"] else "–" for d in ds]
         out.append(f"| {m} | " + " | ".join(row) + " |")
     n = next(iter(ns))
-    foot = f"Test accuracy %, mean ± std over {n} seeds" if len(ns) == 1 else "Test accuracy %, mean ± std (n seeds)"
+    foot = (f"Test accuracy %, mean ± std over {stats.count(n, 'seed')}" if len(ns) == 1 else
+            "Test accuracy %, mean ± std (n seeds)")
     if len(result["dense"]):
-        foot += f"; dense network {mean_std(result['dense'])} % ({len(result['dense'])} seeds)"
+        foot += f"; dense network {mean_std(result['dense'])} % ({stats.count(len(result['dense']), 'seed')})"
     return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
-                             "present, named by what differs from the defaults (the plain method name is the "
-                             "setting at the defaults). " + result["left_out"] + " " + stats.RULE])
+                             "present, named by its values of the keys that differ between the settings, where they "
+                             "differ from the sweep's base config (the plain method name is the setting at that "
+                             "base). " + result["left_out"] + " " + stats.RULE])
 
 
 def off_target_notes(result: dict) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from . import plots, stats
 from ..records import AXIS_KEYS
 from ..errors import AnalysisError
-from .load import AXES, Results, context
+from .load import AXES, Results, context, varying_keys
 
 ALPHA = 0.05
 
@@ -34,10 +34,9 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
             raise AnalysisError(f"method: {method!r} has no finished trials here; "
                                 f"allowed: {', '.join(sorted(set(df['method'])))}")
         df = df[df["method"] == method]
-    for a in axes or ():
-        if a not in AXES:
-            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+    check_axes(axes)
     rows, seen = [], {}
+    swept = {m: varying_keys(g["_flat"]) for m, g in df.groupby("method")}
     for axis in axes or AXES:
         ctx = [context(f, drop=(AXIS_KEYS[axis],)) for f in df["_flat"]]
         for (m, _, density), g in df.assign(_ctx=ctx).groupby(["method", "_ctx", "target_density"], sort=True):
@@ -53,6 +52,7 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
             p = stats.anova_p(groups)
             best = values[int(np.argmax(means))]
             rows.append({"method": m, "axis": axis, "density": density, "values": values,
+                         "held": held_at(g, swept[m], drop=(axis,)),
                          "n": [len(x) for x in groups], "means": means,
                          "stds": [float(x.std(ddof=1)) if len(x) > 1 else math.nan for x in groups],
                          "range": rng, "range_ci": (rlo, rhi),
@@ -69,6 +69,35 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["method"], AXES.index(r["axis"]), -r["density"]))
 
 
+# an axis's column where the config key is one (mask_lr: the resolved search.lr)
+_AXIS_OF = {key: axis for axis, key in AXIS_KEYS.items() if axis in AXES}
+
+
+def check_axes(axes) -> None:
+    for a in axes or ():
+        if a not in AXES:
+            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+
+
+def swept_axes(keys: list) -> list[str]:
+    """The axes (``AXES`` order) whose config keys are among ``keys``."""
+    return [a for a in AXES if AXIS_KEYS[a] in keys]
+
+
+def held_at(g, keys: list, drop=()) -> str:
+    """What the swept keys other than ``drop`` (axes) were held at in the trials ``g``:
+    'objective=kl_reverse, mask_lr=0.1', or '–' when nothing else was swept."""
+    first = g.iloc[0]
+    out = []
+    for k in keys:
+        name = _AXIS_OF.get(k, k.removeprefix("search."))
+        if name in drop:
+            continue
+        v = first[name] if name in AXES else first["_flat"].get(k)
+        out.append(f"{name}={f'{v:.4g}' if isinstance(v, float) else v}")
+    return ", ".join(out) or "–"
+
+
 def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
     span = _span(values)
     if seeds < stats.MIN_TEST:
@@ -78,24 +107,19 @@ def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
         return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
                 f"(seed std {seed_std:.2f}, p = {stats.p_text(p)})")
     return (f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; "
-            f"best at {best:.4g} (p {_p(p)})" if isinstance(best, float) else
-            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {_p(p)})")
-
-
-def _p(p) -> str:
-    text = stats.p_text(p)
-    return text if text.startswith("<") else f"= {text}"
+            f"best at {best:.4g} (p {stats.p_relation(p)})" if isinstance(best, float) else
+            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {stats.p_relation(p)})")
 
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| method | axis | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
+    out = ["| method | axis | held at | density % | values (seeds each) | mean accuracy % per value | range, points [95 % CI] "
            "| std across values [95 % CI] | seed std | std across values / seed std | ANOVA p | verdict |",
-           "|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
+           "|---|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
         ns = sorted(set(r["n"]))
-        out.append(f"| {r['method']} | {r['axis']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
+        out.append(f"| {r['method']} | {r['axis']} | {r['held']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
                    f"| {', '.join(stats.fmt(m) for m in r['means'])} "
                    f"| {stats.fmt(r['range'])} [{stats.fmt(r['range_ci'][0])}, {stats.fmt(r['range_ci'][1])}] "
                    f"| {stats.fmt(r['std'])} [{stats.fmt(r['std_ci'][0])}, {stats.fmt(r['std_ci'][1])}] | {stats.fmt(r['seed_std'])} "
@@ -103,7 +127,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out + ["", COLUMNS, "", stats.RULE])
 
 
-COLUMNS = ("Columns: *values (seeds each)* the axis values compared, everything else equal, and the seeds per "
+COLUMNS = ("Columns: *held at* the values of the other swept settings at which the axis was varied; "
+           "*values (seeds each)* the axis values compared, everything else equal, and the seeds per "
            "value; *mean accuracy* per value, over its seeds; *range* max − min of those means; *std across values* "
            "the std of those means; [95 % CI] percentile bootstrap over seeds resampled within each value; *seed std* "
            "the within-value std pooled over values; *std across values / seed std* how many seed-noise units the "
@@ -124,7 +149,8 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
             # ± seed std, clipped to [0, 100] %; none from a single seed (nan)
             means, sd = np.array(r["means"]), np.array(r["stds"])
             yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %")
+            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
+                        + ("" if r["held"] == "–" else f", {r['held']}"))
         if numeric:
             vals = [v for r in sel for v in r["values"]]
             if min(vals) > 0 and max(vals) / min(vals) >= 4:

@@ -6,6 +6,7 @@ density and sanity check, so seeds of one setting pool together and settings nev
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -14,11 +15,12 @@ from typing import Optional
 
 import pandas as pd
 
-from ..config import Config, flatten, stable_hash
-from ..errors import AnalysisError
+from ..config import Config, flatten, from_dict, set_in, stable_hash
+from ..errors import AnalysisError, ConfigError
 from ..methods import METHODS, effective
 from ..records import COMPARED
 from ..sweep import tables
+from .stats import count
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
@@ -46,8 +48,8 @@ class Results:
 
     def describe(self) -> str:
         names = ", ".join(Path(f).name for f, _ in self.sweeps)
-        skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items() if n)
-        return (f"{len(self.trials)} finished trials from {len(self.sweeps)} sweep(s) ({names})"
+        skipped = "; ".join(f"{why} ({n})" for why, n in self.skipped.items() if n)
+        return (f"{count(len(self.trials), 'finished trial')} from {count(len(self.sweeps), 'sweep')} ({names})"
                 + (f"; not used: {skipped}" if skipped else ""))
 
 
@@ -84,7 +86,8 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
         df, meta, unfinished = _read_sweep(folder)
         if unfinished and not allow_incomplete:
             raise AnalysisError(
-                f"results: {len(unfinished)} trial(s) of {folder.name} have started but not finished "
+                f"results: {count(len(unfinished), 'trial')} of {folder.name} {'has' if len(unfinished) == 1 else 'have'} "
+                f"started but not finished "
                 f"(still running, or interrupted: finish with `cts-ray sweep … --resume`); "
                 f"pass --allow-incomplete to analyse the finished ones")
         skipped["unfinished"] = skipped.get("unfinished", 0) + len(unfinished)
@@ -113,7 +116,7 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
     skipped["repeats of one experiment (a swept knob that does not apply)"] = before - len(df)
     df["variant"] = [context(f) for f in df["_flat"]]
     df = df.sort_values(["method", "variant", "target_density", "seed"]).reset_index(drop=True)
-    df["label"] = df["variant"].map(_labels(df))
+    df["label"] = df["variant"].map(_labels(df, base_values(sweeps)))
     return Results(df, sweeps, skipped, metric)
 
 
@@ -153,18 +156,49 @@ def context(flat: dict, drop=()) -> str:
     return stable_hash({k: v for k, v in flat.items() if k not in _NOT_VARIANT and k not in drop}, 10)
 
 
-def _labels(df: pd.DataFrame) -> dict:
-    """Name each setting by its method plus its values, where they differ from the defaults, of
-    the keys that vary between the settings here; the setting at the defaults is the plain row."""
-    default = flatten(Config().to_dict())
+def base_values(sweeps: list) -> dict:
+    """The flattened config the sweeps' settings are named against: each sweep's base config with
+    its ``set`` (sweep.json), where every sweep agrees on a key; the defaults elsewhere."""
+    out = flatten(Config().to_dict())
+    bases = [_base_of(meta) for _, meta in sweeps]
+    bases = [b for b in bases if b is not None]
+    for k in out:
+        values = {json.dumps(b.get(k), default=str) for b in bases}
+        if bases and len(values) == 1:
+            out[k] = bases[0].get(k)
+    return out
+
+
+def _base_of(meta: dict) -> Optional[dict]:
+    """A sweep's base config with its ``set``, flattened; None when sweep.json does not give one."""
+    if not isinstance(meta.get("base"), dict):
+        return None
+    raw = copy.deepcopy(meta["base"])
+    for key, value in (meta.get("set") or {}).items():
+        set_in(raw, key.split("."), value)
+    try:
+        return flatten(from_dict(raw).to_dict())
+    except ConfigError:   # a base this version no longer reads: named against the defaults
+        return None
+
+
+def _labels(df: pd.DataFrame, base: dict) -> dict:
+    """Name each setting by its method plus its values, where they differ from ``base``, of the keys
+    that vary between the settings that read them; the setting at the base is the plain row."""
     flats = df.drop_duplicates("variant").set_index("variant")["_flat"]
-    keys = sorted({k for f in flats for k in f if k not in _NOT_VARIANT and k != "search.method"
-                   and len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
+    keys = varying_keys(flats)
     out = {}
     for variant, f in flats.items():
-        diff = [f"{k.removeprefix('search.')}={_short(f[k])}" for k in keys if k in f and f[k] != default.get(k)]
+        diff = [f"{k.removeprefix('search.')}={_short(f[k])}" for k in keys if k in f and f[k] != base.get(k)]
         out[variant] = f["search.method"] + (f" ({', '.join(diff)})" if diff else "")
     return out
+
+
+def varying_keys(flats) -> list[str]:
+    """The config keys that make settings differ: those with ≥ 2 values among the configs
+    (flattened) that read them, less the method, seed, density and sanity check."""
+    return sorted({k for f in flats for k in f if k not in _NOT_VARIANT and k != "search.method"
+                   and len({json.dumps(g[k], default=str) for g in flats if k in g}) > 1})
 
 
 def _short(v):

@@ -7,12 +7,14 @@ import platform
 from collections import Counter
 from pathlib import Path
 
-from . import comparison, inference, insensitivity, seeds, strong
+from . import comparison, inference, insensitivity, interaction, seeds, strong
 from ..errors import AnalysisError
 from .load import Results, load
+from .stats import count
 
-KINDS = {"comparison": comparison, "seeds": seeds, "insensitivity": insensitivity}
-TITLES = {"comparison": "Method comparison", "seeds": "Seed variance", "insensitivity": "Hyperparameter insensitivity"}
+KINDS = {"comparison": comparison, "seeds": seeds, "insensitivity": insensitivity, "interaction": interaction}
+TITLES = {"comparison": "Method comparison", "seeds": "Seed variance", "insensitivity": "Hyperparameter insensitivity",
+          "interaction": "Interaction of swept hyperparameters"}
 
 
 def run_kind(kind: str, res: Results, out: Path | None = None, **options) -> tuple[str, list[str]]:
@@ -49,10 +51,11 @@ def provenance(res: Results) -> str:
            f"- dates: {_when(t['started_at'].min())} to {_when(t['ended_at'].max())}",
            "- code: " + ", ".join(f"`{v}` ({n} trials)" for v, n in versions.most_common()),
            "- machines: " + ", ".join(f"{h} ({n} trials)" for h, n in Counter(t["hostname"].fillna("?")).most_common())
-           + f"; {t['node_id'].nunique()} Ray node(s)",
+           + f"; {count(t['node_id'].nunique(), 'Ray node')}",
            "- libraries: " + ", ".join(sorted(k for k in libs)),
            "- data / model: " + ", ".join(sorted({f"{d} / {m}" for d, m in zip(t["dataset"], t["model"])})),
-           f"- metric: `{res.metric}` in percent; report written {_when(datetime.datetime.now().timestamp())} "
+           f"- metric: `{res.metric}`, a fraction (0 to 1) in the tables and MLflow, in % here (differences in "
+           f"points); report written {_when(datetime.datetime.now().timestamp())} "
            f"on {platform.node()}"]
     settings = t.drop_duplicates("variant")[["label", "variant"]]
     out += ["", "Settings (config hash less seed, density and sanity check):", "",
@@ -81,6 +84,12 @@ def build(paths, out=None, *, metric: str = "test_accuracy", allow_incomplete: b
             continue
         md.append(text)
         md += [""] + [f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in files]
+    try:   # only where two swept axes form a grid: no section otherwise
+        text, files = run_kind("interaction", res, out)
+        md += ["", f"## {TITLES['interaction']}", "", text, ""]
+        md += [f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in files]
+    except AnalysisError:
+        pass
     try:
         md += ["", "## Strong tickets", "", strong.markdown(strong.analyse(res))]
     except AnalysisError:

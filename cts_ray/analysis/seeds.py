@@ -49,7 +49,7 @@ def analyse(res: Results) -> dict:
 
 
 def markdown(result: dict) -> str:
-    out = ["| method | density % | seeds | mean % | std | 95 % CI | min | max |", "|---|---:|---|---:|---:|---|---:|---:|"]
+    out = ["| method | density % | seeds | mean % | std, points | 95 % CI, % | min % | max % |", "|---|---:|---|---:|---:|---|---:|---:|"]
     for c in result["cells"]:
         out.append(f"| {c['label']} | {100 * c['density']:.3g} | {','.join(map(str, c['seeds']))} | {stats.fmt(c['mean'])} "
                    f"| {stats.fmt(c['std'])} | [{stats.fmt(c['ci'][0])}, {stats.fmt(c['ci'][1])}] | {stats.fmt(c['min'])} | {stats.fmt(c['max'])} |")

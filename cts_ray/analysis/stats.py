@@ -74,6 +74,42 @@ def anova_p(groups: list) -> float:
     return float(stats.f_oneway(*groups).pvalue)
 
 
+def two_way_anova(cells: dict) -> dict:
+    """Two-way ANOVA with interaction of ``cells`` {(a value, b value): values}, every (a, b) a cell:
+    {"a": p, "b": p, "ab": p} (main effects Type II, so an unbalanced grid is read right), each
+    from an F test against the within-cell (seed) variance. nan unless every cell has MIN_TEST values."""
+    if not enough(list(cells.values())):
+        return {"a": math.nan, "b": math.nan, "ab": math.nan}
+    a_levels = sorted({a for a, _ in cells}, key=str)
+    b_levels = sorted({b for _, b in cells}, key=str)
+    y = np.concatenate([np.asarray(v, dtype=float) for v in cells.values()])
+    rows = [(a, b) for (a, b), v in cells.items() for _ in range(len(v))]
+    da = np.array([[a == lv for lv in a_levels[1:]] for a, _ in rows], dtype=float).reshape(len(y), -1)
+    db = np.array([[b == lv for lv in b_levels[1:]] for _, b in rows], dtype=float).reshape(len(y), -1)
+    dab = np.einsum("ni,nj->nij", da, db).reshape(len(y), -1)
+    one = np.ones((len(y), 1))
+    rss = {name: _rss(np.hstack(parts), y) for name, parts in
+           (("full", (one, da, db, dab)), ("add", (one, da, db)), ("a", (one, da)), ("b", (one, db)))}
+    dof_e = len(y) - len(cells)
+    effects = {"a": (rss["b"] - rss["add"], da.shape[1]), "b": (rss["a"] - rss["add"], db.shape[1]),
+               "ab": (rss["add"] - rss["full"], dab.shape[1])}
+    return {k: _f_p(ss, dof, rss["full"], dof_e) for k, (ss, dof) in effects.items()}
+
+
+def _rss(x, y) -> float:
+    """Residual sum of squares of the least-squares fit of ``y`` on the columns of ``x``."""
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    return float(((y - x @ beta) ** 2).sum())
+
+
+def _f_p(ss: float, dof: int, rss: float, dof_e: int) -> float:
+    """The F test's p of an effect (sum of squares ``ss`` on ``dof``) against the residual."""
+    tiny = 1e-12 * max(1.0, rss + abs(ss))
+    if rss <= tiny:   # no seed noise at all: any effect is certain, none is no evidence
+        return 0.0 if ss > tiny else 1.0
+    return float(stats.f.sf(max(ss, 0.0) / dof / (rss / dof_e), dof, dof_e))
+
+
 def levene_p(groups: list) -> float:
     """Brown–Forsythe (median-centred Levene) test that the groups' variances are equal."""
     groups = [g for g in groups if len(g) >= MIN_TEST]
@@ -121,6 +157,17 @@ def p_text(p: float) -> str:
     if p is None or math.isnan(p):
         return "–"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_relation(p: float) -> str:
+    """A p-value after 'p': '< 0.001' or '= 0.042'."""
+    text = p_text(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def count(n: int, noun: str, plural: str = "") -> str:
+    """A count as English: 'one seed', '3 seeds' (``plural`` where adding an s is wrong)."""
+    return f"one {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 def fmt(x, digits: int = 2) -> str:

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote, urlencode
 
 from ray.tune import Callback
 
@@ -35,11 +36,21 @@ BATCH_PARAMS_TAGS, BATCH_ENTITIES = 100, 1000
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def ui_link(experiment_id: str) -> str:
-    """Where the MLflow UI shows the experiment's training runs. MLflow 3.17's UI picks an
-    experiment's page by its GenAI / Model training switch (GenAI unless the browser chose
-    otherwise), not by ``mlflow.experimentKind``; ``workflowType`` in the link chooses it."""
-    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def ui_link(experiment_id: str, sweep: Optional[str] = None) -> str:
+    """Where the MLflow UI shows the experiment's training runs; with ``sweep``, that sweep's trials
+    listed flat (no parent row to expand) and sorted by test accuracy, best first.
+
+    MLflow 3.17's UI picks an experiment's page by its GenAI / Model training switch, which
+    ``workflowType`` sets; it reads its search facets (``searchFilter``, ``orderByKey``,
+    ``orderByAsc``) from the link, and nests child runs under their parent only when the runs are
+    unfiltered and sorted by start time."""
+    link = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if sweep is None:
+        return link
+    quote_mark = '"' if "'" in sweep else "'"   # MLflow's filter takes either around a string
+    facets = {"searchFilter": f"tags.`cts.sweep` = {quote_mark}{sweep}{quote_mark} AND tags.`cts.role` = 'trial'",
+              "orderByKey": "metrics.`test_accuracy`", "orderByAsc": "false"}
+    return f"{link}&{urlencode(facets, quote_via=quote)}"
 
 
 def default_tracking_uri(root: Path) -> str:

@@ -12,6 +12,7 @@ from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
+from .preflight import decode_images
 from .resume import check, forgotten, write_record
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
@@ -98,7 +99,8 @@ def tracking_uri(spec: SweepSpec) -> str:
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
               verbose: int = 1) -> dict:
     """Run, resume or extend a sweep, holding its driver lease (lease.py); returns {"summary":
-    summarise's, "paths": paths', "errors": trials that failed, "mlflow_error": why MLflow logging
+    summarise's, "paths": paths', "errors": trials Tune saw fail in this run, "failed": trials of the
+    sweep that failed or diverged (``_failed``), "mlflow_error": why MLflow logging
     stopped or None, "mlflow_experiment": its id, "interrupted": None, or after Ctrl-C/SIGTERM
     {"running": trials recorded as interrupted, "not_started": trials with no row}}.
     ``verbose``: 0 nothing live, 1 the live view (live.py), 2 Tune's own tables."""
@@ -113,6 +115,7 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
     from .trainable import spec_state, trial
     _quiet_tune()
     points = check(spec, resume=resume, extend=extend)
+    decode_images(spec)   # a damaged image: refused here, once, before Ray starts
     resume = resume and not extend
     if resume and not tune.Tuner.can_restore(str(spec.root / TUNE_DIR)):
         raise ConfigError(f"--resume: no sweep to resume at {str(spec.root / TUNE_DIR)!r}; run it without --resume "
@@ -143,9 +146,16 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
         grid = _fit(tuner, logger, cfg0 if shared is not None else None)
     running = _record_interrupted(spec, live) if interrupts.count else set()
     _wrap_up(spec, grid, skip=running)
-    return {"summary": summarise(spec), "paths": paths(spec), "errors": sum(1 for r in grid if r.error),
+    summary, errors = summarise(spec), sum(1 for r in grid if r.error)
+    return {"summary": summary, "paths": paths(spec), "errors": errors, "failed": _failed(summary, errors),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id,
             "interrupted": _interrupted_counts(spec, running) if interrupts.count else None}
+
+
+def _failed(summary: dict, errors: int) -> int:
+    """Trials of the sweep that failed or diverged: over all its rows (a resumed sweep's earlier
+    ones too), or Tune's errors of this run where more (a trial whose worker died writes no row)."""
+    return max(sum(r["counts"]["error"] + r["counts"]["diverged"] for r in summary["rows"]), errors)
 
 
 def _tune_verbose(verbose: int) -> int:

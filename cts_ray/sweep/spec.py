@@ -121,11 +121,20 @@ def _err(msg: str):
 def load(path, overrides=(), name: Optional[str] = None) -> SweepSpec:
     """Read, apply ``--set`` overrides, and validate a sweep file (every trial config included)."""
     path = Path(path)
-    raw = C.read_yaml(path, TOP_KEYS)
+    return from_mapping(C.read_yaml(path, TOP_KEYS), overrides, name, path)
+
+
+def from_mapping(raw: dict, overrides=(), name: Optional[str] = None, path: Optional[Path] = None) -> SweepSpec:
+    """A sweep file's mapping (``path``: the file it came from, for a relative ``base``) with
+    ``--set`` overrides applied, validated."""
+    if not isinstance(raw, dict):
+        _err(f"sweep: expected a mapping with keys {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = C.parse_override(text)
         key = ".".join(parts)
         if parts[0] in ("set", "grid", "sample") and len(parts) > 1:   # e.g. grid.seed=[0,1]
+            C.check_key(parts, 1)
             _mapping(raw, parts[0], key)[".".join(parts[1:])] = value
         elif parts[0] in TOP_KEYS:
             node = raw
@@ -133,10 +142,22 @@ def load(path, overrides=(), name: Optional[str] = None) -> SweepSpec:
                 node = _mapping(node, p, key, ".".join(parts[:i + 1]))
             node[parts[-1]] = value
         else:   # a run-config key: fixed for every trial
+            _check_run_key(parts)
             _mapping(raw, "set", key)[key] = value
     if name is not None:
         raw["name"] = name
     return validate(raw, path)
+
+
+def _check_run_key(parts: list[str]) -> None:
+    """A ``--set`` key that is no sweep key must be a run-config key; a typo of either gets a
+    did-you-mean among the keys of its level (sweep keys and run-config top-level keys)."""
+    run_top = C.top_keys()
+    if parts[0] in run_top:
+        C.check_key(parts)
+        return
+    _err(f"{'.'.join(parts)}: unknown key;{C.did_you_mean(parts, 0, list(TOP_KEYS) + run_top)} sweep keys: {', '.join(TOP_KEYS)}; or a run-config key "
+         f"for every trial: {', '.join(run_top)} (SECTION.KEY; `cts-ray config --keys` lists them)")
 
 
 def _mapping(node: dict, p: str, key: str, where: Optional[str] = None) -> dict:
@@ -152,7 +173,7 @@ def validate(raw: dict, path: Optional[Path] = None) -> SweepSpec:
     """A sweep file's mapping as a SweepSpec; every error is one line naming the key and what is allowed."""
     for k in raw:
         if k not in TOP_KEYS:
-            _err(f"{k}: unknown sweep key; allowed: {', '.join(TOP_KEYS)}")
+            _err(f"{k}: unknown sweep key;{C.did_you_mean([k], 0, TOP_KEYS)} allowed: {', '.join(TOP_KEYS)}")
     name, base = _name(raw, path), _base(raw, path)
     sections = _sections(raw)
     spec = SweepSpec(name=name, base=base, set=sections["set"], grid=sections["grid"], sample=sections["sample"],
@@ -182,8 +203,10 @@ def _base(raw: dict, path: Optional[Path]) -> dict:
     """The base run config as a raw mapping (a path relative to the sweep file)."""
     if raw.get("base") is None:
         return {}
+    if isinstance(raw["base"], dict):   # a run config given inline (the Python API)
+        return copy.deepcopy(raw["base"])
     if not isinstance(raw["base"], str):
-        _err(f"base: expected a path to a run config, got {raw['base']!r}")
+        _err(f"base: expected a path to a run config (or a mapping), got {raw['base']!r}")
     base_path = Path(raw["base"])
     if not base_path.is_absolute() and path is not None:
         base_path = path.parent / base_path
@@ -237,8 +260,11 @@ def _storage(storage) -> str:
 
 
 def _mlflow(ml) -> dict:
-    if not isinstance(ml, dict) or set(ml) - {"tracking_uri", "experiment", "system_metrics"}:
-        _err(f"mlflow: {ml!r}; expected a mapping with keys tracking_uri, experiment, system_metrics")
+    keys = ("tracking_uri", "experiment", "system_metrics")
+    if not isinstance(ml, dict):
+        _err(f"mlflow: {ml!r}; expected a mapping with keys {', '.join(keys)}")
+    for k in set(ml) - set(keys):
+        raise C.unknown_key(["mlflow", k], 1, keys, "allowed keys in mlflow")
     for k in ("tracking_uri", "experiment"):
         if ml.get(k) is not None and (not isinstance(ml[k], str) or not ml[k]):
             _err(f"mlflow.{k}: {ml[k]!r}; expected a non-empty string or null")
@@ -250,7 +276,8 @@ def _mlflow(ml) -> dict:
 
 def _choice(key, value, allowed):
     if value not in allowed:
-        _err(f"{key}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        _err(f"{key}: {value!r} is not allowed;{C.did_you_mean([value], 0, allowed)} choose one of: "
+             f"{', '.join(allowed)}")
     return value
 
 

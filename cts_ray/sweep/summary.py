@@ -137,7 +137,7 @@ def _table(summary: dict) -> list[str]:
     keys, rows = summary["keys"], summary["rows"]
     statuses = [st for st in STATUSES if st != "interrupted" or any(r["counts"].get(st) for r in rows)]
     head = ["method", "density", *(k.removeprefix("search.") for k in keys), *(SHOWN.get(st, st) for st in statuses),
-            "seeds", "effective", "test accuracy (mean ± std of finished trials)"]
+            "seeds", "effective", "test accuracy % (mean ± std of finished trials)"]
     table = [head]
     for r in rows:
         acc = "-" if r["mean"] is None else f"{100 * r['mean']:.2f}" + \
@@ -153,7 +153,8 @@ def _best(b: dict, keys: list) -> list[str]:
     lines = [f"best trials by {b['metric']} ({b['mode']}):"]
     for r in b["trials"]:
         values = ", ".join(f"{k.removeprefix('search.')}={_value(r['values'][k])}" for k in keys)
-        lines.append(f"  {r['trial_id']}  {100 * r[b['metric']] if 'accuracy' in b['metric'] else r[b['metric']]:.4g}"
+        value = f"{100 * r[b['metric']]:.4g} %" if "accuracy" in b["metric"] else f"{r[b['metric']]:.4g}"
+        lines.append(f"  {r['trial_id']}  {value}"
                      f"  {r['method']} density {_value(r['target_density'])} seed {r['seed']}"
                      + (f"  {values}" if values else ""))
     return lines

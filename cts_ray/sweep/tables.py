@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .. import records
-from ..errors import SchemaError
+from ..errors import AnalysisError, SchemaError
 from ..methods import applies
 
 SCHEMA_VERSION = 1
@@ -40,11 +40,14 @@ _TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_
 
 
 def _schema_of(*parts) -> pa.Schema:
-    """``parts``: record classes (records.py) and (name, Python type) pairs, in column order."""
-    cols = [("schema_version", int)]
+    """``parts``: record classes (records.py) and (name, Python type) pairs, in column order; a
+    field with a unit (records.py) carries it as the Parquet field's metadata ``{"unit": …}``."""
+    cols, units = [("schema_version", int)], {}
     for p in parts:
         cols += [p] if isinstance(p, tuple) else records.columns(p)
-    return pa.schema([(n, pa.int32() if n == "schema_version" else _TYPES[t]) for n, t in cols])
+        units.update({} if isinstance(p, tuple) else records.units(p))
+    return pa.schema([pa.field(n, pa.int32() if n == "schema_version" else _TYPES[t],
+                               metadata={"unit": units[n]} if n in units else None) for n, t in cols])
 
 
 # every table's columns come from the records they hold (records.py): add a field there, not here
@@ -193,7 +196,12 @@ def read(root, table: str, columns: Optional[list] = None) -> pa.Table:
     if not folders or not any(own or compacted for f in folders for own, compacted in _listing(f).values()):
         raise FileNotFoundError(f"{root}: no {table} table (expected tables/{table}/method=*/*.parquet)")
     renamed = RENAMED.get(table, {})
-    out = pa.concat_tables([_read_consistent(f, _schema(table)) for f in folders])
+    try:
+        out = pa.concat_tables([_read_consistent(f, _schema(table)) for f in folders])
+    except (pa.ArrowException, OSError) as e:   # a damaged file (torn copy, bad disk): one line naming it
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AnalysisError(f"{root}: the {table} table cannot be read ({why}); expected the Parquet files "
+                            "cts-ray wrote (move the damaged one away)") from None
     for old, new in renamed.items():
         i = out.schema.get_field_index(new)
         out = out.set_column(i, new, pc.coalesce(out.column(new), out.column(old))).drop_columns([old])
