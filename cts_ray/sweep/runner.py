@@ -194,6 +194,7 @@ class _Interrupts:
         import signal
         import threading
         if threading.current_thread() is threading.main_thread():
+            self.usr1 = signal.getsignal(signal.SIGUSR1)   # Tune sets its own once its loop starts
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.saved[sig] = signal.signal(sig, self._on_signal)
             self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
@@ -205,7 +206,7 @@ class _Interrupts:
     def _on_signal(self, signum, frame) -> None:
         import signal
         self.count += 1
-        if self.count > 1:
+        if self.count > 1 or signal.getsignal(signal.SIGUSR1) is self.usr1:   # or before Tune's loop: nothing runs
             raise KeyboardInterrupt
         signal.raise_signal(signal.SIGUSR1)   # Tune's own stop: trials end, its state is saved
 
@@ -218,6 +219,7 @@ class _Interrupts:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         if self.saved:
+            signal.signal(signal.SIGUSR1, self.usr1)   # Tune leaves its handler of a finished run
             if self.env is None:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
             else:
