@@ -43,21 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also log the run to MLflow (experiment cts-ray): to URI, else $MLFLOW_TRACKING_URI, "
                         "else sqlite results/mlflow.db")
 
-    w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
-    w.add_argument("file", help="sweep YAML (see tune_configs/)")
-    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
-                        "(training.epochs=5); repeatable")
-    w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
-    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
-    w.add_argument("--extend", action="store_true",
-                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
-    w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
-    w.add_argument("--quiet", action="store_true", help="no live progress (the summary only)")
-    w.add_argument("--verbose", action="store_true", help="Ray Tune's full trial tables instead of the progress line")
-    w.add_argument("--dry-run", action="store_true",
-                   help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
-                        "start nothing")
+    _sweep_parser(sub)
 
     e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
@@ -89,6 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
     return p
+
+
+def _sweep_parser(sub) -> None:
+    w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
+    w.add_argument("file", help="sweep YAML (see tune_configs/)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
+                        "(training.epochs=5); repeatable")
+    w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--extend", action="store_true",
+                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
+    w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
+    w.add_argument("--quiet", action="store_true", help="no live progress (the summary only)")
+    w.add_argument("--verbose", action="store_true", help="Ray Tune's full trial tables instead of the progress line")
+    w.add_argument("--dry-run", action="store_true",
+                   help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
+                        "start nothing")
 
 
 def _results_args(p) -> None:
