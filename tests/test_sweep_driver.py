@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from cts_ray.errors import EXIT_BUSY, EXIT_INTERRUPTED
 from cts_ray.sweep import tables
 
@@ -145,14 +147,22 @@ def test_two_rows_of_one_grid_point_read_as_ran_twice_not_as_a_knob(tmp_path):
     from cts_ray.sweep.summary import format_summary, summarise
     from cts_ray.sweep.trainable import write_trial_row
     from cts_ray.records import Trial
-    spec = SweepSpec(name="dup", base={}, storage=str(tmp_path), grid={"search.method": ["snip"], "seed": [0, 1]})
-    for tid, seed in (("a1", 0), ("a2", 0), ("b1", 1)):
+    spec = SweepSpec(name="dup", base={}, storage=str(tmp_path), grid={"search.method": ["snip"], "seed": [0, 1, 2]})
+    for tid, seed, status in (("a1", 0, "finished"), ("a2", 0, "finished"), ("b1", 1, "finished"),
+                              ("c1", 2, "interrupted")):
         cfg = from_dict(spec.trial_raw({"search.method": "snip", "seed": seed}))
         common = {"sweep": "dup", "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
-        write_trial_row(spec.root, cfg, common, Trial(status="finished", started_at=0.0, dense_cache_hit=False),
-                        {"test_accuracy": 0.5})
+        write_trial_row(spec.root, cfg, common, Trial(status=status, started_at=0.0, dense_cache_hit=False),
+                        {"test_accuracy": 0.5} if status == "finished" else None)
     text = format_summary(summarise(spec))
     assert "snip at density 0.05 seed 0: ran 2 times" in text and "does not apply" not in text, text
+    # an interrupted trial is unfinished to the analysis, as one with no row is
+    from cts_ray.analysis import load as load_mod
+    from cts_ray.errors import AnalysisError
+    with pytest.raises(AnalysisError, match="one trial of dup has started but not finished"):
+        load_mod.load([spec.root])
+    skipped = load_mod.load([spec.root], allow_incomplete=True).skipped
+    assert skipped["unfinished"] == 1 and "interrupted" not in skipped
 
 
 class _Stream(io.StringIO):
