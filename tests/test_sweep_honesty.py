@@ -90,6 +90,13 @@ def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_
     epochs = tables.read(root, "epochs").to_pylist()
     assert sorted(dense.values()) == sorted(r["test_accuracy"] for r in epochs
                                             if r["trial_id"] == good["trial_id"] and r["phase"] == "dense")
+    # --resume --retry-stopped runs the stopped trial again, in place (one row, one MLflow run each)
+    _run([f, "--address", ray_cluster, "--quiet", "--resume", "--retry-stopped"], tmp_path)
+    again = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert set(again) == {good["trial_id"], bad["trial_id"]} and again[good["trial_id"]] == good
+    assert again[bad["trial_id"]]["ended_at"] > bad["ended_at"]
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'asha' and tags.`cts.role` = 'trial'")
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(again)
 
 
 def _mixed(root):
