@@ -13,7 +13,7 @@ from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
-from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
+from .resume import (INTERRUPTED, check, claimable, forgotten, missing, points_of, reruns, restorable,
                      rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
@@ -162,11 +162,12 @@ def _resume(spec: SweepSpec, logger, cfg0, retried: list, again: tuple, started:
     root = spec.root
     forget_progress(root, retried)   # a retried trial runs afresh
     state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
-    # any trial may go on as another (its MLflow run is found at its first result)
-    logger.defer = {r["config_hash"] for r in rows(root)} | (set(grid_keys(spec)) if spec.searcher == "grid" else set())
+    # a trial of these configs may go on as another: its MLflow run is found at its first result
+    logger.defer = {r["config_hash"] for r in rows(root)}
     grids = []
     if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
         state["orphans"] = forgotten(root)
+        logger.defer |= set(state["orphans"])
         try:
             tuner = restored_tuner(str(root / TUNE_DIR), _trainable(state, cfg0), _callbacks(logger))
             grids.append(_fit(spec, tuner, logger, cfg0 if _shared_work_grid(spec, None) is not None else None))
@@ -198,6 +199,7 @@ def _account(spec: SweepSpec, logger, cfg0, state: dict, again: tuple, started: 
     sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
     state = {**state, "orphans": claimable(root, redo),
              "rerun": state["rerun"] | {r["trial_id"] for r in redo}}
+    logger.defer |= set(state["orphans"])
     grids = []
     for batch, repeats in ([(points, 1)] if points else []) + ([(None, sampled)] if sampled else []):
         set_aside(root)
