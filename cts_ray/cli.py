@@ -84,15 +84,25 @@ def _sweep_parser(sub) -> None:
                    help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
                         "(training.epochs=5); repeatable")
     w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
-    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
-    w.add_argument("--extend", action="store_true",
-                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
+    _continue_args(w)
     w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
     w.add_argument("--quiet", action="store_true", help="no live progress (the summary only)")
     w.add_argument("--verbose", action="store_true", help="Ray Tune's full trial tables instead of the progress line")
     w.add_argument("--dry-run", action="store_true",
                    help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
                         "start nothing")
+
+
+def _continue_args(w) -> None:
+    """`cts-ray sweep`'s flags that continue an existing sweep."""
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    w.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run the failed and diverged trials again, afresh; their rows and MLflow "
+                        "runs are replaced")
+    w.add_argument("--retry-stopped", action="store_true",
+                   help="with --resume: also run again the trials a scheduler stopped")
+    w.add_argument("--extend", action="store_true",
+                   help="add the trials of new grid values to a finished sweep (other settings unchanged)")
 
 
 def _results_args(p) -> None:
@@ -187,16 +197,17 @@ def _sweep(args) -> int:
     import signal
     from .sweep import runner
     from .sweep.lease import take
-    from .sweep.resume import check
+    from .sweep.resume import RETRY_FAILED, RETRY_STOPPED, check
+    retry = (RETRY_FAILED if args.retry_failed else ()) + (RETRY_STOPPED if args.retry_stopped else ())
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM is Ctrl-C (runner: while trials run)
     with take(spec.root):   # one driver per sweep: before anything reads or writes it
-        points = check(spec, resume=args.resume, extend=args.extend)   # so is a resume that would not match
+        points = check(spec, resume=args.resume, extend=args.extend, retry=retry)   # so is a resume that would not match
         n = spec.trial_count() if points is None else len(points) * spec.num_samples
         print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
               f"folder {spec.root}", flush=True)
         try:
             result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
-                                      verbose=0 if args.quiet else 2 if args.verbose else 1)
+                                      retry=retry, verbose=0 if args.quiet else 2 if args.verbose else 1)
         except KeyboardInterrupt:   # a second Ctrl-C, or one before the trials started
             print(f"\ncts-ray: interrupted; resume with: {_again(args, '--resume')}", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -44,11 +44,13 @@ def test_resume_with_other_settings_is_refused_and_extend_runs_the_new_trials(ra
     meta = json.loads((root / "sweep.json").read_text())
     assert meta["grid"]["seed"] == [0, 1, 2] and meta["extended"] == [{"grid": {"search.density": [0.1],
                                                                                "seed": [0, 1]}, "added": 1}]
-    # the extended sweep now resumes as it stands (nothing left to run), and refuses the old grid
+    # the extended sweep now resumes as it stands (nothing left to run), from the file as it was
+    # before --extend too (sweep.json's grid is the truth), and refuses a grid it never had
     _run([f, "--address", ray_cluster, "--quiet", "--resume", "--set", "grid.seed=[0,1,2]"], tmp_path)
+    _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
     assert len(tables.read(root, "trials")) == 3
-    p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
-    assert p.returncode == 2 and "grid.seed: [0, 1, 2] -> [0, 1]" in p.stderr
+    p = _sweep([f, "--address", ray_cluster, "--quiet", "--resume", "--set", "grid.seed=[0,2]"], tmp_path)
+    assert p.returncode == 2 and "grid.seed: [0, 1, 2] -> [0, 2]" in p.stderr
 
 
 def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_its_rows(ray_cluster, tmp_path):
@@ -88,6 +90,13 @@ def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_
     epochs = tables.read(root, "epochs").to_pylist()
     assert sorted(dense.values()) == sorted(r["test_accuracy"] for r in epochs
                                             if r["trial_id"] == good["trial_id"] and r["phase"] == "dense")
+    # --resume --retry-stopped runs the stopped trial again, in place (one row, one MLflow run each)
+    _run([f, "--address", ray_cluster, "--quiet", "--resume", "--retry-stopped"], tmp_path)
+    again = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert set(again) == {good["trial_id"], bad["trial_id"]} and again[good["trial_id"]] == good
+    assert again[bad["trial_id"]]["ended_at"] > bad["ended_at"]
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'asha' and tags.`cts.role` = 'trial'")
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(again)
 
 
 def _mixed(root):

@@ -5,7 +5,8 @@ tracking server only needs to be reachable from the head. The callbacks only que
 one background thread makes every MLflow call in order, so a slow store (a new sqlite file's
 migrations, a remote server) never holds up Tune starting trials. Runs are found again by tags
 (``cts.sweep``, ``cts.trial_id``), so a resumed sweep or a retried trial continues its run rather
-than starting a new one, and steps already logged are not logged twice. A failing tracking
+than starting a new one, and steps already logged are not logged twice; a trial ``--retry-failed``
+runs afresh gets a new run in place of its old one (deleted). A failing tracking
 store is reported once and then skipped: the Parquet tables are written by the trials themselves.
 ``Tracking`` is what a run logs (params as applied, metrics stepped by epoch within each phase,
 artifacts, the data set as a dataset input); ``cts-ray run --mlflow`` logs through it too.
@@ -219,6 +220,12 @@ class Tracking:
         self.attempt("end run", self.client.set_terminated, run_id, status)
 
 
+# a trial row's status -> its MLflow run's (as the Tune callbacks end them: a diverged trial ends
+# normally, tagged cts.status)
+RUN_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "error": "FAILED", "stopped": "KILLED",
+              "interrupted": "KILLED"}
+
+
 _UNSYNCED_FILES: set = set()   # sqlite files whose new connections in this process skip the fsync
 
 
@@ -267,6 +274,7 @@ class MLflowLogger(Callback):
         self.pending: dict[str, tuple] = {}  # run id -> (metrics, tags, params) not yet sent
         self.defer: set = set()              # config hashes of forgotten trials a resumed one may adopt
         self.alias: dict[str, str] = {}      # Tune's trial id -> id of the forgotten trial it adopted
+        self.fresh: set = set()              # trial ids retried afresh: their old runs are deleted, not continued
 
     @property
     def failed(self) -> Optional[str]:
@@ -336,7 +344,7 @@ class MLflowLogger(Callback):
         """Find the sweep's runs (a resumed or extended sweep's) with one search, newest first, as
         the parent and each trial's run; create the parent if there is none."""
         client, exp = self.store.client, self.store.experiment_id
-        token, parent = None, None
+        token, parent, retried = None, None, []
         while True:
             page = client.search_runs([exp], f"tags.`cts.sweep` = '{self.sweep}'", max_results=1000,
                                       page_token=token)
@@ -344,11 +352,15 @@ class MLflowLogger(Callback):
                 role, tid = run.data.tags.get("cts.role"), run.data.tags.get("cts.trial_id")
                 if role == "parent" and parent is None:
                     parent = run.info.run_id
+                elif tid in self.fresh:
+                    retried.append(run.info.run_id)
                 elif tid is not None:
                     self.known.setdefault(tid, run.info.run_id)
             token = page.token
             if not token:
                 break
+        for run_id in retried:   # a retried trial's new run replaces it: one run per trial, as in the tables
+            client.delete_run(run_id)
         if parent is not None:
             self.parent_id = parent
             return
@@ -377,15 +389,19 @@ class MLflowLogger(Callback):
             return None
         run_id = self.store.attempt("child run", find)
         if run_id is None and self.store.failed is None:
-            cfg = self.resolve(config)
-            run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
-                                           {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
-                                            "cts.trial_id": tid, "cts.role": "trial"}, with_params=False)
-            if run_id is not None:
-                self._gather(run_id, params=self.store.params(cfg))
+            run_id = self._new_run(tid, self.resolve(config))
         if run_id is not None:
             self.logged.setdefault(run_id, 0)
             self.runs[tid] = run_id
+        return run_id
+
+    def _new_run(self, tid: str, cfg) -> Optional[str]:
+        """A trial's run under the sweep's parent; its params go in the run's next batch."""
+        run_id = self.store.create_run(cfg, f"{cfg.search.method}-d{cfg.search.density:g}-s{cfg.seed}-{tid}",
+                                       {"mlflow.parentRunId": self.parent_id, "cts.sweep": self.sweep,
+                                        "cts.trial_id": tid, "cts.role": "trial"}, with_params=False)
+        if run_id is not None:
+            self._gather(run_id, params=self.store.params(cfg))
         return run_id
 
     # ---- Tune's callbacks (on Tune's thread): copy what the event says and queue it
@@ -446,6 +462,41 @@ class MLflowLogger(Callback):
                                        RunTag("cts.stopped_at", f"{phase} epoch {epoch}")])
             self._send(run_id)
             self.store.end(run_id, "KILLED")
+
+    # ---- after a resume: the runs agree with the rows
+    def settle(self, trial_rows: list) -> None:
+        """Every trial with a row has one run, ended as its row says: a trial that ended while no
+        driver logged it (killed, or Tune's state lost it) would otherwise keep a RUNNING run
+        without its final numbers, or none. Waits until done."""
+        self._later(self._settle, [dict(r) for r in trial_rows])
+        self.flush()
+
+    def _settle(self, trial_rows: list) -> None:
+        client = self.store.client
+        if client is None or self.store.experiment_id is None:
+            return
+        running = self.store.attempt("settle", client.search_runs, [self.store.experiment_id],
+                                     f"tags.`cts.sweep` = '{self.sweep}' and attributes.status = 'RUNNING'",
+                                     max_results=10_000) or []
+        running = {r.data.tags.get("cts.trial_id"): r for r in running}
+        from ..config import from_dict
+        from mlflow.entities import RunTag
+        for row in trial_rows:
+            tid = row["trial_id"]
+            if tid in running:
+                run_id, step = running[tid].info.run_id, int(running[tid].data.metrics.get("step", 0))
+            elif tid in self.runs or tid in self.known:
+                continue   # ended as it ran
+            else:   # never logged: its run from the row
+                run_id, step = self._new_run(tid, from_dict(json.loads(row["config"]))), 0
+                if run_id is None:
+                    return
+                if row.get("run_dir"):
+                    self.store.log_outputs(run_id, Path(row["run_dir"]))
+            final = {"phase": "final", **{k: row[k] for k in FINAL_METRICS if row.get(k) is not None}}
+            self._gather(run_id, self.store.result_metrics(final, step + 1), [RunTag("cts.status", str(row["status"]))])
+            self._send(run_id)
+            self.store.end(run_id, RUN_STATUS.get(row["status"], "FINISHED"))
 
     def _end_parent(self, status: str):
         self._send()

@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from ..config import from_dict
 from ..errors import ConfigError
 from . import tables
 from .adapters import restored_tuner
+from .interrupts import Interrupts, interrupted_counts, record_interrupted
 from .preflight import decode_images
-from .resume import check, forgotten, write_record
+from .resume import (INTERRUPTED, check, claimable, forgotten, missing, points_of, reruns, restorable,
+                     rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
@@ -37,26 +41,30 @@ def param_space(spec: SweepSpec, points: Optional[list] = None) -> dict:
     return space
 
 
-def _searcher(spec: SweepSpec):
+def _searcher(spec: SweepSpec, seed: Optional[int] = None, grid: bool = False):
+    """The spec's searcher, seeded with ``seed`` (default the spec's); ``grid``: Tune's grid over
+    given points whatever the spec's searcher (--extend, or the trials a resume still needs)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    if spec.searcher in ("grid", "random"):
-        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent or 0)
+    seed = spec.seed if seed is None else seed
+    if grid or spec.searcher in ("grid", "random"):
+        return BasicVariantGenerator(random_state=seed, max_concurrent=spec.max_concurrent or 0)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     storage = optuna.storages.RDBStorage(optuna_storage(spec))
-    search = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                          study_name=spec.name, storage=storage, seed=spec.seed)
+    search = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+                          study_name=spec.name, storage=storage, seed=seed)
     return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent) if spec.max_concurrent else search
 
 
-def _shared_work_grid(spec: SweepSpec, points: Optional[list]):
+def _shared_work_grid(spec: SweepSpec, points: Optional[list], repeats: Optional[int] = None):
     """The dependency-aware grid searcher (schedule.py) where a grid's trials share work, else None."""
     work = shared_work(spec, points)
     if work is None:
         return None
     from .schedule import SharedWorkGrid
-    return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense", repeats=spec.num_samples)
+    return SharedWorkGrid(work, spec.root.parent / "_cache" / "dense",
+                          repeats=spec.num_samples if repeats is None else repeats)
 
 
 @contextlib.contextmanager
@@ -97,59 +105,67 @@ def tracking_uri(spec: SweepSpec) -> str:
 
 
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
-              verbose: int = 1) -> dict:
+              retry: tuple = (), verbose: int = 1) -> dict:
     """Run, resume or extend a sweep, holding its driver lease (lease.py); returns {"summary":
     summarise's, "paths": paths', "errors": trials Tune saw fail in this run, "failed": trials of the
     sweep that failed or diverged (``_failed``), "mlflow_error": why MLflow logging
     stopped or None, "mlflow_experiment": its id, "interrupted": None, or after Ctrl-C/SIGTERM
     {"running": trials recorded as interrupted, "not_started": trials with no row}}.
+    ``retry``: with ``resume``, the row statuses whose trials run again (resume.RETRY_FAILED ...).
     ``verbose``: 0 nothing live, 1 the live view (live.py), 2 Tune's own tables."""
     from .lease import take
     with take(spec.root):
-        return _run_sweep(spec, address, resume, extend, verbose)
+        return _run_sweep(spec, address, resume, extend, retry, verbose)
 
 
-def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bool, verbose: int) -> dict:
-    from ray import tune
+@dataclass
+class _Session:
+    """What every Tuner of one `cts-ray sweep` command shares."""
+    spec: SweepSpec
+    logger: Any          # mlflow_log.MLflowLogger
+    live: Any            # live.LiveView
+    interrupts: Interrupts
+    cfg0: Any            # the first trial's Config (resources; shared-work pending trials)
+    verbose: int
+    interrupted: set = field(default_factory=set)   # Tune ids of the trials recorded as interrupted
 
-    from .trainable import spec_state, trial
+    def callbacks(self) -> list:
+        """Tune's callbacks for one Tuner: our MLflow logger and live view (shared by the Tuners of one
+        command) and new instances of Tune's file loggers."""
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+        return [self.logger, self.live, JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bool, retry: tuple,
+               verbose: int) -> dict:
+    from .live import LiveView
+    from .trainable import spec_state
     _quiet_tune()
-    points = check(spec, resume=resume, extend=extend)
+    points = check(spec, resume=resume, extend=extend, retry=retry)
     decode_images(spec)   # a damaged image: refused here, once, before Ray starts
     resume = resume and not extend
-    if resume and not tune.Tuner.can_restore(str(spec.root / TUNE_DIR)):
-        raise ConfigError(f"--resume: no sweep to resume at {str(spec.root / TUNE_DIR)!r}; run it without --resume "
-                          "first")
+    started = time.time()
     write_record(spec, resume=resume, added=points)
+    retried = [r["trial_id"] for r in rows(spec.root) if r["status"] in retry]
     logger = _mlflow_logger(spec)
+    logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
     _connect(address, verbose)
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
-    state = spec_state(spec)
-    if resume:
-        state["orphans"] = forgotten(spec.root)
-        logger.defer = set(state["orphans"])
-    trainable = tune.with_resources(tune.with_parameters(trial, spec_state=state),
-                                    {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from .live import LiveView
     live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
                     show=verbose == 1)
-    callbacks = [logger, live, JsonLoggerCallback(), CSVLoggerCallback()]
-    if resume:
-        shared = _shared_work_grid(spec, None)   # what the restored searcher is (the spec is unchanged)
-        tuner = restored_tuner(str(spec.root / TUNE_DIR), trainable, callbacks, verbose=_tune_verbose(verbose))
-    else:
-        tuner, shared = _new_tuner(spec, trainable, callbacks, points, verbose)
-    with _Interrupts() as interrupts, _tune_output(verbose):
-        grid = _fit(tuner, logger, cfg0 if shared is not None else None)
-    running = _record_interrupted(spec, live) if interrupts.count else set()
-    _wrap_up(spec, grid, skip=running)
-    summary, errors = summarise(spec), sum(1 for r in grid if r.error)
+    with Interrupts() as interrupts, _tune_output(verbose):
+        run = _Session(spec, logger, live, interrupts, cfg0, verbose)
+        if resume:
+            grids = _resume(run, retried, (INTERRUPTED, *retry), started)
+        else:
+            tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), run.callbacks(), points, verbose)
+            grids = [_fit(run, tuner, shared)]
+    _compact(spec)
+    summary, errors = summarise(spec, _tune_errors(spec, grids)), sum(1 for g in grids for r in g if r.error)
     return {"summary": summary, "paths": paths(spec), "errors": errors, "failed": _failed(summary, errors),
             "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id,
-            "interrupted": _interrupted_counts(spec, running) if interrupts.count else None}
+            "interrupted": interrupted_counts(spec, run.interrupted) if interrupts.count else None}
 
 
 def _failed(summary: dict, errors: int) -> int:
@@ -179,79 +195,82 @@ def _tune_output(verbose: int):
             os.environ[key] = before
 
 
-class _Interrupts:
-    """Ctrl-C and SIGTERM during ``tuner.fit`` end the sweep as Tune ends it on SIGUSR1: running
-    trials stop, its state is saved, ``fit`` returns; ``count`` says it happened. A second one
-    raises KeyboardInterrupt (Tune's cleanup skipped). Tune's own SIGINT handler is kept out (it
-    cannot tell anyone it fired), and so are its log lines on it (its hint is Tuner.restore, not
-    our command)."""
-
-    def __init__(self):
-        self.count, self.saved = 0, {}
-
-    def __enter__(self) -> "_Interrupts":
-        import logging
-        import signal
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            self.usr1 = signal.getsignal(signal.SIGUSR1)   # Tune sets its own once its loop starts
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._on_signal)
-            self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        self.tune_log = logging.getLogger("ray.tune.tune")
-        self.tune_log.addFilter(self._unless_interrupt)
-        return self
-
-    def _on_signal(self, signum, frame) -> None:
-        import signal
-        self.count += 1
-        if self.count > 1 or signal.getsignal(signal.SIGUSR1) is self.usr1:   # or before Tune's loop: nothing runs
-            raise KeyboardInterrupt
-        signal.raise_signal(signal.SIGUSR1)   # Tune's own stop: trials end, its state is saved
-
-    def _unless_interrupt(self, record) -> bool:
-        text = str(record.msg)
-        return not (self.count and any(t in text for t in ("interrupted", "Trials did not complete", "Stop signal")))
-
-    def __exit__(self, *exc) -> None:
-        import signal
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
-        if self.saved:
-            signal.signal(signal.SIGUSR1, self.usr1)   # Tune leaves its handler of a finished run
-            if self.env is None:
-                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-            else:
-                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
-        self.tune_log.removeFilter(self._unless_interrupt)
-
-
-def _record_interrupted(spec: SweepSpec, live) -> set:
-    """A row with status ``interrupted`` for each trial that was running when the driver was
-    interrupted; returns their Tune trial ids. Their progress files stay: --resume continues them."""
-    from .trainable import write_interrupted
-    out = set()
-    for trial_id, (status, config, last) in live.trials.items():
-        if status not in ("RUNNING", "PAUSED") or trial_id in live.ended:
-            continue
-        try:
-            write_interrupted(spec.root, spec, trial_id, config, last)
-        except Exception as e:   # one trial's row: never the reason the others get none
-            print(f"cts-ray: recording trial {trial_id} as interrupted failed ({type(e).__name__}: {e})",
-                  file=sys.stderr)
-        out.add(trial_id)
+def _tune_errors(spec: SweepSpec, grids: list) -> dict:
+    """{config hash: why} of the trials Tune failed: what the summary says of a point left with no row."""
+    out = {}
+    for result in (r for g in grids for r in g if r.error):
+        first = (str(result.error).strip().splitlines() or [""])[-1][:200]
+        out[from_dict(spec.trial_raw(result.config)).hash] = f"its trial failed before it wrote a row ({first})"
     return out
 
 
-def _interrupted_counts(spec: SweepSpec, running: set) -> dict:
-    """What an interrupted sweep left: trials recorded as interrupted, and the sweep's trials with
-    no row at all (not started)."""
-    try:
-        rows = len(tables.read(spec.root, "trials", ["trial_id"]))
-    except FileNotFoundError:
-        rows = 0
-    return {"running": len(running), "not_started": max(0, (spec.trial_count() or 0) - rows)}
+def _trainable(state: dict, cfg0):
+    from ray import tune
+
+    from .trainable import trial
+    return tune.with_resources(tune.with_parameters(trial, spec_state=state),
+                               {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
+
+
+def _resume(run: _Session, retried: list, again: tuple, started: float) -> list:
+    """--resume: Tune's saved state restored and run where it reads whole; then the trials it did not
+    account for (``_account``). Returns the Tuners' result grids."""
+    from ray import tune
+
+    from .trainable import forget_progress, spec_state
+    spec, logger, root = run.spec, run.logger, run.spec.root
+    forget_progress(root, retried)   # a retried trial runs afresh
+    state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
+    # a trial of these configs may go on as another: its MLflow run is found at its first result
+    logger.defer = {r["config_hash"] for r in rows(root)}
+    grids = []
+    if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
+        state["orphans"] = forgotten(root)
+        logger.defer |= set(state["orphans"])
+        try:
+            tuner = restored_tuner(str(root / TUNE_DIR), _trainable(state, run.cfg0), run.callbacks(),
+                                   verbose=_tune_verbose(run.verbose))
+            grids.append(_fit(run, tuner, _shared_work_grid(spec, None)))
+        except Exception as e:   # Tune's own state broke it (not a trial: their errors are in the grid)
+            print(f"cts-ray: Tune could not resume its saved state ({type(e).__name__}: {str(e)[:200]}); running "
+                  "the trials without a row afresh", file=sys.stderr)
+    elif (root / TUNE_DIR).exists():
+        print(f"cts-ray: Tune's saved state in {root / TUNE_DIR} is missing or damaged; running the trials without "
+              "a row afresh", file=sys.stderr)
+    if not run.interrupts.count:   # interrupted: the next --resume accounts for the rest
+        grids += _account(run, state, again, started)
+    logger.settle(rows(root))
+    if spec.searcher == "optuna":
+        try:
+            settle_study(spec, optuna_storage(spec))
+        except Exception as e:   # bookkeeping of the study only: the trials and their rows stand
+            print(f"cts-ray: settling the Optuna study failed ({type(e).__name__}: {e})", file=sys.stderr)
+    return grids
+
+
+def _account(run: _Session, state: dict, again: tuple, started: float) -> list:
+    """After what Tune restored has run: every point of the recorded grid (× num_samples) without
+    a row runs now, as do the rows this resume runs again (``again``) that are still old, under
+    their own ids. Each in a new Tune experiment (the old one kept as tune.N), as --extend does."""
+    spec, root = run.spec, run.spec.root
+    have = rows(root)
+    redo = reruns(have, again, started)
+    todo = missing(spec, have)
+    points = points_of(spec, redo) + [p for p in todo if p is not None]
+    sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
+    state = {**state, "orphans": claimable(root, redo),
+             "rerun": state["rerun"] | {r["trial_id"] for r in redo}}
+    run.logger.defer |= set(state["orphans"])
+    grids = []
+    for batch, repeats in ([(points, 1)] if points else []) + ([(None, sampled)] if sampled else []):
+        if run.interrupts.count:
+            break
+        set_aside(root)
+        seed = spec.seed + sum(1 for _ in root.glob(f"{TUNE_DIR}.*"))   # new samples, not the first run's again
+        tuner, shared = _new_tuner(spec, _trainable(state, run.cfg0), run.callbacks(), batch, run.verbose,
+                                   repeats=repeats, searcher_seed=seed)
+        grids.append(_fit(run, tuner, shared))
+    return grids
 
 
 def _quiet_tune() -> None:
@@ -270,14 +289,18 @@ def _mlflow_logger(spec: SweepSpec):
                         resolve=lambda params: from_dict(spec.trial_raw(params)))
 
 
-def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int):
-    """(the Tuner of a new sweep, or of the trials --extend adds; its shared-work searcher or None)."""
+def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int,
+               repeats: Optional[int] = None, searcher_seed: Optional[int] = None):
+    """(the Tuner of a new sweep, of the trials --extend adds, or of those a resume still needs;
+    its shared-work searcher or None). ``repeats``: Tune's num_samples instead of the spec's (a
+    resume's points, each listed once per missing repeat: 1); ``searcher_seed``: instead of the spec's."""
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                 callbacks=callbacks, verbose=_tune_verbose(verbose))
-    space, search_alg, samples = param_space(spec, points), _searcher(spec), spec.num_samples
-    shared = _shared_work_grid(spec, points)
+    samples = spec.num_samples if repeats is None else repeats
+    space, search_alg = param_space(spec, points), _searcher(spec, searcher_seed, grid=points is not None)
+    shared = _shared_work_grid(spec, points, samples)
     if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
         space, search_alg, samples = {}, shared, len(shared.todo)
     tuner = tune.Tuner(trainable, param_space=space,
@@ -290,24 +313,27 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     return tuner, shared
 
 
-def _fit(tuner, logger, cfg0=None):
-    """``tuner.fit()``, with the pending trials a shared-work searcher needs when ``cfg0`` (the first
-    trial's config) is given; what Tune reported is in MLflow before the summary (or the error) is shown."""
-    try:
-        with _pending_trials(cfg0) if cfg0 is not None else contextlib.nullcontext():
-            return tuner.fit()
-    finally:
-        logger.flush()
-
-
-def _wrap_up(spec: SweepSpec, grid, skip: set = frozenset()) -> None:
-    """Rows for the trials a scheduler stopped, then the tables compacted. ``skip``: the Tune ids of
-    trials an interrupt stopped (they have their rows)."""
+def _fit(run: _Session, tuner, shared=None):
+    """``tuner.fit()``, with the pending trials a shared-work searcher (``shared``) needs; what Tune
+    reported is in MLflow before the summary (or the error) is shown. Then the rows of the trials an
+    interrupt caught (``interrupted``) and of those a scheduler stopped, from Tune's result files
+    (before a resume may set its experiment aside)."""
     from .trainable import write_stopped
+    try:
+        with _pending_trials(run.cfg0) if shared is not None else contextlib.nullcontext():
+            grid = tuner.fit()
+    finally:
+        run.logger.flush()
+    if run.interrupts.count:
+        run.interrupted |= record_interrupted(run.spec, run.live)
     for result in grid:   # no error and no final report: a scheduler stopped it
         if result.error is None and result.metrics and result.metrics.get("phase") != "final" \
-                and result.metrics.get("trial_id") not in skip:
-            write_stopped(spec.root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
+                and result.metrics.get("trial_id") not in run.interrupted:
+            write_stopped(run.spec.root, run.spec, result, next(iter(run.spec.scheduler or {"the scheduler": 0})))
+    return grid
+
+
+def _compact(spec: SweepSpec) -> None:
     try:   # no trial writes now: one file per method and table instead of one per trial
         tables.compact(spec.root)
     except Exception as e:   # the per-trial files are still whole and read as before

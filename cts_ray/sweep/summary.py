@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from typing import Optional
 
 from . import tables
 from .spec import SweepSpec
@@ -16,17 +17,18 @@ REASONS_AT_MOST = 12   # "not finished" lines before the rest are counted
 LINE_AT_MOST = 160   # an error message longer than this is cut (the trials table has it whole)
 
 
-def summarise(spec: SweepSpec) -> dict:
+def summarise(spec: SweepSpec, why: Optional[dict] = None) -> dict:
     """One row per setting: the swept values other than the seed (a knob that does not apply to a
     method is '–' for it), with trial counts per status, the accuracy of its finished trials, their
     mean effective density (kept weights on an input→output path) and how many have a collapsed layer.
-    Random and Optuna sweeps (every trial its own setting) also get their best trials."""
+    Random and Optuna sweeps (every trial its own setting) also get their best trials; every sweep,
+    the trials with no row (``not_run``; ``why``: {config hash: reason} for some of them)."""
     from ..config import flatten, stable_hash
     from ..methods import applies, effective
     try:
         t = tables.read(spec.root, "trials").to_pylist()
     except FileNotFoundError:
-        return {"keys": [], "rows": [], "best": None, "reasons": []}
+        return {"keys": [], "rows": [], "best": None, "reasons": [], "not_run": not_run(spec, [], why)}
     keys = [k for k in {**spec.grid, **spec.sample} if k not in ("seed", "search.method", "search.density")]
     groups = defaultdict(list)
     for r in t:
@@ -44,7 +46,40 @@ def summarise(spec: SweepSpec) -> dict:
                                                                  reverse=mode == "max")[:5]}
     reasons = [f"{SHOWN.get(r['status'], r['status'])}: trial {r['trial_id']} (seed {r['seed']}): {r['error']}"
                for r in sorted(t, key=lambda r: r["trial_id"]) if r["status"] != "finished"]
-    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons}
+    return {"keys": keys, "rows": rows, "best": best, "reasons": reasons, "not_run": not_run(spec, t, why)}
+
+
+NOT_RUN_SHOWN = 20   # points listed by name; the rest are counted
+
+
+def not_run(spec: SweepSpec, trials: list, why: Optional[dict] = None) -> list[dict]:
+    """The recorded sweep's trials that have no row (``resume.missing``): one entry per grid point
+    (None: a random or Optuna sweep's sampled trial) with how many of its repeats, and why
+    (``why``: by config hash; else it never started)."""
+    from ..config import from_dict
+    from .resume import missing
+    out: dict = {}
+    for p in missing(spec, trials):
+        entry = out.setdefault(json.dumps(p, sort_keys=True), {"point": p, "count": 0})
+        entry["count"] += 1
+        reason = (why or {}).get(from_dict(spec.trial_raw(p)).hash) if p is not None and why else None
+        entry["reason"] = f"{reason or 'not started'}; --resume runs it"
+    return list(out.values())
+
+
+def format_not_run(entries: list[dict]) -> list[str]:
+    """The summary's "not run" section (empty when every trial has its row)."""
+    if not entries:
+        return []
+    lines = ["", f"not run ({sum(e['count'] for e in entries)} trial(s) with no row):"]
+    for e in entries[:NOT_RUN_SHOWN]:
+        what = "a sampled trial" if e["point"] is None else \
+            ", ".join(f"{k.removeprefix('search.')}={_value(v)}" for k, v in e["point"].items()) or "the base config"
+        times = f" (×{e['count']})" if e["count"] > 1 else ""
+        lines.append(f"  {what}{times}: {e['reason']}")
+    if len(entries) > NOT_RUN_SHOWN:
+        lines.append(f"  … and {len(entries) - NOT_RUN_SHOWN} more point(s)")
+    return lines
 
 
 def _row(method: str, density: float, g: list, spec: SweepSpec) -> dict:
@@ -129,6 +164,7 @@ def format_summary(summary: dict) -> str:
         if len(reasons) > REASONS_AT_MOST:
             lines.append(f"  … and {len(reasons) - REASONS_AT_MOST:,} more (the trials table's status and error "
                          "columns have every one)")
+    lines += format_not_run(summary.get("not_run", []))
     return "\n".join(lines)
 
 

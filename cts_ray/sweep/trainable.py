@@ -43,7 +43,7 @@ def trial(params: dict, spec_state: dict) -> None:
     # trial the resumed Tune state forgot and this one goes on as (resume.orphans)
     trial_id, orphan = adopt(root, cfg.hash, tune.get_context().get_trial_id(), spec_state.get("orphans", {}))
     adopted = {"adopted_from": trial_id} if orphan is not None else {}
-    if _report_ended(root, cfg.search.method, trial_id, orphan, adopted):
+    if _report_ended(root, cfg, trial_id, orphan, adopted, spec_state):
         return
     ident = progress_path(root, trial_id).with_suffix(".json")   # what resume.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
@@ -85,17 +85,39 @@ def _resolve(params: dict, spec_state: dict):
     return spec, cfg
 
 
-def _report_ended(root: Path, method: str, trial_id: str, orphan, adopted: dict) -> bool:
+def _report_ended(root: Path, cfg, trial_id: str, orphan, adopted: dict, spec_state: dict) -> bool:
     """A trial that ended before the driver died, after Tune's last state snapshot: report its row
-    again instead of running it."""
-    done = _finished_row(root, method, trial_id)
+    again instead of running it. So does, on a resume, a trial of a grid point that already has its
+    finished rows under other ids (Tune's restored state made it again): it goes on as one of them.
+    A trial the resume runs again (``rerun``: interrupted, or failed and retried) runs."""
+    rerun = trial_id in spec_state.get("rerun", ())
+    done = None if rerun else _finished_row(root, cfg.search.method, trial_id)
     if done is None and orphan is not None and orphan["status"] in FINAL_STATUSES:
         done = orphan
+    if done is None and orphan is None and not rerun and spec_state.get("repeats"):
+        done = _point_done(root, cfg.hash, trial_id, spec_state["repeats"])
+        adopted = {"adopted_from": done["trial_id"]} if done is not None else adopted
     if done is None:
         return False
     tune.report({"phase": "final", "step": done["steps"] + 1, "already_finished": 1, **adopted,
                  **{k: done[k] for k in REPORTED if done[k] is not None}})
     return True
+
+
+def _point_done(root: Path, config_hash: str, trial_id: str, repeats: int):
+    """A finished row of this config under another trial id, when it has ``repeats`` of them."""
+    import pyarrow.compute as pc
+    try:
+        t = tables.read(root, "trials")
+    except FileNotFoundError:
+        return None
+    t = t.filter(pc.and_(pc.equal(t["config_hash"], config_hash), pc.equal(t["status"], "finished")))
+    done = [r for r in t.to_pylist() if r["trial_id"] != trial_id]
+    if len(done) < repeats:
+        return None
+    epochs = tables.read(root, "epochs", ["trial_id"]).column("trial_id")
+    done[0]["steps"] = pc.sum(pc.equal(epochs, done[0]["trial_id"])).as_py() or 0   # the final's step
+    return done[0]
 
 
 class Reporter:
@@ -184,6 +206,12 @@ def progress_path(root: Path, trial_id: str) -> Path:
     """The last finished epoch of an unfinished trial (records, search and retraining state),
     which a retried or resumed trial continues from."""
     return root / "progress" / f"{trial_id}.pt"
+
+
+def forget_progress(root: Path, trial_ids) -> None:
+    """A retried trial starts afresh: its saved progress goes (``--retry-failed``)."""
+    for tid in trial_ids:
+        _forget_progress(root, tid)
 
 
 def _forget_progress(root: Path, trial_id: str) -> None:
@@ -296,9 +324,11 @@ def _node_id() -> str:
         return socket.gethostname()
 
 
-def spec_state(spec) -> dict:
-    """What trials need of the sweep spec (plain data, shipped to workers)."""
-    return {"name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
+def spec_state(spec, rerun=(), resumed: bool = False) -> dict:
+    """What trials need of the sweep spec (plain data, shipped to workers). ``rerun``: trial ids a
+    resume runs again; ``resumed``: a grid point with its finished rows already is not run again."""
+    return {"rerun": set(rerun), "repeats": spec.num_samples if resumed and spec.searcher == "grid" else 0,
+            "name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
             "root": str(spec.root), "storage_root": str(spec.root.parent),
             "system_metrics": spec.mlflow["system_metrics"]}
 
