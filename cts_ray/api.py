@@ -78,8 +78,9 @@ def run_sweep(sweep: Source, overrides: Overrides = (), *, name: Optional[str] =
               extend: bool = False, address: Optional[str] = None, verbose: int = 0) -> SweepResult:
     """A sweep (``cts-ray sweep``) from a sweep file or its mapping (a relative ``base`` is read from
     the current folder; ``base`` may also be the run config's mapping). ``address``: a Ray cluster
-    (default: $RAY_ADDRESS, else a local Ray this process starts and keeps); ``verbose``: Tune's
-    output (0 none). Failed trials do not raise: ``result.failed`` counts them."""
+    (default: $RAY_ADDRESS, else a local Ray this process starts and keeps); ``verbose``: 0 nothing
+    while it runs, 1 a progress line and a line per ended trial, 2 Tune's tables. Failed trials do
+    not raise: ``result.failed`` counts them (diverged ones too, of every run of the sweep)."""
     from .sweep import runner, spec as spec_mod
     from .sweep.summary import format_summary
     if isinstance(sweep, (str, os.PathLike)):
@@ -87,7 +88,7 @@ def run_sweep(sweep: Source, overrides: Overrides = (), *, name: Optional[str] =
     else:
         spec = spec_mod.from_mapping(sweep, _texts(overrides), name)
     result = runner.run_sweep(spec, address=address, resume=resume, extend=extend, verbose=verbose)
-    return SweepResult(spec.root, result["errors"], format_summary(result["summary"]), str(runner.tracking_uri(spec)))
+    return SweepResult(spec.root, result["failed"], format_summary(result["summary"]), str(runner.tracking_uri(spec)))
 
 
 def read_table(sweep_folder, table: str = "trials"):

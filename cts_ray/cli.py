@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE, AnalysisError,
-                     CompactError, ConfigError, DivergedError, SchemaError, StorageError, SweepBusyError)
+from .errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE,
+                     EXIT_TRIALS_FAILED, AnalysisError, CompactError, ConfigError, DivergedError, SchemaError,
+                     StorageError, SweepBusyError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,18 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also log the run to MLflow (experiment cts-ray): to URI, else $MLFLOW_TRACKING_URI, "
                         "else sqlite results/mlflow.db")
 
-    w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
-    w.add_argument("file", help="sweep YAML (see tune_configs/)")
-    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
-                        "(training.epochs=5); repeatable")
-    w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
-    _continue_args(w)
-    w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
-    w.add_argument("--quiet", action="store_true", help="no live progress table")
-    w.add_argument("--dry-run", action="store_true",
-                   help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
-                        "start nothing")
+    _sweep_parser(sub)
 
     e = sub.add_parser("eval", help="re-evaluate a run folder's ticket (ticket.pt) on its test set")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (results/runs/…, or a sweep's trials/<trial>)")
@@ -86,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
     return p
+
+
+def _sweep_parser(sub) -> None:
+    w = sub.add_parser("sweep", help="run a sweep file with Ray Tune (grid, random or Optuna search)")
+    w.add_argument("file", help="sweep YAML (see tune_configs/)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key (num_samples=4) or fix a run-config key for every trial "
+                        "(training.epochs=5); repeatable")
+    w.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: start Ray here")
+    _continue_args(w)
+    w.add_argument("--name", help="sweep name (folder under storage, MLflow parent run); default: the file's name")
+    w.add_argument("--quiet", action="store_true", help="no live progress (the summary only)")
+    w.add_argument("--verbose", action="store_true", help="Ray Tune's full trial tables instead of the progress line")
+    w.add_argument("--dry-run", action="store_true",
+                   help="validate and print the trials, the dense runs and LTR rounds they share and the compute; "
+                        "start nothing")
 
 
 def _continue_args(w) -> None:
@@ -189,20 +195,31 @@ def _sweep(args) -> int:
         from .sweep.preview import preview
         print(preview(spec))
         return 0
+    import signal
     from .sweep import runner
-    from .sweep.resume import check
-    from .sweep.summary import format_summary
-    from .sweep.resume import RETRY_FAILED, RETRY_STOPPED
+    from .sweep.lease import take
+    from .sweep.resume import RETRY_FAILED, RETRY_STOPPED, check
     retry = (RETRY_FAILED if args.retry_failed else ()) + (RETRY_STOPPED if args.retry_stopped else ())
-    points = check(spec, resume=args.resume, extend=args.extend, retry=retry)   # so is a resume that would not match
-    n = spec.trial_count() if points is None else len(points) * spec.num_samples
-    print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
-          f"folder {spec.root}", flush=True)
-    try:
-        result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend, retry=retry,
-                                  verbose=0 if args.quiet else 1)
-    except (StorageError, OSError) as e:
-        return _storage_stop(e, spec.root, args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM is Ctrl-C (runner: while trials run)
+    with take(spec.root):   # one driver per sweep: before anything reads or writes it
+        points = check(spec, resume=args.resume, extend=args.extend, retry=retry)   # so is a resume that would not match
+        n = spec.trial_count() if points is None else len(points) * spec.num_samples
+        print(f"sweep {spec.name!r}: {n} {'new ' if args.extend else ''}trials, searcher {spec.searcher}, "
+              f"folder {spec.root}", flush=True)
+        try:
+            result = runner.run_sweep(spec, address=args.address, resume=args.resume, extend=args.extend,
+                                      retry=retry, verbose=0 if args.quiet else 2 if args.verbose else 1)
+        except (StorageError, OSError) as e:   # full, read-only or gone: its line and what to do
+            return _storage_stop(e, spec.root, args)
+        except KeyboardInterrupt:   # a second Ctrl-C, or one before the trials started
+            print(f"\ncts-ray: interrupted; resume with: {_again(args, '--resume')}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    _print_sweep_end(spec, result)
+    return _sweep_exit(args, result)
+
+
+def _print_sweep_end(spec, result: dict) -> None:
+    from .sweep.summary import format_summary
     print()
     print(format_summary(result["summary"]))
     print()
@@ -213,7 +230,35 @@ def _sweep(args) -> int:
         print(f"{'mlflow ui':<14} {ui_link(result['mlflow_experiment'], spec.name)}  (on the UI serving that store)")
     if result["mlflow_error"]:
         print(f"MLflow logging failed: {result['mlflow_error']}", file=sys.stderr)
-    return 1 if result["errors"] else 0
+
+
+def _sweep_exit(args, result: dict) -> int:
+    """The exit code (README "Exit codes"), after the last line: what to run next, if anything."""
+    stopped = result.get("interrupted")
+    if stopped is not None:
+        print(f"\ninterrupted: {stopped['running']} trial(s) were running (recorded as interrupted), "
+              f"{stopped['not_started']} had not started")
+        print(f"resume with: {_again(args, '--resume')}")
+        return EXIT_INTERRUPTED
+    failed = result["failed"]
+    if failed:
+        print(f"\n{failed} trial(s) of this sweep failed or diverged (reasons above); once the cause is fixed, "
+              f"retry them with: {_again(args, '--resume', '--retry-failed')}")
+        return EXIT_TRIALS_FAILED
+    return EXIT_OK
+
+
+def _again(args, *flags: str) -> str:
+    """The `cts-ray sweep` command that continues this one: its file, ``flags``, and the --set,
+    --name and --address it ran with."""
+    import shlex
+    words = ["cts-ray", "sweep", args.file, *flags]
+    for override in args.overrides:
+        words += ["--set", override]
+    for flag, value in (("--name", args.name), ("--address", args.address)):
+        if value:
+            words += [flag, value]
+    return shlex.join(words)
 
 
 def _storage_stop(e: OSError, root, args) -> int:
@@ -225,19 +270,9 @@ def _storage_stop(e: OSError, root, args) -> int:
     todo = {"full": "free space there", "read-only": f"make {root} writable again",
             "gone": f"bring {root} back (mount its storage)"}[kind_of(fault)]
     print(f"cts-ray: {fault}", file=sys.stderr)
-    print(f"cts-ray: the sweep stopped; {todo}, then run: {resume_command(args)}", file=sys.stderr)
+    print(f"cts-ray: the sweep stopped; {todo}, then run: {_again(args, '--resume', '--retry-failed')}",
+          file=sys.stderr)
     return EXIT_STORAGE
-
-
-def resume_command(args) -> str:
-    """The command that resumes this sweep and runs its failed trials again (its --name, --set, --address)."""
-    import shlex
-    parts = ["cts-ray", "sweep", args.file, "--resume", "--retry-failed"]
-    for flag, values in (("--name", [args.name] if args.name else []), ("--set", args.overrides),
-                         ("--address", [args.address] if args.address else [])):
-        for v in values:
-            parts += [flag, v]
-    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def main(argv=None) -> int:

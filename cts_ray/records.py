@@ -206,7 +206,7 @@ def final_metrics(summary: dict) -> dict:
 class Trial:
     """A sweep trial's own facts; its row of the trials table is these, then the ``Summary``
     columns of a trial that finished (null otherwise)."""
-    status: Optional[str] = _f(doc="finished, stopped, diverged or error")
+    status: Optional[str] = _f(doc="finished, stopped, diverged, error (shown as failed) or interrupted")
     error: Optional[str] = _f()
     last_phase: Optional[str] = _f()
     last_epoch: Optional[int] = _f()

@@ -102,8 +102,9 @@ def _sweep_file(tmp_path, name, body: dict) -> Path:
     return f
 
 
-def _run(args, tmp_path, timeout=600, env=None):
+def _run(args, tmp_path, timeout=600, env=None, code=0):
+    """`cts-ray sweep ARGS`, which must exit with ``code``."""
     p = subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,
                        cwd=tmp_path, timeout=timeout, env={**os.environ, **(env or {})})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == code, p.stdout[-3000:] + p.stderr[-3000:]
     return p

@@ -186,15 +186,17 @@ def test_a_resume_takes_the_grid_an_interrupted_extend_recorded(tmp_path):
     with pytest.raises(Exception, match=r"grid.seed: \[0, 1, 2\] -> \[0, 3\]"):
         check(spec_mod.load(f, ["grid.seed=[0,3]"]), resume=True)
     from cts_ray.config import from_dict
-    have = [{"trial_id": f"t{s}", "config_hash": from_dict(spec.trial_raw({"search.density": 0.1, "seed": s})).hash}
-            for s in (0, 1)]
+    cfgs = {s: from_dict(spec.trial_raw({"search.density": 0.1, "seed": s})) for s in (0, 1, 2)}
+    have = [{"trial_id": f"t{s}", "config_hash": cfgs[s].hash, "config": json.dumps(cfgs[s].to_dict())} for s in (0, 1)]
     assert missing(spec, have) == [{"search.density": 0.1, "seed": 2}]
     spec.num_samples = 2
     assert missing(spec, have) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2, 2)]
-    # a row hashed by an older cts-ray counts for its point by its swept values
-    older = {"trial_id": "t2", "config_hash": "older",
-             "config": json.dumps(from_dict(spec.trial_raw({"search.density": 0.1, "seed": 2})).to_dict())}
+    # a row hashed by an older cts-ray counts for its point by its swept values; one whose values
+    # read otherwise, by its config hash
+    older = {"trial_id": "t2", "config_hash": "older", "config": json.dumps(cfgs[2].to_dict())}
     assert missing(spec, have + [older]) == [{"search.density": 0.1, "seed": s} for s in (0, 1, 2)]
+    other = {**have[1], "trial_id": "t1b", "config": json.dumps({**cfgs[1].to_dict(), "seed": "1"})}
+    assert missing(spec, have + [older, other]) == [{"search.density": 0.1, "seed": s} for s in (0, 2)]
     # the summary lists what has no row, by point, with the reason
     from cts_ray.sweep.summary import format_summary, summarise
     spec.num_samples = 1

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cts_ray.errors import EXIT_TRIALS_FAILED
 from cts_ray.sweep import spec as spec_mod, tables
 
 from conftest import BIN, REPO, _free_port, _run, _sweep_file
@@ -303,7 +304,7 @@ def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tm
     f = _sweep_file(tmp_path, "diverge", {"base": str(REPO / "configs" / "digits.yaml"),
                                           "set": {**SMALL, "resources.cpus": 1, "training.momentum": 0},
                                           "grid": {"training.lr": [0.1, 1.0e30]}})
-    p = _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    p = _run([f, "--address", ray_cluster, "--quiet"], tmp_path, code=EXIT_TRIALS_FAILED)
     rows = {t["config_hash"]: t for t in tables.read(tmp_path / "sweeps" / "diverge", "trials").to_pylist()}
     by_lr = {json.loads(t["config"])["training"]["lr"]: t for t in rows.values()}
     assert by_lr[0.1]["status"] == "finished"
@@ -317,6 +318,11 @@ def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tm
     epochs = tables.read(tmp_path / "sweeps" / "diverge", "epochs").to_pylist()
     ran = {t["trial_id"]: sum(r["trial_id"] == t["trial_id"] for r in epochs) for t in (bad, good)}
     assert ran[bad["trial_id"]] <= 1 < ran[good["trial_id"]], ran   # (epochs, not wall: robust to a busy machine)
+    # exit 3 and a last line with the count and the command that retries: first run and --resume alike
+    retry = f"retry them with: cts-ray sweep {f} --resume --retry-failed --address {ray_cluster}"
+    for p in (p, _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path, code=EXIT_TRIALS_FAILED)):
+        last = p.stdout.strip().splitlines()[-1]
+        assert last.startswith("1 trial(s) of this sweep failed or diverged") and last.endswith(retry), last
 
 
 def _trial_pids(root) -> dict:

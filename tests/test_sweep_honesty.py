@@ -90,6 +90,13 @@ def test_asha_judges_tickets_not_the_shared_dense_run_and_a_stopped_trial_keeps_
     epochs = tables.read(root, "epochs").to_pylist()
     assert sorted(dense.values()) == sorted(r["test_accuracy"] for r in epochs
                                             if r["trial_id"] == good["trial_id"] and r["phase"] == "dense")
+    # --resume --retry-stopped runs the stopped trial again, in place (one row, one MLflow run each)
+    _run([f, "--address", ray_cluster, "--quiet", "--resume", "--retry-stopped"], tmp_path)
+    again = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
+    assert set(again) == {good["trial_id"], bad["trial_id"]} and again[good["trial_id"]] == good
+    assert again[bad["trial_id"]]["ended_at"] > bad["ended_at"]
+    runs = client.search_runs([exp.experiment_id], "tags.`cts.sweep` = 'asha' and tags.`cts.role` = 'trial'")
+    assert sorted(r.data.tags["cts.trial_id"] for r in runs) == sorted(again)
 
 
 def _mixed(root):
@@ -115,7 +122,7 @@ def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_o
     rows = {(r["method"], r["values"]["search.temperature"]): r for r in summary["rows"]}
     assert set(rows) == {("cts", 0.5), ("cts", 1.0), ("snip", None)}     # τ is not SNIP's: one row
     assert rows["cts", 0.5]["n"] == 2 and rows["cts", 0.5]["std"] is not None
-    assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0}
+    assert rows["cts", 1.0]["counts"] == {"finished": 1, "stopped": 0, "diverged": 1, "error": 0, "interrupted": 0}
     assert rows["cts", 1.0]["std"] is None                                # one value: no std
     assert rows["snip", None]["counts"]["stopped"] == 1 and rows["snip", None]["n"] == 1   # the repeat counts once
     text = format_summary(summary)

@@ -95,7 +95,7 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     for status, n in df["status"].value_counts().items():
-        if status != "finished":
+        if status not in ("finished", "interrupted"):   # interrupted ones: counted as unfinished
             skipped[status] = skipped.get(status, 0) + int(n)
     df = df[(df["status"] == "finished") & df[metric].notna()].copy()
     before = len(df)
@@ -121,7 +121,8 @@ def load(paths, *, metric: str = "test_accuracy", allow_incomplete: bool = False
 
 
 def _read_sweep(folder: Path) -> tuple:
-    """(its trials table as a DataFrame, sweep.json or {}, ids of trials started without a row)."""
+    """(its trials table as a DataFrame, sweep.json or {}, ids of trials started without a row or
+    with an ``interrupted`` one: the driver stopped while they ran)."""
     try:
         df = tables.read(folder, "trials").to_pandas()
     except tables.SchemaError as e:
@@ -131,7 +132,8 @@ def _read_sweep(folder: Path) -> tuple:
     meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
     started = {p.name for p in (folder / "trials").iterdir() if p.is_dir() and not p.name.startswith(".")} \
         if (folder / "trials").is_dir() else set()
-    return df, meta, sorted(started - set(df["trial_id"]))
+    interrupted = set(df.loc[df["status"] == "interrupted", "trial_id"])
+    return df, meta, sorted((started - set(df["trial_id"])) | interrupted)
 
 
 def _where(df: pd.DataFrame, where: dict, skipped: dict) -> pd.DataFrame:

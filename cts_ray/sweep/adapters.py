@@ -3,10 +3,12 @@ One function per need, each saying why; tests/test_adapters.py fails, naming the
 the library changes under it. Everything else uses the libraries' public APIs."""
 from __future__ import annotations
 
+from typing import Optional
 
-def restored_tuner(path: str, trainable, callbacks: list, stop=None):
+
+def restored_tuner(path: str, trainable, callbacks: list, verbose: Optional[int] = None, stop=None):
     """``ray.tune.Tuner.restore(path, trainable)`` resuming unfinished and errored trials, run with
-    ``callbacks`` (and the stopper ``stop``, this driver's too).
+    ``callbacks`` (and Tune's ``verbose``, when given; and the stopper ``stop``, this driver's too).
 
     Why: ``Tuner.restore`` (Ray 2.60) takes no ``run_config``; it brings back the RunConfig pickled
     when the sweep started, callbacks included as they were then. Ours must be this driver's: the
@@ -23,6 +25,8 @@ def restored_tuner(path: str, trainable, callbacks: list, stop=None):
                            "_local_tuner.get_run_config() (Ray changed, or a ray:// client address), so a resumed "
                            "sweep cannot get its callbacks; update the adapter")
     get_run_config().callbacks = callbacks
+    if verbose is not None:   # this driver's choice (--verbose or not), not the first one's
+        get_run_config().verbose = verbose
     if stop is not None:
         get_run_config().stop = stop
     return tuner

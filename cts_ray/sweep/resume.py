@@ -180,33 +180,45 @@ def _values(spec: SweepSpec, row: dict) -> dict:
     return {k: flat[k] for k in {**spec.grid, **spec.sample} if k in flat}
 
 
-def grid_keys(spec: SweepSpec) -> dict:
-    """{config hash: grid point} of the recorded grid."""
-    from ..config import from_dict
-    return {from_dict(spec.trial_raw(p)).hash: p for p in spec.grid_points()}
-
-
 def points_of(spec: SweepSpec, have_rows: list) -> list:
-    """The grid point (or sampled values) each row ran: by config hash among the recorded grid's
-    points, else as its config has them."""
-    by_hash = grid_keys(spec) if spec.searcher == "grid" else {}
-    return [by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r) for r in have_rows]
+    """The grid point (or sampled values) each row ran: its swept values, or, where they are not
+    a point of the recorded grid as written, the point whose config hash it has."""
+    if spec.searcher != "grid":
+        return [_values(spec, r) for r in have_rows]
+    grid = {json.dumps(p, sort_keys=True): p for p in spec.grid_points()}
+    out, by_hash = [], None
+    for r in have_rows:
+        v = _values(spec, r)
+        if json.dumps(v, sort_keys=True) not in grid:
+            if by_hash is None:
+                from ..config import from_dict
+                by_hash = {from_dict(spec.trial_raw(p)).hash: p for p in grid.values()}
+            v = by_hash.get(r["config_hash"], v)
+        out.append(v)
+    return out
 
 
 def missing(spec: SweepSpec, have_rows: list) -> list:
     """The trials the recorded sweep lacks a row for: a grid point once per missing repeat
     (``num_samples``), or None per sampled trial a random or Optuna sweep has yet to run. A row
-    counts for its point by config hash, else by its swept values (a config hashed by an older
-    cts-ray whose config had fewer fields)."""
+    counts for its point by its swept values, else (a value its config holds otherwise, e.g. an
+    int grid value as a float) by config hash, resolved only for the points still short."""
     if spec.searcher != "grid":
         return [None] * max(0, spec.num_samples - len({r["trial_id"] for r in have_rows}))
-    by_hash = grid_keys(spec)
     key = lambda p: json.dumps(p, sort_keys=True)
-    have = defaultdict(int)
-    for r in have_rows:
-        have[key(by_hash[r["config_hash"]] if r["config_hash"] in by_hash else _values(spec, r))] += 1
+    points, have = spec.grid_points(), defaultdict(int)
+    values = [key(_values(spec, r)) for r in have_rows]
+    for v in values:
+        have[v] += 1
+    short = [p for p in points if have[key(p)] < spec.num_samples]
+    if short:
+        from ..config import from_dict
+        by_hash = {from_dict(spec.trial_raw(p)).hash: key(p) for p in short}
+        for r, v in zip(have_rows, values):
+            if by_hash.get(r["config_hash"], v) != v:
+                have[by_hash[r["config_hash"]]] += 1
     out = []
-    for p in spec.grid_points():
+    for p in points:
         n = min(have[key(p)], spec.num_samples)
         have[key(p)] -= n
         out += [p] * (spec.num_samples - n)

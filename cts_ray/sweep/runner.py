@@ -7,22 +7,21 @@ import contextlib
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from .. import storage
 from ..config import from_dict
 from ..errors import ConfigError, StorageError
 from . import tables
 from .adapters import restored_tuner
+from .interrupts import Interrupts, interrupted_counts, record_interrupted
 from .preflight import decode_images
-from .resume import (INTERRUPTED, check, claimable, forgotten, grid_keys, missing, points_of, reruns, restorable,
+from .resume import (INTERRUPTED, check, claimable, forgotten, missing, points_of, reruns, restorable,
                      rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
-
-if TYPE_CHECKING:   # guard.py imports Ray, which --dry-run never loads
-    from .guard import StorageGuard
 
 
 def _domain(dist: dict):
@@ -108,9 +107,40 @@ def tracking_uri(spec: SweepSpec) -> str:
 
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, extend: bool = False,
               retry: tuple = (), verbose: int = 1) -> dict:
-    """Run, resume or extend a sweep; returns {"summary": summarise's, "paths": paths', "errors": trials
-    that failed, "mlflow_error": why MLflow logging stopped or None, "mlflow_experiment": its id}.
-    ``retry``: with ``resume``, the row statuses whose trials run again (resume.RETRY_FAILED ...)."""
+    """Run, resume or extend a sweep, holding its driver lease (lease.py); returns {"summary":
+    summarise's, "paths": paths', "errors": trials Tune saw fail in this run, "failed": trials of the
+    sweep that failed or diverged (``_failed``), "mlflow_error": why MLflow logging
+    stopped or None, "mlflow_experiment": its id, "interrupted": None, or after Ctrl-C/SIGTERM
+    {"running": trials recorded as interrupted, "not_started": trials with no row}}.
+    ``retry``: with ``resume``, the row statuses whose trials run again (resume.RETRY_FAILED ...).
+    ``verbose``: 0 nothing live, 1 the live view (live.py), 2 Tune's own tables."""
+    from .lease import take
+    with take(spec.root):
+        return _run_sweep(spec, address, resume, extend, retry, verbose)
+
+
+@dataclass
+class _Session:
+    """What every Tuner of one `cts-ray sweep` command shares."""
+    spec: SweepSpec
+    logger: Any          # mlflow_log.MLflowLogger
+    live: Any            # live.LiveView
+    interrupts: Interrupts
+    cfg0: Any            # the first trial's Config (resources; shared-work pending trials)
+    verbose: int
+    guard: Any           # guard.StorageGuard: a storage fault in any of the command's Tuners ends it
+    interrupted: set = field(default_factory=set)   # Tune ids of the trials recorded as interrupted
+
+    def callbacks(self) -> list:
+        """Tune's callbacks for one Tuner: our MLflow logger, live view and storage guard (shared by the
+        Tuners of one command) and new instances of Tune's file loggers."""
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+        return [self.logger, self.live, self.guard, JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bool, retry: tuple,
+               verbose: int) -> dict:
+    from .live import LiveView
     from .trainable import spec_state
     _quiet_tune()
     points = check(spec, resume=resume, extend=extend, retry=retry)
@@ -124,18 +154,49 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
     logger.start()   # overlaps ray.init
     _connect(address, verbose)
     cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
-    from .guard import StorageGuard
-    guard = StorageGuard(spec.root)   # one per command: a storage fault in any of its Tuners ends it
-    if resume:
-        grids = _resume(spec, logger, guard, cfg0, retried, (INTERRUPTED, *retry), started, verbose)
-    else:
-        tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), _callbacks(logger, guard), points,
-                                   verbose, stop=guard)
-        grids = [_fit(spec, tuner, logger, guard, cfg0 if shared is not None else None)]
+    live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
+                    show=verbose == 1)
+    with Interrupts() as interrupts, _tune_output(verbose):
+        from .guard import StorageGuard
+        run = _Session(spec, logger, live, interrupts, cfg0, verbose, StorageGuard(spec.root))
+        if resume:
+            grids = _resume(run, retried, (INTERRUPTED, *retry), started)
+        else:
+            tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), run.callbacks(), points, verbose,
+                                       stop=run.guard)
+            grids = [_fit(run, tuner, shared)]
     _compact(spec)
-    return {"summary": summarise(spec, _tune_errors(spec, grids)), "paths": paths(spec),
-            "errors": sum(1 for g in grids for r in g if r.error),
-            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id}
+    summary, errors = summarise(spec, _tune_errors(spec, grids)), sum(1 for g in grids for r in g if r.error)
+    return {"summary": summary, "paths": paths(spec), "errors": errors, "failed": _failed(summary, errors),
+            "mlflow_error": logger.failed, "mlflow_experiment": logger.store.experiment_id,
+            "interrupted": interrupted_counts(spec, run.interrupted) if interrupts.count else None}
+
+
+def _failed(summary: dict, errors: int) -> int:
+    """Trials of the sweep that failed or diverged: over all its rows (a resumed sweep's earlier
+    ones too), or Tune's errors of this run where more (a trial whose worker died writes no row)."""
+    return max(sum(r["counts"]["error"] + r["counts"]["diverged"] for r in summary["rows"]), errors)
+
+
+def _tune_verbose(verbose: int) -> int:
+    return 1 if verbose >= 2 else 0   # Tune's tables only when asked for (--verbose)
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: int):
+    """Tune's console output off unless ``verbose`` >= 2: its newer engine prints an experiment
+    box at verbose 0 still; the older one at 0 prints nothing."""
+    key = "RAY_AIR_NEW_OUTPUT"
+    before = os.environ.get(key)
+    if verbose < 2:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _tune_errors(spec: SweepSpec, grids: list) -> dict:
@@ -155,32 +216,25 @@ def _trainable(state: dict, cfg0):
                                {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
 
 
-def _callbacks(logger, guard: StorageGuard) -> list:
-    """Tune's callbacks for one Tuner: our MLflow logger and storage guard (shared by the Tuners of
-    one command) and new instances of Tune's file loggers."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    return [logger, guard, JsonLoggerCallback(), CSVLoggerCallback()]
-
-
-def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, again: tuple, started: float,
-            verbose: int) -> list:
+def _resume(run: _Session, retried: list, again: tuple, started: float) -> list:
     """--resume: Tune's saved state restored and run where it reads whole; then the trials it did not
     account for (``_account``). Returns the Tuners' result grids."""
     from ray import tune
 
     from .trainable import forget_progress, spec_state
-    root = spec.root
+    spec, logger, root = run.spec, run.logger, run.spec.root
     forget_progress(root, retried)   # a retried trial runs afresh
     state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
-    # any trial may go on as another (its MLflow run is found at its first result)
-    logger.defer = {r["config_hash"] for r in rows(root)} | (set(grid_keys(spec)) if spec.searcher == "grid" else set())
+    # a trial of these configs may go on as another: its MLflow run is found at its first result
+    logger.defer = {r["config_hash"] for r in rows(root)}
     grids = []
     if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
         state["orphans"] = forgotten(root)
+        logger.defer |= set(state["orphans"])
         try:
-            tuner = restored_tuner(str(root / TUNE_DIR), _trainable(state, cfg0), _callbacks(logger, guard),
-                                   stop=guard)
-            grids.append(_fit(spec, tuner, logger, guard, cfg0 if _shared_work_grid(spec, None) is not None else None))
+            tuner = restored_tuner(str(root / TUNE_DIR), _trainable(state, run.cfg0), run.callbacks(),
+                                   verbose=_tune_verbose(run.verbose), stop=run.guard)
+            grids.append(_fit(run, tuner, _shared_work_grid(spec, None)))
         except StorageError:   # the storage's, not Tune's state's: the sweep stops on it
             raise
         except Exception as e:   # Tune's own state broke it (not a trial: their errors are in the grid)
@@ -189,7 +243,8 @@ def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, a
     elif (root / TUNE_DIR).exists():
         print(f"cts-ray: Tune's saved state in {root / TUNE_DIR} is missing or damaged; running the trials without "
               "a row afresh", file=sys.stderr)
-    grids += _account(spec, logger, guard, cfg0, state, again, started, verbose)
+    if not run.interrupts.count:   # interrupted: the next --resume accounts for the rest
+        grids += _account(run, state, again, started)
     logger.settle(rows(root))
     if spec.searcher == "optuna":
         try:
@@ -199,12 +254,11 @@ def _resume(spec: SweepSpec, logger, guard: StorageGuard, cfg0, retried: list, a
     return grids
 
 
-def _account(spec: SweepSpec, logger, guard: StorageGuard, cfg0, state: dict, again: tuple, started: float,
-             verbose: int) -> list:
+def _account(run: _Session, state: dict, again: tuple, started: float) -> list:
     """After what Tune restored has run: every point of the recorded grid (× num_samples) without
     a row runs now, as do the rows this resume runs again (``again``) that are still old, under
     their own ids. Each in a new Tune experiment (the old one kept as tune.N), as --extend does."""
-    root = spec.root
+    spec, root = run.spec, run.spec.root
     have = rows(root)
     redo = reruns(have, again, started)
     todo = missing(spec, have)
@@ -212,13 +266,16 @@ def _account(spec: SweepSpec, logger, guard: StorageGuard, cfg0, state: dict, ag
     sampled = sum(1 for p in todo if p is None)   # a random or Optuna sweep's trials still to sample
     state = {**state, "orphans": claimable(root, redo),
              "rerun": state["rerun"] | {r["trial_id"] for r in redo}}
+    run.logger.defer |= set(state["orphans"])
     grids = []
     for batch, repeats in ([(points, 1)] if points else []) + ([(None, sampled)] if sampled else []):
+        if run.interrupts.count:
+            break
         set_aside(root)
         seed = spec.seed + sum(1 for _ in root.glob(f"{TUNE_DIR}.*"))   # new samples, not the first run's again
-        tuner, shared = _new_tuner(spec, _trainable(state, cfg0), _callbacks(logger, guard), batch, verbose,
-                                   repeats=repeats, searcher_seed=seed, stop=guard)
-        grids.append(_fit(spec, tuner, logger, guard, cfg0 if shared is not None else None))
+        tuner, shared = _new_tuner(spec, _trainable(state, run.cfg0), run.callbacks(), batch, run.verbose,
+                                   repeats=repeats, searcher_seed=seed, stop=run.guard)
+        grids.append(_fit(run, tuner, shared))
     return grids
 
 
@@ -251,7 +308,7 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                callbacks=callbacks, stop=stop, verbose=verbose)
+                                callbacks=callbacks, stop=stop, verbose=_tune_verbose(verbose))
     samples = spec.num_samples if repeats is None else repeats
     space, search_alg = param_space(spec, points), _searcher(spec, searcher_seed, grid=points is not None)
     shared = _shared_work_grid(spec, points, samples)
@@ -267,16 +324,17 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     return tuner, shared
 
 
-def _fit(spec: SweepSpec, tuner, logger, guard: StorageGuard, cfg0=None):
-    """``tuner.fit()``, with the pending trials a shared-work searcher needs when ``cfg0`` (the first
-    trial's config) is given; what Tune reported is in MLflow before the summary (or the error) is shown.
-    Then the rows of the trials a scheduler stopped, from Tune's result files (before a resume may
-    set its experiment aside). A storage fault raises its one-line StorageError instead, whatever Tune
-    raised or returned on it (the trials its stop left without a row are a resume's to run)."""
+def _fit(run: _Session, tuner, shared=None):
+    """``tuner.fit()``, with the pending trials a shared-work searcher (``shared``) needs; what Tune
+    reported is in MLflow before the summary (or the error) is shown. Then the rows of the trials an
+    interrupt caught (``interrupted``) and of those a scheduler stopped, from Tune's result files
+    (before a resume may set its experiment aside). A storage fault raises its one-line StorageError
+    instead, whatever Tune raised or returned on it (the trials its stop left without a row are a
+    resume's to run)."""
     from .trainable import write_stopped
-    begun = int(time.time())
+    begun, guard = int(time.time()), run.guard
     try:
-        with _pending_trials(cfg0) if cfg0 is not None else contextlib.nullcontext():
+        with _pending_trials(run.cfg0) if shared is not None else contextlib.nullcontext():
             grid = tuner.fit()
     except Exception as e:   # e.g. Tune's own EOFError reading a trial's error file the full disk cut short
         fault = guard.fault or storage.classify(e, guard.root) or storage.probe(guard.root)
@@ -284,15 +342,18 @@ def _fit(spec: SweepSpec, tuner, logger, guard: StorageGuard, cfg0=None):
             raise
         raise fault from None
     finally:
-        logger.flush()
+        run.logger.flush()
         guard.teardown()
     if guard.fault is not None:
         raise guard.fault
+    if run.interrupts.count:
+        run.interrupted |= record_interrupted(run.spec, run.live)
     for result in grid:   # no error and no final report: a scheduler stopped it, in this fit (a restored
         # trial's stop, e.g. a storage fault's, is not a scheduler's; its row, if any, was written then)
-        if result.error is None and result.metrics and result.metrics.get("phase") != "final" and \
-                result.metrics.get("timestamp", begun) >= begun:
-            write_stopped(spec.root, spec, result, next(iter(spec.scheduler or {"the scheduler": 0})))
+        if result.error is None and result.metrics and result.metrics.get("phase") != "final" \
+                and result.metrics.get("trial_id") not in run.interrupted \
+                and result.metrics.get("timestamp", begun) >= begun:
+            write_stopped(run.spec.root, run.spec, result, next(iter(run.spec.scheduler or {"the scheduler": 0})))
     return grid
 
 
@@ -310,7 +371,7 @@ def _connect(address: Optional[str], verbose: int) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=verbose > 1, include_dashboard=False,
+        ray.init(address=address, log_to_driver=verbose > 2, include_dashboard=False,
                  **({} if address else {"configure_logging": False}))
     except (ConnectionError, RuntimeError) as e:
         # Ray 2.60 sends a token only when RAY_AUTH_MODE=token (or for address auto): turning it on

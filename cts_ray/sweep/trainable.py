@@ -294,6 +294,24 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     _forget_progress(root, tid)
 
 
+def write_interrupted(root: Path, spec, tune_id: str, config: dict, last: dict) -> None:
+    """The row of a trial that was running when the driver was interrupted (Ctrl-C, SIGTERM), from
+    its last report (``last``, empty when it had reported nothing). Its progress file stays, so
+    --resume continues it; its row is then replaced (same trial id). A row of a trial that ended
+    meanwhile is kept."""
+    cfg = from_dict(spec.trial_raw(config))
+    tid = last.get("adopted_from") or tune_id
+    if _finished_row(root, cfg.search.method, tid) is not None:
+        return
+    common = {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
+    where = f" at {last['phase']} epoch {last.get('epoch')}" if last.get("phase") else " before its first epoch"
+    started = last.get("timestamp", time.time()) - last.get("time_total_s", 0)
+    write_trial_row(root, cfg, common, Trial(
+        status="interrupted", error=f"interrupted{where} (the driver got Ctrl-C or SIGTERM); --resume continues it",
+        node_id=last.get("node_id"), dense_cache_hit=False, started_at=started, hostname=last.get("hostname"),
+        last_phase=last.get("phase"), last_epoch=last.get("epoch")), None)
+
+
 def write_trial_row(root, cfg, common: dict, trial: Trial, summary) -> None:
     """``summary``: the run's (``records.Summary`` as a dict), a stopped trial's partial one, or None."""
     trial.hostname = trial.hostname or socket.gethostname()
