@@ -80,14 +80,15 @@ def _damage(state_dir: Path, how: str, forget=()) -> None:
     newest.write_text(json.dumps(state))
 
 
-@pytest.mark.parametrize("how", ["truncate", "forget"])
-def test_a_resume_after_damaged_tune_state_has_every_grid_point_once(unbroken, ray_cluster, tmp_path, how):
+def test_a_resume_after_a_truncated_tune_state_has_every_grid_point_once(unbroken, ray_cluster, tmp_path):
+    """(Trials Tune's state forgets: the retry test below deletes one from it, and test_sweep's
+    killed driver resumes past its last snapshot.)"""
     f = _sweep_file(tmp_path, "broken", SEEDS)
     root = tmp_path / "sweeps" / "broken"
     _kill_mid_sweep(f, root, ray_cluster, tmp_path)
     before = {t["trial_id"]: t for t in tables.read(root, "trials").to_pylist()}
     assert 1 <= len(before) < 3, "the kill came too late to test resuming"
-    _damage(root / "tune", how)
+    _damage(root / "tune", "truncate")
 
     p = _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path)
     after = tables.read(root, "trials").to_pylist()
