@@ -236,13 +236,15 @@ def _sweep_exit(args, result: dict) -> int:
     """The exit code (README "Exit codes"), after the last line: what to run next, if anything."""
     stopped = result.get("interrupted")
     if stopped is not None:
-        print(f"\ninterrupted: {stopped['running']} trial(s) were running (recorded as interrupted), "
-              f"{stopped['not_started']} had not started")
+        from .wording import count
+        print(f"\ninterrupted: {count(stopped['running'], 'trial')} {'was' if stopped['running'] == 1 else 'were'} "
+              f"running (recorded as interrupted), {stopped['not_started']:,} had not started")
         print(f"resume with: {_again(args, '--resume')}")
         return EXIT_INTERRUPTED
     failed = result["failed"]
     if failed:
-        print(f"\n{failed} trial(s) of this sweep failed or diverged (reasons above); once the cause is fixed, "
+        from .wording import count
+        print(f"\n{count(failed, 'trial')} of this sweep failed or diverged (reasons above); once the cause is fixed, "
               f"retry them with: {_again(args, '--resume', '--retry-failed')}")
         return EXIT_TRIALS_FAILED
     return EXIT_OK

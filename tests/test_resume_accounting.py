@@ -202,6 +202,6 @@ def test_a_resume_takes_the_grid_an_interrupted_extend_recorded(tmp_path):
     from cts_ray.sweep.summary import format_summary, summarise
     spec.num_samples = 1
     text = format_summary(summarise(spec, {have[0]["config_hash"]: "its trial failed before it wrote a row (X)"}))
-    assert "not run (3 trial(s) with no row):" in text
+    assert "not run (3 trials with no row):" in text
     assert "  density=0.1, seed=0: its trial failed before it wrote a row (X); --resume runs it" in text
     assert "  density=0.1, seed=2: not started; --resume runs it" in text

@@ -322,7 +322,7 @@ def test_diverging_trial_stops_with_its_reason_and_others_finish(ray_cluster, tm
     retry = f"retry them with: cts-ray sweep {f} --resume --retry-failed --address {ray_cluster}"
     for p in (p, _run([f, "--address", ray_cluster, "--quiet", "--resume"], tmp_path, code=EXIT_TRIALS_FAILED)):
         last = p.stdout.strip().splitlines()[-1]
-        assert last.startswith("1 trial(s) of this sweep failed or diverged") and last.endswith(retry), last
+        assert last.startswith("one trial of this sweep failed or diverged") and last.endswith(retry), last
 
 
 def _trial_pids(root) -> dict:

@@ -65,7 +65,7 @@ def test_ctrl_c_and_sigterm_record_interrupted_trials_and_print_the_command_that
     assert len(interrupted) == 1 and "stopped" not in {r["status"] for r in rows.values()}
     assert all(r["error"].startswith("interrupted at ") for t, r in rows.items() if t in interrupted)
     lines = out.strip().splitlines()
-    assert lines[-2] == f"interrupted: 1 trial(s) were running (recorded as interrupted), {2 - len(rows)} had not " \
+    assert lines[-2] == f"interrupted: one trial was running (recorded as interrupted), {2 - len(rows)} had not " \
                         "started", lines[-2]
     assert lines[-1] == f"resume with: cts-ray sweep {f} --resume --set num_samples=1 --address {ray_cluster}"
     assert "Tuner.restore" not in out + err and "Traceback" not in err and "Stop signal" not in err

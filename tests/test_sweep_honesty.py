@@ -132,7 +132,7 @@ def test_the_sweep_summary_has_one_row_per_setting_with_counts_and_no_std_from_o
     assert any(line.startswith("cts") and " 0.5 " in line and "91.00 ± 1.41 %" in line for line in lines)
     assert any(line.startswith("cts") and " 1 " in line and "80.00 %  (one trial: no std)" in line for line in lines)
     assert any(line.startswith("snip") and " – " in line and "85.00 %  (one trial: no std)" in line for line in lines)
-    assert "counted once: snip at density 0.1: 1 trial(s) repeat an identical experiment" in text
+    assert "counted once: snip at density 0.1: one trial repeats an identical experiment" in text
     assert "diverged: trial" in text and "stopped: trial" in text
     # a random search (every trial its own setting) also lists its best trials
     spec.searcher, spec.grid = "random", {"search.method": ["cts", "snip"], "seed": [0, 1]}
@@ -194,7 +194,7 @@ def test_dry_run_previews_the_sweep_and_starts_nothing(tmp_path):
     assert "    1  search.density=0.5 search.method=cts seed=0" in out and "   12  " in out
     assert "dense runs: 2 shared by 12 trials" in out
     # LTR: 0.8^3 ≈ 0.5 and 0.8^7 ≈ 0.2: one chain of 7 rounds per seed serves both densities
-    assert "LTR levels: 7 rounds shared by 2 trial(s); 7 rounds shared by 2 trial(s)" in out
+    assert "LTR levels: 7 rounds shared by 2 trials; 7 rounds shared by 2 trials" in out
     # per seed: 10 dense epochs; LTR 7 rounds x 9 epochs; CTS (5 search + 9 retrain) and SNIP (9) at 2 densities
     shared = 2 * (10 + 7 * 9 + 2 * (5 + 9) + 2 * 9)
     alone = 2 * (6 * 10 + (3 + 7) * 9 + 2 * (5 + 9) + 2 * 9)

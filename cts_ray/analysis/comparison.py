@@ -11,6 +11,7 @@ import numpy as np
 from ..sweep import tables
 from . import plots, stats
 from ..errors import AnalysisError
+from ..wording import count
 from .load import Results, settings
 
 ALPHA = 0.05
@@ -74,14 +75,14 @@ def _alive_units(res: Results, main) -> dict:
 
 def _left_out(res: Results) -> str:
     """What the tables do not show, and why (one line)."""
-    parts = [stats.count(n, f"{why} trial") for why, n in res.skipped.items() if n and not why.startswith("repeats")
+    parts = [count(n, f"{why} trial") for why, n in res.skipped.items() if n and not why.startswith("repeats")
              and not why.startswith("duplicate")]
     checks = int((res.trials["sanity"] != "none").sum())
     if checks:
-        parts.append(stats.count(checks, "sanity-check trial") + " (in Sanity checks)")
+        parts.append(count(checks, "sanity-check trial") + " (in Sanity checks)")
     repeats = sum(n for why, n in res.skipped.items() if why.startswith(("repeats", "duplicate")))
     if repeats:
-        parts.append(stats.count(repeats, "repeat") + " of a config or experiment already counted")
+        parts.append(count(repeats, "repeat") + " of a config or experiment already counted")
     return ("Not in this table: " + "; ".join(parts) + ". Only finished trials count.") if parts else \
         "Every finished trial is in this table."
 
@@ -115,10 +116,10 @@ def accuracy_table(result: dict) -> str:
                if (m, d) in result["cells"] else "–" for d in ds]
         out.append(f"| {m} | " + " | ".join(row) + " |")
     n = next(iter(ns))
-    foot = (f"Test accuracy %, mean ± std over {stats.count(n, 'seed')}" if len(ns) == 1 else
+    foot = (f"Test accuracy %, mean ± std over {count(n, 'seed')}" if len(ns) == 1 else
             "Test accuracy %, mean ± std (n seeds)")
     if len(result["dense"]):
-        foot += f"; dense network {mean_std(result['dense'])} % ({stats.count(len(result['dense']), 'seed')})"
+        foot += f"; dense network {mean_std(result['dense'])} % ({count(len(result['dense']), 'seed')})"
     return "\n".join(out + ["", foot + ". Columns: target density (% of weights kept). Rows: every setting "
                              "present, named by its values of the keys that differ between the settings, where they "
                              "differ from the sweep's base config (the plain method name is the setting at that "

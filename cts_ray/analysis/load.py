@@ -20,7 +20,7 @@ from ..errors import AnalysisError, ConfigError
 from ..methods import METHODS, effective
 from ..records import COMPARED
 from ..sweep import tables
-from .stats import count
+from ..wording import count
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")

@@ -11,7 +11,7 @@ from . import comparison, inference, insensitivity, interaction, seeds, strong
 from .. import storage
 from ..errors import AnalysisError
 from .load import Results, load
-from .stats import count
+from ..wording import count
 
 KINDS = {"comparison": comparison, "seeds": seeds, "insensitivity": insensitivity, "interaction": interaction}
 TITLES = {"comparison": "Method comparison", "seeds": "Seed variance", "insensitivity": "Hyperparameter insensitivity",

@@ -165,11 +165,6 @@ def p_relation(p: float) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
-def count(n: int, noun: str, plural: str = "") -> str:
-    """A count as English: 'one seed', '3 seeds' (``plural`` where adding an s is wrong)."""
-    return f"one {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
-
-
 def fmt(x, digits: int = 2) -> str:
     """A table number; '–' for a missing value."""
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"

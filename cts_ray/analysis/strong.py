@@ -13,6 +13,7 @@ from ..methods import DEFAULT_INIT, METHODS
 from . import stats
 from .comparison import mean_std
 from ..errors import AnalysisError
+from ..wording import count
 from .load import Results, method_key
 
 
@@ -50,7 +51,7 @@ def markdown(result: dict) -> str:
         row = [(mean_std(cells[s, c]) + ("" if len(ns) == 1 else f" (n={len(cells[s, c])})"))
                if (s, c) in cells else "–" for c in cols]
         out.append(f"| {s:.4g} | " + " | ".join(row) + " |")
-    seeds = f"over {stats.count(next(iter(ns)), 'seed')}" if len(ns) == 1 else "(n seeds)"
+    seeds = f"over {count(next(iter(ns)), 'seed')}" if len(ns) == 1 else "(n seeds)"
     return "\n".join(out + ["", f"Test accuracy % of the strong ticket as found (never trained), mean ± std {seeds}. "
                                 "Rows: sparsity = 1 − target density, in % of prunable weights. Columns: method "
                                 "on its frozen weights (`search.strong_init`; null is the method's paper default: "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import from_dict
+from ..wording import count
 from .spec import TUNE_DIR, SweepSpec, probes
 from .work import shared_work
 
@@ -22,7 +23,7 @@ def preview(spec: SweepSpec) -> str:
                      [f"{k} ~ {next(iter(d))}{next(iter(d.values()))}" for k, d in spec.sample.items()])
     lines = [f"sweep {spec.name!r}: dry run — nothing is started or written",
              f"{n} trials ({axes or 'no swept keys'}), searcher {spec.searcher}"
-             + (f", {spec.num_samples} sample(s) per grid point" if spec.searcher == "grid" and spec.num_samples > 1
+             + (f", {spec.num_samples} samples per grid point" if spec.searcher == "grid" and spec.num_samples > 1
                 else ""),
              f"folder {spec.root}" + (" (exists: continue it with --resume or --extend)" if (spec.root / TUNE_DIR).exists()
                                       else "")]
@@ -43,10 +44,10 @@ def preview(spec: SweepSpec) -> str:
             own.append(method.epochs(cfg) + (cfg.training.epochs - cfg.search_epoch if cfg.retrain else 0))
     scale = n / len(configs)   # grid repeats, or the trials a searcher draws per probe
     lines.append(f"dense runs: {len(dense)} shared by {n} trials (cache keys "
-                 + ", ".join(f"{k}: {round(len(v[1]) * scale)} trial(s), {v[0]} epochs" for k, v in list(dense.items())[:6])
+                 + ", ".join(f"{k}: {count(round(len(v[1]) * scale), 'trial')}, {v[0]} epochs" for k, v in list(dense.items())[:6])
                  + (" …" if len(dense) > 6 else "") + ")")
     if chains:
-        lines.append("LTR levels: " + "; ".join(f"{r} rounds shared by {c} trial(s)" for r, _, c in chains.values()))
+        lines.append("LTR levels: " + "; ".join(f"{r} rounds shared by {count(c, 'trial')}" for r, _, c in chains.values()))
     if shared_work(spec) is not None:
         lines.append("order: a trial starts once its dense run is cached (or to train it) and, for LTR, after the "
                      "shallower trials of its chain; LTR chains first — no trial holds a slot to wait")

@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from typing import Optional
 
+from ..wording import count
 from . import tables
 from .spec import SweepSpec
 
@@ -71,14 +72,14 @@ def format_not_run(entries: list[dict]) -> list[str]:
     """The summary's "not run" section (empty when every trial has its row)."""
     if not entries:
         return []
-    lines = ["", f"not run ({sum(e['count'] for e in entries)} trial(s) with no row):"]
+    lines = ["", f"not run ({count(sum(e['count'] for e in entries), 'trial')} with no row):"]
     for e in entries[:NOT_RUN_SHOWN]:
         what = "a sampled trial" if e["point"] is None else \
             ", ".join(f"{k.removeprefix('search.')}={_value(v)}" for k, v in e["point"].items()) or "the base config"
         times = f" (×{e['count']})" if e["count"] > 1 else ""
         lines.append(f"  {what}{times}: {e['reason']}")
     if len(entries) > NOT_RUN_SHOWN:
-        lines.append(f"  … and {len(entries) - NOT_RUN_SHOWN} more point(s)")
+        lines.append(f"  … and {count(len(entries) - NOT_RUN_SHOWN, 'more point')}")
     return lines
 
 
@@ -146,7 +147,7 @@ def format_summary(summary: dict) -> str:
     collapsed = [r for r in rows if r["collapsed"]]
     if collapsed:
         lines += ["", "collapsed (a prunable layer with no weight on an input→output path): " + _joined(
-            f"{r['method']} at density {_value(r['density'])}: {r['collapsed']} ticket(s)" for r in collapsed)]
+            f"{r['method']} at density {_value(r['density'])}: {count(r['collapsed'], 'ticket')}" for r in collapsed)]
     dups = [(r, seed, n) for r in rows for seed, n in r.get("duplicates", [])]
     if dups:
         lines += ["", "ran more often than the sweep asks (a point run again, e.g. by a second driver): " + _joined(
@@ -154,7 +155,7 @@ def format_summary(summary: dict) -> str:
     repeats = [r for r in rows if r["repeats"]]
     if repeats:
         lines += ["", "counted once: " + _joined(
-            f"{r['method']} at density {_value(r['density'])}: {r['repeats']} trial(s) repeat an identical experiment "
+            f"{r['method']} at density {_value(r['density'])}: {count(r['repeats'], 'trial')} {'repeats' if r['repeats'] == 1 else 'repeat'} an identical experiment "
             f"(a swept knob that does not apply to {r['method']})" for r in repeats)]
     if summary["best"]:
         lines += ["", *_best(summary["best"], summary["keys"])]
