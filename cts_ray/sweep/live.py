@@ -79,6 +79,8 @@ class LiveView(Callback):
         self._line(f"{status:<9} {trial.trial_id:<12} {what}{acc_text}{replay}")
 
     def _progress(self, final: bool = False) -> None:
+        if not self.trials and not self.ended:   # nothing to count yet (or a resume with nothing left to run)
+            return
         status = {tid: st for tid, (st, _, _) in self.trials.items()}
         for tid in self.ended:   # ended since the last step: no longer running
             status[tid] = "TERMINATED"
