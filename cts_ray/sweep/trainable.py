@@ -190,22 +190,30 @@ class Reporter:
 
 def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, error, summary,
                 run_dir: Path) -> None:
-    """The trial's rows of the three tables. A failed trial keeps no epochs; a diverged one keeps
-    those that show how it diverged."""
+    """The trial's rows of the three tables, its trials row last: that row says the others are whole
+    (a resume never runs a point with a finished row again). A write that fails (a full disk) takes
+    this trial's new epochs and layers files with it, so the point runs again with none left over.
+    A failed trial keeps no epochs; a diverged one keeps those that show how it diverged."""
     records = [] if status == "error" else reporter.records
     last = records[-1] if records else {}
-    write_trial_row(root, cfg, common, Trial(
-        status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
-        dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
-        mask_path=str(run_dir / "mask.pt") if summary is not None else None,
-        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
-    method = cfg.search.method
-    tables.write(root, "epochs", method, common["trial_id"], [Epoch.from_record(r).row() for r in records],
-                 {**common, "node_id": reporter.node_id})
-    if summary is not None:
-        layers = json.loads((run_dir / "layers.json").read_text())[:-1]
-        tables.write(root, "layers", method, common["trial_id"], [Layer.from_record(r).row() for r in layers],
-                     common)
+    method, written = cfg.search.method, []
+    try:
+        epochs = [Epoch.from_record(r).row() for r in records]
+        written.append(tables.write(root, "epochs", method, common["trial_id"], epochs,
+                                    {**common, "node_id": reporter.node_id}))
+        if summary is not None:
+            layers = json.loads((run_dir / "layers.json").read_text())[:-1]
+            written.append(tables.write(root, "layers", method, common["trial_id"],
+                                        [Layer.from_record(r).row() for r in layers], common))
+        write_trial_row(root, cfg, common, Trial(
+            status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
+            dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
+            mask_path=str(run_dir / "mask.pt") if summary is not None else None,
+            last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def progress_path(root: Path, trial_id: str) -> Path:
