@@ -493,10 +493,10 @@ class MLflowLogger(Callback):
         client = self.store.client
         if client is None or self.store.experiment_id is None:
             return
-        running = self.store.attempt("settle", client.search_runs, [self.store.experiment_id],
-                                     f"tags.`cts.sweep` = '{self.sweep}' and attributes.status = 'RUNNING'",
-                                     max_results=10_000) or []
-        running = {r.data.tags.get("cts.trial_id"): r for r in running}
+        runs = self.store.attempt("settle", client.search_runs, [self.store.experiment_id],
+                                  f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'trial'",
+                                  max_results=10_000) or []
+        running = {r.data.tags.get("cts.trial_id"): r for r in runs if r.info.status == "RUNNING"}
         from ..config import from_dict
         from mlflow.entities import RunTag
         for row in trial_rows:
@@ -515,17 +515,14 @@ class MLflowLogger(Callback):
             self._gather(run_id, self.store.result_metrics(final, step + 1), [RunTag("cts.status", str(row["status"]))])
             self._send(run_id)
             self.store.end(run_id, RUN_STATUS.get(row["status"], "FINISHED"))
-        self._drop_rowless(trial_rows)
+        self._drop_rowless(trial_rows, runs)
 
-    def _drop_rowless(self, trial_rows: list) -> None:
+    def _drop_rowless(self, trial_rows: list, runs: list) -> None:
         """A trial run without a row whose config has one is a point counted twice: a trial a fault
         (a full disk) ended before it wrote anything, whose point then ran under another id. Deleted
         (MLflow's trash: ``mlflow gc`` or the UI can still restore it)."""
         ids, hashes = {r["trial_id"] for r in trial_rows}, {r["config_hash"] for r in trial_rows}
         client = self.store.client
-        runs = self.store.attempt("settle", client.search_runs, [self.store.experiment_id],
-                                  f"tags.`cts.sweep` = '{self.sweep}' and tags.`cts.role` = 'trial'",
-                                  max_results=10_000) or []
         for run in runs:
             tags = run.data.tags
             if tags.get("cts.trial_id") not in ids and tags.get("cts.config_hash") in hashes:

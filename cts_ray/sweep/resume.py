@@ -157,7 +157,7 @@ def _readable_trial_ids(path) -> set:
     """``tune_trial_ids``, or none from a damaged snapshot (its trials are then all forgotten)."""
     try:
         return tune_trial_ids(path)
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError):   # what a truncated or odd snapshot raises
         return set()
 
 
@@ -166,8 +166,8 @@ def restorable(path) -> bool:
     or empty one makes ``Tuner.restore``'s fit fail (it is then set aside and the grid's points
     without a row run afresh)."""
     try:
-        return bool(tune_trial_ids(path))
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return bool(_readable_trial_ids(path))
+    except OSError:
         return False
 
 
@@ -225,13 +225,13 @@ def missing(spec: SweepSpec, have_rows: list) -> list:
     return out
 
 
-def settle_study(spec: SweepSpec, storage: str) -> int:
+def settle_study(spec: SweepSpec, url: str) -> int:
     """An Optuna sweep after a resume: the study's trials still RUNNING were asked by a driver
     that died. Each is told the result of the row its values made (a trial that finished while
     Tune's state forgot it), or failed (its trial never got a row; the resume sampled another),
     so the study completes each trial once. Returns how many it told."""
     import optuna
-    study = optuna.load_study(study_name=spec.name, storage=storage)
+    study = optuna.load_study(study_name=spec.name, storage=url)
     metrics = spec.metric if isinstance(spec.metric, list) else [spec.metric]
     by_values = {json.dumps(_values(spec, r), sort_keys=True): r for r in rows(spec.root)}
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))

@@ -224,9 +224,10 @@ def _resume(run: _Session, retried: list, again: tuple, started: float) -> list:
     from .trainable import forget_progress, spec_state
     spec, logger, root = run.spec, run.logger, run.spec.root
     forget_progress(root, retried)   # a retried trial runs afresh
-    state = spec_state(spec, rerun={r["trial_id"] for r in reruns(rows(root), again, started)}, resumed=True)
+    have = rows(root)
+    state = spec_state(spec, rerun={r["trial_id"] for r in reruns(have, again, started)}, resumed=True)
     # a trial of these configs may go on as another: its MLflow run is found at its first result
-    logger.defer = {r["config_hash"] for r in rows(root)}
+    logger.defer = {r["config_hash"] for r in have}
     grids = []
     if tune.Tuner.can_restore(str(root / TUNE_DIR)) and restorable(root / TUNE_DIR):
         state["orphans"] = forgotten(root)

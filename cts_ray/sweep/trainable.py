@@ -21,6 +21,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Optional
 
 import pyarrow.parquet as pq
 import torch
@@ -190,26 +191,31 @@ class Reporter:
 
 def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, error, summary,
                 run_dir: Path) -> None:
-    """The trial's rows of the three tables, its trials row last: that row says the others are whole
-    (a resume never runs a point with a finished row again). A write that fails (a full disk) takes
-    this trial's new epochs and layers files with it, so the point runs again with none left over.
-    A failed trial keeps no epochs; a diverged one keeps those that show how it diverged."""
+    """The trial's rows of the three tables (``_write_trial``). A failed trial keeps no epochs; a
+    diverged one keeps those that show how it diverged."""
     records = [] if status == "error" else reporter.records
     last = records[-1] if records else {}
+    layers = json.loads((run_dir / "layers.json").read_text())[:-1] if summary is not None else None
+    _write_trial(root, cfg, common, Trial(
+        status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
+        dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
+        mask_path=str(run_dir / "mask.pt") if summary is not None else None,
+        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary,
+        [Epoch.from_record(r).row() for r in records], reporter.node_id,
+        None if layers is None else [Layer.from_record(r).row() for r in layers])
+
+
+def _write_trial(root: Path, cfg, common: dict, trial: Trial, summary, epochs: list, node_id,
+                 layers: Optional[list] = None) -> None:
+    """A trial's epochs and layers rows, then its trials row: that row says the others are whole
+    (a resume never runs a point with a finished row again). A write that fails (a full disk) takes
+    this trial's new epochs and layers files with it, so the point runs again with none left over."""
     method, written = cfg.search.method, []
     try:
-        epochs = [Epoch.from_record(r).row() for r in records]
-        written.append(tables.write(root, "epochs", method, common["trial_id"], epochs,
-                                    {**common, "node_id": reporter.node_id}))
-        if summary is not None:
-            layers = json.loads((run_dir / "layers.json").read_text())[:-1]
-            written.append(tables.write(root, "layers", method, common["trial_id"],
-                                        [Layer.from_record(r).row() for r in layers], common))
-        write_trial_row(root, cfg, common, Trial(
-            status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
-            dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
-            mask_path=str(run_dir / "mask.pt") if summary is not None else None,
-            last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
+        written.append(tables.write(root, "epochs", method, common["trial_id"], epochs, {**common, "node_id": node_id}))
+        if layers is not None:
+            written.append(tables.write(root, "layers", method, common["trial_id"], layers, common))
+        write_trial_row(root, cfg, common, trial, summary)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -280,10 +286,8 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     ``result``: the trial's ``ray.tune.Result``."""
     history = [json.loads(line) for line in (Path(result.path) / "result.json").read_text().splitlines() if line]
     last = history[-1]
-    tid = last.get("adopted_from") or last["trial_id"]
-    cfg = from_dict(spec.trial_raw(result.config))
-    common = {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
-    rows = {}
+    cfg, common = _row_keys(spec, result.config, last, last["trial_id"])
+    tid, rows = common["trial_id"], {}
     for r in history:   # a retried trial reports some epochs twice: keep the last
         if r.get("row"):
             row = json.loads(r["row"])
@@ -292,14 +296,21 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
                "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
-    write_trial_row(root, cfg, common, Trial(
+    _write_trial(root, cfg, common, Trial(
         status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=False,
         started_at=started, hostname=last.get("hostname"), ended_at=last.get("timestamp"),
-        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary)
-    tables.write(root, "epochs", cfg.search.method, tid, list(rows.values()), {**common, "node_id": last.get("node_id")})
+        last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary, list(rows.values()), last.get("node_id"))
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
         shutil.rmtree(staging, ignore_errors=True)
     _forget_progress(root, tid)
+
+
+def _row_keys(spec, config: dict, last: dict, tune_id: str) -> tuple:
+    """(the Config of a trial the driver writes a row for, its key columns): under the id of the
+    trial it adopted, if any (``last``: its last report)."""
+    cfg = from_dict(spec.trial_raw(config))
+    tid = last.get("adopted_from") or tune_id
+    return cfg, {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
 
 
 def write_interrupted(root: Path, spec, tune_id: str, config: dict, last: dict) -> None:
@@ -307,11 +318,9 @@ def write_interrupted(root: Path, spec, tune_id: str, config: dict, last: dict) 
     its last report (``last``, empty when it had reported nothing). Its progress file stays, so
     --resume continues it; its row is then replaced (same trial id). A row of a trial that ended
     meanwhile is kept."""
-    cfg = from_dict(spec.trial_raw(config))
-    tid = last.get("adopted_from") or tune_id
-    if _finished_row(root, cfg.search.method, tid) is not None:
+    cfg, common = _row_keys(spec, config, last, tune_id)
+    if _finished_row(root, cfg.search.method, common["trial_id"]) is not None:
         return
-    common = {"sweep": spec.name, "trial_id": tid, "config_hash": cfg.hash, **tables.axes(cfg)}
     where = f" at {last['phase']} epoch {last.get('epoch')}" if last.get("phase") else " before its first epoch"
     started = last.get("timestamp", time.time()) - last.get("time_total_s", 0)
     write_trial_row(root, cfg, common, Trial(
