@@ -325,7 +325,6 @@ def _main(argv=None) -> int:
         if args.mlflow is None:
             summary = run()
         else:
-            import os
             from .sweep import mlflow_log
             pipeline.check_out(Path(out), args.overwrite)   # refused before an MLflow run is made
             uri = args.mlflow or os.environ.get("MLFLOW_TRACKING_URI") or \
