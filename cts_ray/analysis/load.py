@@ -177,11 +177,11 @@ def _base_of(meta: dict) -> Optional[dict]:
     if not isinstance(meta.get("base"), dict):
         return None
     raw = copy.deepcopy(meta["base"])
-    for key, value in (meta.get("set") or {}).items():
-        set_in(raw, key.split("."), value)
     try:
+        for key, value in (meta.get("set") or {}).items():
+            set_in(raw, key.split("."), value)
         return flatten(from_dict(raw).to_dict())
-    except ConfigError:   # a base this version no longer reads: named against the defaults
+    except ConfigError:   # a base or set this version no longer reads: named against the defaults
         return None
 
 
