@@ -116,10 +116,7 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
         cats = sorted({v for r in sel for v in r["values"]}, key=str)
         for r in sel:
             x = r["values"] if numeric else [cats.index(v) for v in r["values"]]
-            # ± seed std, clipped to [0, 100] %; none from a single seed (nan)
-            means, sd = np.array(r["means"]), np.array(r["stds"])
-            yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
+            ax.errorbar(x, r["means"], yerr=stats.std_bars(r["means"], r["stds"]), marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
                         + ("" if r["held"] == "–" else f", {r['held']}"))
         if numeric:
             vals = [v for r in sel for v in r["values"]]

@@ -10,8 +10,6 @@ import itertools
 import math
 from pathlib import Path
 
-import numpy as np
-
 from . import plots, stats
 from ..errors import AnalysisError
 from ..records import AXIS_KEYS
@@ -109,10 +107,9 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
 def _panel(ax, r: dict) -> None:
     x = range(len(r["a_values"]))
     for i, y in enumerate(r["b_values"]):
-        means = np.array([r["means"][v, y] for v in r["a_values"]])
-        sd = np.array([r["stds"][v, y] for v in r["a_values"]])
-        yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-        ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, color=f"C{i % 10}", label=f"{r['b']}={stats.value_text(y)}")
+        means = [r["means"][v, y] for v in r["a_values"]]
+        sd = [r["stds"][v, y] for v in r["a_values"]]
+        ax.errorbar(x, means, yerr=stats.std_bars(means, sd), marker="o", capsize=3, color=f"C{i % 10}", label=f"{r['b']}={stats.value_text(y)}")
     ax.set_xticks(list(x), [stats.value_text(v) for v in r["a_values"]])
     ax.set_xlabel(r["a"].replace("_", " "))
     title = f"density {100 * r['density']:.3g} %" + ("" if r["held"] == "–" else f"\n{r['held']}")

@@ -166,6 +166,13 @@ def p_relation(p: float) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
+def std_bars(means, sd) -> list:
+    """Error bars (below, above) of ``means`` ± ``sd``, clipped to BOUNDS; none where ``sd`` is nan
+    (a single seed)."""
+    means, sd = np.asarray(means, dtype=float), np.asarray(sd, dtype=float)
+    return [means - np.clip(means - sd, *BOUNDS), np.clip(means + sd, *BOUNDS) - means]
+
+
 def value_text(v) -> str:
     """A config value as the tables name it: a float to 4 significant digits, anything else as is."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
