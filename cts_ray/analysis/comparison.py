@@ -14,7 +14,7 @@ from ..errors import AnalysisError
 from ..wording import count
 from .load import Results, settings
 
-ALPHA = 0.05
+ALPHA = stats.ALPHA
 ZOOM = 6.0   # points below the best mean shown in the zoomed panel
 OFF_TARGET = 0.01   # achieved density further than this (relative) from its column's is noted
 

@@ -16,9 +16,9 @@ import numpy as np
 from . import plots, stats
 from ..records import AXIS_KEYS
 from ..errors import AnalysisError
-from .load import AXES, Results, context, varying_keys
+from .load import AXES, Results, check_axes, context, held_at, varying_keys
 
-ALPHA = 0.05
+ALPHA = stats.ALPHA
 
 
 def _span(values) -> str:
@@ -61,41 +61,12 @@ def analyse(res: Results, axes=None, method=None) -> list[dict]:
                          "p": p, "best": best,
                          "verdict": _verdict(rng, seed_std, p, values, best, std, min(len(x) for x in groups))})
     if not rows:
-        held = "; ".join(f"{a}: {', '.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in sorted(vs))}"
+        held = "; ".join(f"{a}: {', '.join(map(stats.value_text, sorted(vs)))}"
                          for a, vs in seen.items() if vs)
         asked = ", ".join(axes) if axes else "every axis"
         raise AnalysisError(f"insensitivity: {asked} has a single value at each setting in these trials ({held}); "
                             f"sweep one, e.g. grid: {{search.temperature: [0.25, 0.5, 1.0]}}")
     return sorted(rows, key=lambda r: (r["method"], AXES.index(r["axis"]), -r["density"]))
-
-
-# an axis's column where the config key is one (mask_lr: the resolved search.lr)
-_AXIS_OF = {key: axis for axis, key in AXIS_KEYS.items() if axis in AXES}
-
-
-def check_axes(axes) -> None:
-    for a in axes or ():
-        if a not in AXES:
-            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
-
-
-def swept_axes(keys: list) -> list[str]:
-    """The axes (``AXES`` order) whose config keys are among ``keys``."""
-    return [a for a in AXES if AXIS_KEYS[a] in keys]
-
-
-def held_at(g, keys: list, drop=()) -> str:
-    """What the swept keys other than ``drop`` (axes) were held at in the trials ``g``:
-    'objective=kl_reverse, mask_lr=0.1', or '–' when nothing else was swept."""
-    first = g.iloc[0]
-    out = []
-    for k in keys:
-        name = _AXIS_OF.get(k, k.removeprefix("search."))
-        if name in drop:
-            continue
-        v = first[name] if name in AXES else first["_flat"].get(k)
-        out.append(f"{name}={f'{v:.4g}' if isinstance(v, float) else v}")
-    return ", ".join(out) or "–"
 
 
 def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
@@ -106,9 +77,8 @@ def _verdict(rng, seed_std, p, values, best, std, seeds) -> str:
     if p >= ALPHA:
         return (f"insensitive: within {rng:.2f} points across {span}, no effect beyond seed noise "
                 f"(seed std {seed_std:.2f}, p = {stats.p_text(p)})")
-    return (f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; "
-            f"best at {best:.4g} (p {stats.p_relation(p)})" if isinstance(best, float) else
-            f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; best: {best} (p {stats.p_relation(p)})")
+    where = f"best at {best:.4g}" if isinstance(best, float) else f"best: {best}"
+    return f"sensitive: {rng:.2f} points across {span}, {std / seed_std:.1f}× the seed std; {where} (p {stats.p_relation(p)})"
 
 
 
@@ -117,7 +87,7 @@ def markdown(rows: list[dict]) -> str:
            "| std across values [95 % CI] | seed std | std across values / seed std | ANOVA p | verdict |",
            "|---|---|---|---:|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        vals = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["values"])
+        vals = ", ".join(map(stats.value_text, r["values"]))
         ns = sorted(set(r["n"]))
         out.append(f"| {r['method']} | {r['axis']} | {r['held']} | {100 * r['density']:.3g} | {vals} ({'/'.join(map(str, ns))}) "
                    f"| {', '.join(stats.fmt(m) for m in r['means'])} "
@@ -146,10 +116,7 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
         cats = sorted({v for r in sel for v in r["values"]}, key=str)
         for r in sel:
             x = r["values"] if numeric else [cats.index(v) for v in r["values"]]
-            # ± seed std, clipped to [0, 100] %; none from a single seed (nan)
-            means, sd = np.array(r["means"]), np.array(r["stds"])
-            yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-            ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
+            ax.errorbar(x, r["means"], yerr=stats.std_bars(r["means"], r["stds"]), marker="o", capsize=3, label=f"density {100 * r['density']:.3g} %"
                         + ("" if r["held"] == "–" else f", {r['held']}"))
         if numeric:
             vals = [v for r in sel for v in r["values"]]

@@ -10,13 +10,10 @@ import itertools
 import math
 from pathlib import Path
 
-import numpy as np
-
 from . import plots, stats
 from ..errors import AnalysisError
 from ..records import AXIS_KEYS
-from .insensitivity import ALPHA, check_axes, held_at, swept_axes
-from .load import Results, context, varying_keys
+from .load import Results, check_axes, context, held_at, swept_axes, varying_keys
 
 
 def analyse(res: Results, axes=None, method=None) -> list[dict]:
@@ -59,14 +56,14 @@ def _verdict(a: str, b: str, p: dict, cells: dict) -> str:
     seeds = min(len(v) for v in cells.values())
     if math.isnan(p["ab"]):
         return f"indicative: no test (needs ≥ {stats.MIN_TEST} seeds per cell, has {seeds})"
-    if p["ab"] < ALPHA:
+    if p["ab"] < stats.ALPHA:
         return (f"{a} and {b} interact (p {stats.p_relation(p['ab'])}): the effect of {a} depends on {b}; read each "
                 f"{a} row of the insensitivity table at its {b}, not as one effect")
     return (f"no interaction (p {stats.p_relation(p['ab'])}): the effects add; {a}: {_effect(p['a'])}, {b}: {_effect(p['b'])}")
 
 
 def _effect(p: float) -> str:
-    return f"an effect (p {stats.p_relation(p)})" if p < ALPHA else f"no effect beyond seed noise (p {stats.p_relation(p)})"
+    return f"an effect (p {stats.p_relation(p)})" if p < stats.ALPHA else f"no effect beyond seed noise (p {stats.p_relation(p)})"
 
 
 def _order(values) -> list:
@@ -74,15 +71,11 @@ def _order(values) -> list:
     return sorted(values) if all(isinstance(v, (int, float)) for v in values) else sorted(values, key=str)
 
 
-def _value(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def markdown(rows: list[dict]) -> str:
     out = ["| method | axes A × B | held at | density % | seeds per cell | mean accuracy % per cell (A / B) "
            "| p: A | p: B | p: A × B | verdict |", "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        means = "; ".join(f"{_value(x)} / {_value(y)}: {stats.fmt(r['means'][x, y])}"
+        means = "; ".join(f"{stats.value_text(x)} / {stats.value_text(y)}: {stats.fmt(r['means'][x, y])}"
                           for x in r["a_values"] for y in r["b_values"])
         out.append(f"| {r['method']} | {r['a']} × {r['b']} | {r['held']} | {100 * r['density']:.3g} | {r['n']} "
                    f"| {means} | {stats.p_text(r['p']['a'])} | {stats.p_text(r['p']['b'])} "
@@ -92,7 +85,7 @@ def markdown(rows: list[dict]) -> str:
 
 COLUMNS = ("Two-way ANOVA of accuracy on two swept axes and their interaction, everything else held as named. "
            "*p: A*, *p: B* each axis's main effect (Type II: adjusted for the other), *p: A × B* their interaction; "
-           f"F tests against the seed variance within cells. The two interact when p: A × B < {ALPHA}: then "
+           f"F tests against the seed variance within cells. The two interact when p: A × B < {stats.ALPHA}: then "
            "neither axis has one effect, and the interaction plot's lines are not parallel.")
 
 
@@ -114,11 +107,10 @@ def plot(res: Results, rows: list[dict], out: Path) -> list[str]:
 def _panel(ax, r: dict) -> None:
     x = range(len(r["a_values"]))
     for i, y in enumerate(r["b_values"]):
-        means = np.array([r["means"][v, y] for v in r["a_values"]])
-        sd = np.array([r["stds"][v, y] for v in r["a_values"]])
-        yerr = [means - np.clip(means - sd, *stats.BOUNDS), np.clip(means + sd, *stats.BOUNDS) - means]
-        ax.errorbar(x, means, yerr=yerr, marker="o", capsize=3, color=f"C{i % 10}", label=f"{r['b']}={_value(y)}")
-    ax.set_xticks(list(x), [_value(v) for v in r["a_values"]])
+        means = [r["means"][v, y] for v in r["a_values"]]
+        sd = [r["stds"][v, y] for v in r["a_values"]]
+        ax.errorbar(x, means, yerr=stats.std_bars(means, sd), marker="o", capsize=3, color=f"C{i % 10}", label=f"{r['b']}={stats.value_text(y)}")
+    ax.set_xticks(list(x), [stats.value_text(v) for v in r["a_values"]])
     ax.set_xlabel(r["a"].replace("_", " "))
     title = f"density {100 * r['density']:.3g} %" + ("" if r["held"] == "–" else f"\n{r['held']}")
     ax.set_title(title, fontsize="medium")

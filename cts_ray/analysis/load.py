@@ -18,9 +18,10 @@ import pandas as pd
 from ..config import Config, flatten, from_dict, set_in, stable_hash
 from ..errors import AnalysisError, ConfigError
 from ..methods import METHODS, effective
-from ..records import COMPARED
+from ..records import AXIS_KEYS, COMPARED
 from ..sweep import tables
 from ..wording import count
+from .stats import value_text
 
 # the hyperparameter axes an insensitivity study looks at (columns of the trials table)
 AXES = ("temperature", "mask_lr", "search_length", "objective", "controller", "search_point")
@@ -176,11 +177,11 @@ def _base_of(meta: dict) -> Optional[dict]:
     if not isinstance(meta.get("base"), dict):
         return None
     raw = copy.deepcopy(meta["base"])
-    for key, value in (meta.get("set") or {}).items():
-        set_in(raw, key.split("."), value)
     try:
+        for key, value in (meta.get("set") or {}).items():
+            set_in(raw, key.split("."), value)
         return flatten(from_dict(raw).to_dict())
-    except ConfigError:   # a base this version no longer reads: named against the defaults
+    except ConfigError:   # a base or set this version no longer reads: named against the defaults
         return None
 
 
@@ -191,7 +192,7 @@ def _labels(df: pd.DataFrame, base: dict) -> dict:
     keys = varying_keys(flats)
     out = {}
     for variant, f in flats.items():
-        diff = [f"{k.removeprefix('search.')}={_short(f[k])}" for k in keys if k in f and f[k] != base.get(k)]
+        diff = [f"{k.removeprefix('search.')}={value_text(f[k])}" for k in keys if k in f and f[k] != base.get(k)]
         out[variant] = f["search.method"] + (f" ({', '.join(diff)})" if diff else "")
     return out
 
@@ -203,8 +204,33 @@ def varying_keys(flats) -> list[str]:
                    and len({json.dumps(g[k], default=str) for g in flats if k in g}) > 1})
 
 
-def _short(v):
-    return f"{v:.4g}" if isinstance(v, float) else v
+# an axis's column where the config key is one (mask_lr: the resolved search.lr)
+_AXIS_OF = {key: axis for axis, key in AXIS_KEYS.items() if axis in AXES}
+
+
+def check_axes(axes) -> None:
+    for a in axes or ():
+        if a not in AXES:
+            raise AnalysisError(f"axis: {a!r}; allowed: {', '.join(AXES)}")
+
+
+def swept_axes(keys: list) -> list[str]:
+    """The axes (``AXES`` order) whose config keys are among ``keys``."""
+    return [a for a in AXES if AXIS_KEYS[a] in keys]
+
+
+def held_at(g, keys: list, drop=()) -> str:
+    """What the swept keys other than ``drop`` (axes) were held at in the trials ``g``:
+    'objective=kl_reverse, mask_lr=0.1', or '–' when nothing else was swept."""
+    first = g.iloc[0]
+    out = []
+    for k in keys:
+        name = _AXIS_OF.get(k, k.removeprefix("search."))
+        if name in drop:
+            continue
+        v = first[name] if name in AXES else first["_flat"].get(k)
+        out.append(f"{name}={value_text(v)}")
+    return ", ".join(out) or "–"
 
 
 def settings(df: pd.DataFrame) -> list:

@@ -76,21 +76,15 @@ def build(paths, out=None, *, metric: str = "test_accuracy", allow_incomplete: b
     out.mkdir(parents=True, exist_ok=True)
     names = ", ".join(Path(f).name for f, _ in res.sweeps)
     md = [f"# cts-ray report: {names}", "", "## Provenance", "", provenance(res)]
-    for kind in ("comparison", "seeds", "insensitivity"):
-        md += ["", f"## {TITLES[kind]}", ""]
+    for kind in KINDS:
         try:
             text, files = run_kind(kind, res, out)
         except AnalysisError as e:
-            md.append(f"_Not answerable from these trials: {e}_")
+            if kind != "interaction":   # interaction: only where two swept axes form a grid, no section otherwise
+                md += ["", f"## {TITLES[kind]}", "", f"_Not answerable from these trials: {e}_"]
             continue
-        md.append(text)
-        md += [""] + [f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in files]
-    try:   # only where two swept axes form a grid: no section otherwise
-        text, files = run_kind("interaction", res, out)
-        md += ["", f"## {TITLES['interaction']}", "", text, ""]
+        md += ["", f"## {TITLES[kind]}", "", text, ""]
         md += [f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in files]
-    except AnalysisError:
-        pass
     try:
         md += ["", "## Strong tickets", "", strong.markdown(strong.analyse(res))]
     except AnalysisError:

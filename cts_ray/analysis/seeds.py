@@ -13,7 +13,7 @@ from . import plots, stats
 from ..errors import AnalysisError
 from .load import Results, settings
 
-ALPHA = 0.05
+ALPHA = stats.ALPHA
 
 
 def analyse(res: Results) -> dict:

@@ -14,6 +14,7 @@ LEVEL = 0.95
 BOOTSTRAP = 4000
 MIN_TEST = 3   # seeds per group a test or interval needs: with 2, a t interval is ±12.7 std, Levene is
                # degenerate and a t-test has 1 dof
+ALPHA = 0.05   # the significance level of every test the analyses report
 BOUNDS = (0.0, 100.0)   # accuracy in percent
 RULE = (f"Tests and 95 % intervals need ≥ {MIN_TEST} seeds per group; below that they are not computed (–) "
         "and what is shown is indicative. A std needs ≥ 2 values; intervals are clipped to [0, 100] %.")
@@ -163,6 +164,18 @@ def p_relation(p: float) -> str:
     """A p-value after 'p': '< 0.001' or '= 0.042'."""
     text = p_text(p)
     return text if text.startswith("<") else f"= {text}"
+
+
+def std_bars(means, sd) -> list:
+    """Error bars (below, above) of ``means`` ± ``sd``, clipped to BOUNDS; none where ``sd`` is nan
+    (a single seed)."""
+    means, sd = np.asarray(means, dtype=float), np.asarray(sd, dtype=float)
+    return [means - np.clip(means - sd, *BOUNDS), np.clip(means + sd, *BOUNDS) - means]
+
+
+def value_text(v) -> str:
+    """A config value as the tables name it: a float to 4 significant digits, anything else as is."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def fmt(x, digits: int = 2) -> str:

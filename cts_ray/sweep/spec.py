@@ -263,8 +263,9 @@ def _mlflow(ml) -> dict:
     keys = ("tracking_uri", "experiment", "system_metrics")
     if not isinstance(ml, dict):
         _err(f"mlflow: {ml!r}; expected a mapping with keys {', '.join(keys)}")
-    for k in set(ml) - set(keys):
-        raise C.unknown_key(["mlflow", k], 1, keys, "allowed keys in mlflow")
+    unknown = [k for k in ml if k not in keys]   # the file's first, not a set's arbitrary one
+    if unknown:
+        raise C.unknown_key(["mlflow", unknown[0]], 1, keys, "allowed keys in mlflow")
     for k in ("tracking_uri", "experiment"):
         if ml.get(k) is not None and (not isinstance(ml[k], str) or not ml[k]):
             _err(f"mlflow.{k}: {ml[k]!r}; expected a non-empty string or null")
