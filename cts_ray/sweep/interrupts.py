@@ -3,10 +3,13 @@ that were running get ``interrupted`` rows (trainable.write_interrupted), and wh
 counted for the summary. --resume continues those trials under their own ids."""
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
+import threading
 
-from . import tables
+from .resume import rows
 from .spec import SweepSpec
 
 
@@ -21,9 +24,6 @@ class Interrupts:
         self.count, self.saved = 0, {}
 
     def __enter__(self) -> "Interrupts":
-        import logging
-        import signal
-        import threading
         if threading.current_thread() is threading.main_thread():
             self.usr1 = signal.getsignal(signal.SIGUSR1)   # Tune sets its own once its loop starts
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -35,7 +35,6 @@ class Interrupts:
         return self
 
     def _on_signal(self, signum, frame) -> None:
-        import signal
         self.count += 1
         if self.count > 1 or signal.getsignal(signal.SIGUSR1) is self.usr1:   # or before Tune's loop: nothing runs
             raise KeyboardInterrupt
@@ -46,7 +45,6 @@ class Interrupts:
         return not (self.count and any(t in text for t in ("interrupted", "Trials did not complete", "Stop signal")))
 
     def __exit__(self, *exc) -> None:
-        import signal
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         if self.saved:
@@ -78,8 +76,5 @@ def record_interrupted(spec: SweepSpec, live) -> set:
 def interrupted_counts(spec: SweepSpec, running: set) -> dict:
     """What an interrupted sweep left: trials recorded as interrupted, and the sweep's trials with
     no row at all (not started)."""
-    try:
-        rows = len(tables.read(spec.root, "trials", ["trial_id"]))
-    except FileNotFoundError:
-        rows = 0
-    return {"running": len(running), "not_started": max(0, (spec.trial_count() or 0) - rows)}
+    have = len(rows(spec.root, "trials", ["trial_id"]))
+    return {"running": len(running), "not_started": max(0, (spec.trial_count() or 0) - have)}

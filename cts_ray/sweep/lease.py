@@ -8,6 +8,7 @@ take-over races safely too. A holder is dead when, on this host, its pid is gone
 when its lease file has not been touched for ``STALE_S`` seconds (its heartbeat). No Ray."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -60,22 +61,12 @@ class Lease:
 _HELD: dict = {}   # sweep folder -> this process's Lease on it (taking it again is a no-op)
 
 
-class _Reentry:
-    """What ``take`` returns when this process holds the lease already: its end releases nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def take(root: Path):
     """The lease of the sweep at ``root`` (created if need be), or SweepBusyError naming the live
     driver that holds it. Use as a context manager."""
     root = Path(root)
-    if root in _HELD:
-        return _Reentry()
+    if root in _HELD:   # held already by this process: its end releases nothing
+        return contextlib.nullcontext()
     root.mkdir(parents=True, exist_ok=True)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     for _ in range(20):   # each lost race means another driver took it: look again
@@ -99,11 +90,10 @@ def take(root: Path):
 
 def _current(root: Path) -> tuple:
     """(the highest lease number, its holder's record or None when there is none)."""
-    files = sorted(root.glob(f"{PREFIX}*"), key=_number)
-    files = [f for f in files if _number(f) >= 0]
+    files = [f for f in root.glob(f"{PREFIX}*") if _number(f) >= 0]
     if not files:
         return 0, None
-    newest = files[-1]
+    newest = max(files, key=_number)
     return _number(newest), _read(newest)
 
 

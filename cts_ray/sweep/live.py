@@ -105,7 +105,7 @@ class LiveView(Callback):
 
     def _line(self, text: str) -> None:
         """A line of its own; on a terminal, above the progress line (which the next step redraws)."""
-        prefix = "\r\x1b[K" if self._tty() and getattr(self, "drawn", False) else ""
+        prefix = "\r\x1b[K" if self._tty() and self.drawn else ""
         self.drawn = False
         self.out.write(f"{prefix}{text}\n")
         self.out.flush()

@@ -19,9 +19,10 @@ def image_folders(spec: SweepSpec) -> list[tuple[str, Optional[int]]]:
     """(root, image_size) of each image folder the sweep's trials read (grid points, and the
     edges of ``sample`` distributions), each once."""
     data_keys = [k for k in [*spec.grid, *spec.sample] if k.startswith("data.")]
+    standins = probes({k: v for k, v in spec.sample.items() if k in data_keys})   # the same for every point
     seen: dict = {}
     for point in spec.grid_points() or [{}]:
-        for probe in probes({k: v for k, v in spec.sample.items() if k in data_keys}):
+        for probe in standins:
             values = {**point, **probe}
             ident = tuple(repr(values.get(k)) for k in data_keys)
             if ident not in seen:

@@ -195,9 +195,9 @@ def read(root, table: str, columns: Optional[list] = None) -> pa.Table:
         sorted(p / "tables" / table for p in root.iterdir() if (p / "tables" / table).is_dir())
     if not folders or not any(own or compacted for f in folders for own, compacted in _listing(f).values()):
         raise FileNotFoundError(f"{root}: no {table} table (expected tables/{table}/method=*/*.parquet)")
-    renamed = RENAMED.get(table, {})
+    renamed, schema = RENAMED.get(table, {}), _schema(table)
     try:
-        out = pa.concat_tables([_read_consistent(f, _schema(table)) for f in folders])
+        out = pa.concat_tables([_read_consistent(f, schema) for f in folders])
     except (pa.ArrowException, OSError) as e:   # a damaged file (torn copy, bad disk): one line naming it
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AnalysisError(f"{root}: the {table} table cannot be read ({why}); expected the Parquet files "
