@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import (EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE,
-                     EXIT_TRIALS_FAILED, AnalysisError, CompactError, ConfigError, DivergedError, SchemaError,
+                     EXIT_TRIALS_FAILED, AnalysisError, CompactError, ConfigError, DataFileError, DivergedError, SchemaError,
                      StorageError, SweepBusyError)
 
 
@@ -340,6 +340,9 @@ def _main(argv=None) -> int:
     except DivergedError as e:   # a result of the settings, not a bug; one line
         print(f"cts-ray: diverged: {e}; nothing was written (try a lower training.lr or set training.grad_clip)",
               file=sys.stderr)
+        return EXIT_FAILED
+    except DataFileError as e:   # a streamed file that does not decode, named; the saved epochs stay
+        print(f"cts-ray: failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     except StorageError as e:    # the message names the cause and the folder
         print(f"cts-ray: {e}", file=sys.stderr)

@@ -75,6 +75,13 @@ class DataConfig:
                       help="flip + pad-4 crop on device; auto = on for CIFAR and 32x32 RGB image folders")
     image_size: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null", identity="non_default",
                                    help="image_folder: resize every image to N x N (sizes and modes may then differ)")
+    stream: str = _f("auto", choices=["auto", "on", "off"], identity=False,
+                     help="folder data sets: read and decode images while training (on) or decode them all "
+                          "into memory first (off); auto = stream when the decoded set would exceed a quarter "
+                          "of the trial's share of device memory (README \"Streaming\")")
+    workers: Optional[int] = _f(None, check=_non_negative, allowed="an integer >= 0 or null", identity=False,
+                                help="streamed data: decoding processes; null = one per CPU of the trial (1..8), "
+                                     "0 = decode in the training process")
 
 
 @dataclass

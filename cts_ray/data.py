@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import math
+import os
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import image_folder
 from .datasets import DATASETS, IdxFile, mnist_check, mnist_files
 from .errors import ConfigError
 
@@ -95,9 +98,8 @@ def _load_cpu(name: str, root: Optional[str], download: bool):
 @functools.lru_cache(maxsize=None)
 def _digest(name: str, root: Optional[str], download: bool, image_size: Optional[int] = None) -> str:
     """A content digest of the data set as loaded (every tensor's bytes), once per process."""
-    if name == "image_folder":
-        from . import image_folder
-        f = image_folder.load(root, image_size)
+    if name in image_folder.FOLDERS:
+        f = image_folder.describe(name, root, image_size).decoded()
         tensors = (f.train_x, f.train_y, f.test_x, f.test_y)
     else:
         tensors = _load_cpu(name, root, download)
@@ -107,18 +109,25 @@ def _digest(name: str, root: Optional[str], download: bool, image_size: Optional
     return h.hexdigest()[:16]
 
 
-def provenance(cfg, data: "DeviceData") -> dict:
-    """What a run's data was (``cfg`` a ``DataConfig``): name, source, content digest, split sizes as
-    used (after subsets), input shape, classes, the channel mean/std it was normalised with and,
-    where the data set has them, per-file notes (an md5 differing from the official release)."""
+def provenance(cfg, data: Batches) -> dict:
+    """What a run's data was (``cfg`` a ``DataConfig``): name, source, content digest (streamed: a
+    digest of the files' names, sizes and mtimes, as decoding everything is what streaming avoids),
+    whether it streamed, split sizes as used (after subsets), input shape, classes, the channel
+    mean/std it was normalised with and, where the data set has them, notes on its files (an md5
+    differing from the official release; counts against the official ones)."""
     info = DATASETS[cfg.name]
     root = None if cfg.root is None else str(cfg.root)
+    digest = (f"files-{image_folder.describe(cfg.name, root, cfg.image_size).listing.stamp[:16]}" if data.streamed
+              else _digest(cfg.name, root, bool(cfg.download), cfg.image_size))
     out = {"name": cfg.name, "source": str(Path(root).expanduser().resolve()) if info.needs_root else
-           "sklearn.datasets.load_digits", "digest": _digest(cfg.name, root, bool(cfg.download), cfg.image_size),
+           "sklearn.datasets.load_digits", "digest": digest, "streamed": data.streamed,
            "train_examples": data.n_train, "test_examples": data.n_test, "input_shape": list(data.input_shape),
            "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
     if info.notes is not None and root is not None:
         out["files"] = info.notes(root)
+    elif cfg.name in image_folder.FOLDERS:
+        from . import layouts
+        out["files"] = layouts.notes(cfg.name, image_folder.describe(cfg.name, root, cfg.image_size).listing)
     return out
 
 
@@ -141,11 +150,106 @@ def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
     return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()             # (N, C, H, W)
 
 
+def _hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RGB in [0, 1] (N, 3, H, W) -> hue in [0, 1), saturation, value (each (N, H, W))."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    c = v - x.min(1).values
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(c > 0, (h / 6) % 1, torch.zeros_like(h))
+    return h, torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v)), v
+
+
+def _rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    k = lambda n: (n + h * 6) % 6
+    f = lambda n: v - v * s * (torch.minimum(k(n), 4 - k(n)).clamp(0, 1))
+    return torch.stack([f(5), f(3), f(1)], 1)
+
+
+def augment_colour_crop(x: Tensor, generator: torch.Generator, scale=(0.6, 1.0), ratio=(0.8, 1.25),
+                        jitter=(0.4, 0.4, 0.4, 0.1)) -> Tensor:
+    """The authors' Tiny-ImageNet augmentation (TLAB data/tiny_imagenet.py) on images in [0, 1]:
+    horizontal flip, a random-resized crop back to the input size (area ``scale``, aspect ``ratio``,
+    10 tries then the whole image) and colour jitter (brightness, contrast, saturation, hue, in that
+    order), per sample, vectorised; random numbers from the CPU ``generator`` as ``augment_batch``."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    area = torch.empty(n, 10).uniform_(*scale, generator=generator)
+    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    cw, ch = torch.round(torch.sqrt(area * aspect) * w), torch.round(torch.sqrt(area / aspect) * h)
+    ok = (cw <= w) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), -1)
+    pick = lambda t, full: torch.where(first >= 0, t.gather(1, first.clamp(min=0)[:, None])[:, 0], float(full))
+    cw, ch = pick(cw, w), pick(ch, h)
+    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
+    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * left + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * top + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device), [n, c, h, w], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    b, k, s = (torch.empty(n).uniform_(1 - j, 1 + j, generator=generator).to(x.device).view(-1, 1, 1, 1)
+               for j in jitter[:3])
+    hue = torch.empty(n).uniform_(-jitter[3], jitter[3], generator=generator).to(x.device).view(-1, 1, 1)
+    x = (x * b).clamp_(0, 1)
+    if c != 3:
+        return ((x - x.mean((1, 2, 3), keepdim=True)) * k + x.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
+    grey = lambda t: (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)
+    m = grey(x).mean((1, 2, 3), keepdim=True)
+    x = (k * x + (1 - k) * m).clamp_(0, 1)
+    x = (s * x + (1 - s) * grey(x)).clamp_(0, 1)
+    hh, ss, vv = _hsv(x)
+    return _rgb((hh + hue) % 1, ss, vv)
+
+
+AUGMENTATIONS = {"crop_flip": augment_batch, "colour_crop": augment_colour_crop}
+
+
+def test_batch_size(input_shape) -> int:
+    """Evaluation batch size, one rule for both paths (BatchNorm on batch statistics depends on it):
+    1000 images up to 64 px, 250 above (a 224 px batch of 1000 is 600 MB)."""
+    return 1000 if max(input_shape[1:]) <= 64 else 250
+
+
 # ---------------------------------------------------------------- device data
 
+class Batches:
+    """What the training loop, the searches and evaluation read, for data in memory (``DeviceData``)
+    and streamed from files (``stream.StreamData``) alike. Subclasses set n_train, n_test, device,
+    num_classes, input_shape, augment, augmentation, mean and std."""
+    streamed = False
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
+        full = self.n_train // batch_size
+        return full if drop_last and full > 0 else -(-self.n_train // batch_size)
+
+    def finish(self, x: Tensor, generator: Optional[torch.Generator], augment: bool) -> Tensor:
+        """A batch as the model takes it. uint8 pixels (streamed, or kept raw in memory) are scaled,
+        augmented and then normalised; float ones are normalised already. Flips and crops move pixels
+        only, so either order gives the same tensor."""
+        raw = x.dtype == torch.uint8
+        if raw:
+            x = x.float().div_(255)
+        if augment:
+            x = AUGMENTATIONS[self.augmentation](x, generator)
+        if raw:
+            mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+            x = (x - mean) / torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return x
+
+    def in_order(self, batch_size: int) -> Iterator[Tensor]:
+        """Every training example once, in index order, not augmented (the CTS teacher's pass)."""
+        for i in range(0, self.n_train, batch_size):
+            yield self.examples(torch.arange(i, min(i + batch_size, self.n_train)))[0]
+
+
 @dataclass
-class DeviceData:
-    """A data set's tensors on one device, x normalised; batches are slices of them."""
+class DeviceData(Batches):
+    """A data set's tensors on one device; batches are slices of them. x is normalised float32, or
+    uint8 where the augmentation needs pixel values (``colour_crop``), normalised per batch."""
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
@@ -155,6 +259,7 @@ class DeviceData:
     augment: bool
     mean: tuple = ()    # the normalisation constants x was normalised with (recorded in the run)
     std: tuple = ()
+    augmentation: str = "crop_flip"   # a key of AUGMENTATIONS
 
     @property
     def n_train(self) -> int:
@@ -168,10 +273,6 @@ class DeviceData:
     def device(self) -> torch.device:
         return self.train_x.device
 
-    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
-        full = self.n_train // batch_size
-        return full if drop_last and full > 0 else -(-self.n_train // batch_size)
-
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
                       drop_last: bool = True, indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """One epoch in a seeded order. ``generator`` is a CPU generator: the permutation is drawn on
@@ -181,33 +282,76 @@ class DeviceData:
         order = torch.randperm(self.n_train, generator=generator).to(self.device)
         for i in range(self.steps_per_epoch(batch_size, drop_last)):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            x = self.train_x[idx]
-            x = augment_batch(x, generator) if augment else x
+            x = self.finish(self.train_x[idx], generator, augment)
             yield (x, self.train_y[idx], idx) if indices else (x, self.train_y[idx])
 
-    def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
+    def test_batches(self, batch_size: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
+        batch_size = batch_size or test_batch_size(self.input_shape)
         for i in range(0, self.n_test, batch_size):
-            yield self.test_x[i:i + batch_size], self.test_y[i:i + batch_size]
+            yield self.finish(self.test_x[i:i + batch_size], None, False), self.test_y[i:i + batch_size]
+
+    def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Training examples ``idx``, not augmented."""
+        idx = idx.to(self.device)
+        return self.finish(self.train_x[idx], None, False), self.train_y[idx]
 
 
-def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
-    """``cfg`` is a ``DataConfig``. The training subset is a fixed seed-0 permutation's first N
+BUDGET_SHARE = 0.25   # of the trial's share of the device's memory (README "Streaming")
+
+
+def memory_budget(device, resources=None) -> int:
+    """Bytes a trial may hold its decoded data set in (``data.stream: auto``): a quarter of its share
+    of the device's memory. CUDA: the GPU's memory times ``resources.gpus`` (at most 1); CPU: the
+    node's RAM over the trials its CPUs can hold at ``resources.cpus`` each."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        share = min(resources.gpus, 1) if resources is not None and resources.gpus > 0 else 1
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        share = min(1.0, resources.cpus / (os.cpu_count() or 1)) if resources is not None else 1
+    return int(BUDGET_SHARE * total * share)
+
+
+def loader_workers(cfg, resources=None) -> int:
+    """``data.workers``, or one per CPU the trial holds (at least 1, at most 8)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(8, max(1, int(resources.cpus))) if resources is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def streams(cfg, device, resources=None) -> bool:
+    """Whether ``cfg`` (a DataConfig) streams: ``data.stream``, and for auto whether the decoded set
+    would outgrow ``memory_budget``."""
+    if cfg.name not in image_folder.FOLDERS or cfg.stream == "off":
+        return False
+    if cfg.stream == "on":
+        return True
+    return image_folder.decoded_bytes(cfg.name, cfg.root, cfg.image_size) > memory_budget(device, resources)
+
+
+def load(cfg, device: torch.device | str = "cpu", resources=None) -> Batches:
+    """``cfg`` is a ``DataConfig``, ``resources`` the run's ResourcesConfig (the memory budget and
+    loader workers of a streamed folder). The training subset is a fixed seed-0 permutation's first N
     examples (independent of the run seed); the test subset is the first N test examples."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: {cfg.name!r} is not one of {sorted(DATASETS)}")
+    if cfg.name in image_folder.FOLDERS:
+        return _load_folder(cfg, device, resources)
+    train_x, train_y, test_x, test_y = _load_cpu(cfg.name, None if cfg.root is None else str(cfg.root),
+                                                 bool(cfg.download))
+    train_x, train_y, test_x, test_y = _subsets(cfg, train_x, train_y, test_x, test_y)
     info = DATASETS[cfg.name]
-    root = None if cfg.root is None else str(cfg.root)
-    if cfg.name == "image_folder":   # uint8 images; normalised by its training split's mean/std
-        from . import image_folder
-        f = image_folder.load(cfg.root, cfg.image_size)
-        # Folders list the test images class by class: a fixed shuffle makes first-N test subsets and
-        # test batches (BatchNorm on batch statistics normalises per batch) mixed, like CIFAR's.
-        mixed = torch.randperm(len(f.test_y), generator=torch.Generator().manual_seed(0))
-        train_x, train_y, test_x, test_y = f.train_x, f.train_y, f.test_x[mixed], f.test_y[mixed]
-        info = dataclasses.replace(info, num_classes=len(f.classes), input_shape=tuple(train_x.shape[1:]),
-                                   augment=tuple(train_x.shape[1:]) == (3, 32, 32), mean=f.mean, std=f.std)
-    else:
-        train_x, train_y, test_x, test_y = _load_cpu(cfg.name, root, bool(cfg.download))
+    mean = torch.tensor(info.mean, device=device).view(-1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(-1, 1, 1)
+    norm = lambda x: (x.to(device) - mean) / std
+    augment = {"auto": info.augment, "on": True, "off": False}[cfg.augment]
+    return DeviceData(norm(train_x), train_y.to(device), norm(test_x), test_y.to(device),
+                      info.num_classes, info.input_shape, augment, tuple(info.mean), tuple(info.std))
+
+
+def _subsets(cfg, train_x, train_y, test_x, test_y):
+    """``data.subset`` (a fixed seed-0 permutation's first N) and ``data.test_subset`` (the first N)."""
     if cfg.subset is not None:
         if cfg.subset > len(train_y):
             raise ConfigError(f"data.subset: {cfg.subset} exceeds the {len(train_y)} training examples of {cfg.name}")
@@ -217,11 +361,33 @@ def load(cfg, device: torch.device | str = "cpu") -> DeviceData:
         if cfg.test_subset > len(test_y):
             raise ConfigError(f"data.test_subset: {cfg.test_subset} exceeds the {len(test_y)} test examples of {cfg.name}")
         test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
-    mean = torch.tensor(info.mean, device=device).view(-1, 1, 1)
-    std = torch.tensor(info.std, device=device).view(-1, 1, 1)
-    def norm(x: Tensor) -> Tensor:
-        x = x.to(device)
-        return ((x if x.is_floating_point() else x.float().div_(255)) - mean) / std   # uint8 moved as uint8
-    augment = {"auto": info.augment, "on": True, "off": False}[cfg.augment]
-    return DeviceData(norm(train_x), train_y.to(device), norm(test_x), test_y.to(device),
-                      info.num_classes, info.input_shape, augment, tuple(info.mean), tuple(info.std))
+    return train_x, train_y, test_x, test_y
+
+
+def _load_folder(cfg, device, resources) -> Batches:
+    """A folder data set (image_folder, tiny_imagenet, imagenet), in memory or streamed. Both paths
+    take the same examples: folders list the test images class by class, so a fixed shuffle makes
+    first-N test subsets and test batches (BatchNorm on batch statistics normalises per batch) mixed,
+    like CIFAR's; the training subset is the same seed-0 permutation as every data set's."""
+    folder = image_folder.describe(cfg.name, cfg.root, cfg.image_size)
+    mixed = torch.randperm(folder.count("test"), generator=torch.Generator().manual_seed(0))
+    colour = cfg.name == "tiny_imagenet"
+    augment = {"auto": folder.augment, "on": True, "off": False}[cfg.augment]
+    facts = dict(num_classes=len(folder.classes), input_shape=folder.input_shape, augment=augment,
+                 augmentation="colour_crop" if colour else "crop_flip")
+    if streams(cfg, device, resources):
+        from .stream import StreamData
+        train_i, test_i = torch.arange(folder.count("train")), mixed
+        train_i, _, test_i, _ = _subsets(cfg, train_i, train_i, test_i, test_i)
+        labels = {s: torch.tensor(folder.listing.labels[s], dtype=torch.int64) for s in ("train", "test")}
+        pick = lambda s, i: ([folder.listing.paths[s][j] for j in i.tolist()], labels[s][i])
+        mean, std = folder.stats()
+        return StreamData(str(folder.listing.root), pick("train", train_i), pick("test", test_i), folder.size,
+                          folder.expect, device, loader_workers(cfg, resources), mean=mean, std=std, **facts)
+    f = folder.decoded()
+    train_x, train_y, test_x, test_y = _subsets(cfg, f.train_x, f.train_y, f.test_x[mixed], f.test_y[mixed])
+    data = DeviceData(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
+                      mean=tuple(f.mean), std=tuple(f.std), **facts)
+    if not colour:   # held normalised, as every other data set; colour_crop needs the pixels
+        data.train_x, data.test_x = data.finish(data.train_x, None, False), data.finish(data.test_x, None, False)
+    return data

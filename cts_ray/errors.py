@@ -25,6 +25,11 @@ class DivergedError(RuntimeError):
     """Training produced a non-finite loss: a result of the settings, not a bug."""
 
 
+class DataFileError(RuntimeError):
+    """A data file that cannot be read mid-run (streamed data decode as they are used); the message
+    names it. The run's saved epochs are kept: fix the file, then resume."""
+
+
 class StorageError(OSError):
     """The sweep's storage cannot take a write: full (ENOSPC), read-only or gone. The message names
     the cause and the folder, e.g. ``storage full: /mnt/sweeps/x (0.4 MB free)``."""

@@ -167,7 +167,7 @@ def evaluate_run(run_dir) -> dict:
     cfg = run_config(run_dir)
     device = runtime.configure(cfg.resources)
     amp = runtime.use_amp(cfg.resources, device)
-    data = data_mod.load(cfg.data, device)
+    data = data_mod.load(cfg.data, device, cfg.resources)
     model = build_ticket_model(cfg, data.input_shape, data.num_classes, run_dir)
     return {**evaluate(prepare(model, device, amp), data, amp), "recorded": recorded}
 
@@ -219,7 +219,7 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     out = Path(out) if out is not None else default_out(cfg)
     check_out(out, overwrite)
     device = runtime.configure(cfg.resources)
-    data = data_mod.load(cfg.data, device)           # ConfigError here still precedes any writing
+    data = data_mod.load(cfg.data, device, cfg.resources)   # ConfigError here still precedes any writing
     if cfg.resources.threads is None and device.type == "cpu":
         params = sum(p.numel() for p in models.from_config(cfg.model, data.input_shape, data.num_classes).parameters())
         torch.set_num_threads(runtime.default_threads(params))

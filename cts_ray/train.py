@@ -20,7 +20,7 @@ from .runtime import derive_seed
 
 if TYPE_CHECKING:
     from .config import TrainingConfig
-    from .data import DeviceData
+    from .data import Batches
 
 
 def lr_at(t: TrainingConfig, epoch: int) -> float:
@@ -54,11 +54,11 @@ def to_input(x: torch.Tensor, amp: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, mode: str = "eval") -> dict:
+def evaluate(model: nn.Module, data: Batches, amp: bool = False, mode: str = "eval") -> dict:
     """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets)."""
     was_training = model.training
     model.train(mode == "train")
-    device = data.test_x.device
+    device = data.device
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in data.test_batches():
@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, mode: str = 
     return {"test_loss": loss.item() / n, "test_accuracy": correct.item() / n}
 
 
-def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start: int, end: int,
+def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: int, end: int,
                  order_seed: int, mask: Optional[Mask] = None, amp: bool = False, phase: str = "train",
                  optimizer_state: Optional[dict] = None, compile: bool = False,
                  on_epoch_end: Optional[Callable[[dict, torch.optim.Optimizer], None]] = None) -> Iterator[dict]:
@@ -83,7 +83,7 @@ def train_epochs(model: nn.Module, data: DeviceData, t: TrainingConfig, *, start
     ``compile``: run the training forward/backward through ``torch.compile`` (same parameters, so
     masks, snapshots and state dicts are untouched; results equal up to float rounding).
     """
-    device = data.train_x.device
+    device = data.device
     masked = MaskedParams(mask, model) if mask is not None else None
     if masked is not None:
         masked.weights_()

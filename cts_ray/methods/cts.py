@@ -250,9 +250,9 @@ def teacher_outputs(model: nn.Module, data, batch_size: int, need_features: bool
     hooks = capture_features(model, feats) if need_features else contextlib.nullcontext()
     logits, features = [], []
     with torch.no_grad(), hooks:
-        for i in range(0, data.n_train, batch_size):
+        for i, x in enumerate(data.in_order(batch_size)):
             feats.clear()
-            logits.append(model(to_input(data.train_x[i:i + batch_size], amp)))
+            logits.append(model(to_input(x, amp)))
             features.append(list(feats))
             if i == 0 and (logits[0].numel() + sum(f.numel() for f in feats)) * 4 * (data.n_train / len(
                     logits[0])) > TEACHER_CACHE_BYTES:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..data import DeviceData
+from ..data import Batches
 from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable
 from .base import SearchContext, Ticket
@@ -28,7 +28,7 @@ from .base import SearchContext, Ticket
 
 # ---------------------------------------------------------------- shared helpers
 
-def class_balanced_batch(data: DeviceData, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def class_balanced_batch(data: Batches, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``per_class`` training examples of each class (all of a class if it has fewer), chosen
     by a random permutation from the CPU ``generator``; grouped by class, no augmentation."""
     y_cpu = data.train_y.cpu()
@@ -37,8 +37,7 @@ def class_balanced_batch(data: DeviceData, per_class: int, generator: torch.Gene
     counts = torch.bincount(y_cpu, minlength=data.num_classes)
     starts = torch.cumsum(counts, 0) - counts
     take = [grouped[int(s):int(s) + min(per_class, int(c))] for s, c in zip(starts, counts)]
-    idx = torch.cat(take).to(data.train_y.device)
-    return data.train_x[idx], data.train_y[idx]
+    return data.examples(torch.cat(take))
 
 
 def scoring_batch(ctx: SearchContext) -> tuple[Tensor, Tensor]:

@@ -148,7 +148,10 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
     resume = resume and not extend
     started = time.time()
     write_record(spec, resume=resume, added=points)
-    retried = [r["trial_id"] for r in rows(spec.root) if r["status"] in retry]
+    # A retried trial runs afresh, except one a data file failed (DataFileError): its saved epochs are
+    # sound, so it continues from them once the file is fixed.
+    retried = [r["trial_id"] for r in rows(spec.root) if r["status"] in retry
+               and not (r.get("error") or "").startswith("DataFileError")]
     logger = _mlflow_logger(spec)
     logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
