@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from . import names
+from . import layouts, names
 from .datasets import DATASETS, check_root
 from .errors import ConfigError
 from .methods import METHODS, STRONG_INITS
@@ -74,7 +74,7 @@ class DataConfig:
     augment: str = _f("auto", choices=["auto", "on", "off"],
                       help="flip + pad-4 crop on device; auto = on for CIFAR and 32x32 RGB image folders")
     image_size: Optional[int] = _f(None, check=_positive, allowed="a positive integer or null", identity="non_default",
-                                   help="image_folder: resize every image to N x N (sizes and modes may then differ)")
+                                   help="folder data sets: resize every image to N x N (sizes and modes may then differ)")
     stream: str = _f("auto", choices=["auto", "on", "off"], identity=False,
                      help="folder data sets: read and decode images while training (on) or decode them all "
                           "into memory first (off); auto = stream when the decoded set would exceed a quarter "
@@ -398,16 +398,16 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
     if m.shortcut != "conv1x1" and m.name not in names.RESNETS:
         raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(names.RESNETS))}), "
                           f"not {m.name}; expected conv1x1")
-    if d.image_size is not None and d.name != "image_folder":
-        raise ConfigError(f"data.image_size: applies to data.name=image_folder only, not {d.name}; expected null")
-    if d.name == "image_folder":   # the user's own images: checked here, never downloaded
+    if d.image_size is not None and d.name not in layouts.NAMES:
+        raise ConfigError(f"data.image_size: applies to the folder data sets only ({', '.join(layouts.NAMES)}), "
+                          f"not {d.name}; expected null")
+    if d.name in layouts.NAMES:   # the user's own files: checked here, never downloaded
         if d.download:
-            raise ConfigError("data.download: true is impossible for data.name=image_folder; expected false")
+            raise ConfigError(f"data.download: true is impossible for data.name={d.name}; expected false")
         if not d.root:
-            raise ConfigError("data.root: required for data.name=image_folder; expected a folder holding "
-                              "train/<class>/ and test/<class>/ image folders")
-        from .image_folder import check
-        check(d.root, d.image_size)
+            raise ConfigError(f"data.root: required for data.name={d.name}; expected a folder holding "
+                              f"{layouts.EXPECTED[d.name]}")
+        layouts.check(d.name, d.root, d.image_size)
         return
     if DATASETS[d.name].needs_root:
         if not d.root:

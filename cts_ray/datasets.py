@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: Optional[int]         # None (image_folder): from the folder, like the next four
+    num_classes: Optional[int]         # None (folder data sets): from the folder; image_folder: the next four too
     input_shape: Optional[tuple[int, int, int]]  # (C, H, W)
     needs_root: bool                   # False only for digits (bundled with scikit-learn)
     augment: Optional[bool]            # default augmentation (flip + pad-4 crop); image_folder: 32x32 RGB
@@ -223,4 +223,9 @@ DATASETS: dict[str, DatasetInfo] = {
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), _cifar_files("CIFAR100")),
     # The user's own images (image_folder.py): classes, shape and mean/std come from the folder.
     "image_folder": DatasetInfo(None, None, True, None, None, None, None),
+    # The ImageNets in their release layouts (layouts.py); classes from the folder (a subset is fine),
+    # mean/std TLAB's (data/tiny_imagenet.py, data/imagenet.py).
+    "tiny_imagenet": DatasetInfo(None, (3, 64, 64), True, True, None,
+                                 (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    "imagenet": DatasetInfo(None, (3, 224, 224), True, True, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }

@@ -21,9 +21,6 @@ half-written cache.
 from __future__ import annotations
 
 import fcntl
-import functools
-import hashlib
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,12 +30,11 @@ from typing import Optional
 import numpy as np
 
 from .errors import ConfigError
+from .layouts import SPLITS, Listing
+from .layouts import _check  # noqa: F401  the check's per-process cache (tests clear it)
+from .layouts import check as _layout_check, describe as _describe, header as _header, scan as _layout_scan
 from .storage import save_torch
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-SPLITS = ("train", "test")
-LAYOUT = "expected train/<class>/ and test/<class>/ image folders (torchvision's ImageFolder layout)"
-CACHE_VERSION = 1
 POOL_MIN_FILES = 4096     # below this a process pool costs more than it saves
 
 
@@ -46,73 +42,17 @@ def _bad(msg: str) -> ConfigError:
     return ConfigError(f"data.root: {msg}")
 
 
-@dataclass(frozen=True)
-class Listing:
-    root: Path
-    classes: tuple[str, ...]
-    files: dict           # split -> [(path relative to root, class index, size, mtime_ns)], sorted
-
-    def key(self, image_size: Optional[int]) -> str:
-        blob = json.dumps([CACHE_VERSION, image_size, self.classes, self.files], separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _entries(folder: Path) -> list:
-    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-
-
 def scan(root) -> Listing:
-    """The folder's layout, or a ConfigError naming the first thing wrong with it."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise _bad(f"folder {str(root)!r} does not exist; {LAYOUT}")
-    classes = {}
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise _bad(f"{str(root)!r} has no {split}/ folder; {LAYOUT}")
-        entries = _entries(root / split)
-        loose = [e.name for e in entries if not e.is_dir()]
-        if loose:
-            raise _bad(f"{split}/{loose[0]} is not a class folder; {LAYOUT}")
-        if not entries:
-            raise _bad(f"{split}/ has no class folders; {LAYOUT}")
-        classes[split] = [e.name for e in entries]
-    for a, b in (SPLITS, SPLITS[::-1]):
-        extra = sorted(set(classes[a]) - set(classes[b]))
-        if extra:
-            raise _bad(f"class {extra[0]!r} is in {a}/ but not in {b}/; expected the same class folders in both")
-    names = tuple(classes["train"])
-    files = {}
-    for split in SPLITS:
-        rows = []
-        for label, name in enumerate(names):
-            entries = _entries(root / split / name)
-            if not entries:
-                raise _bad(f"{split}/{name} has no images; expected at least one image per class")
-            for e in entries:
-                rel = f"{split}/{name}/{e.name}"
-                if e.is_dir():
-                    raise _bad(f"{rel} is a folder; expected only image files in a class folder")
-                if not e.name.lower().endswith(EXTENSIONS):
-                    raise _bad(f"{rel} is not an image; expected image files ({', '.join(EXTENSIONS)})")
-                st = e.stat()
-                rows.append((rel, label, st.st_size, st.st_mtime_ns))
-        files[split] = rows
-    return Listing(root, names, files)
+    """The folder's listing (layouts.py), or a ConfigError naming the first thing wrong with it."""
+    return _layout_scan("image_folder", root)
+
+
+def check(root, image_size: Optional[int] = None) -> None:
+    """The pre-flight check (layouts.py): raises a one-line ConfigError for a bad folder."""
+    _layout_check("image_folder", root, image_size)
 
 
 # ---------------------------------------------------------------- images
-
-def _header(path: Path) -> tuple[tuple[int, int], str]:
-    from PIL import Image
-    with Image.open(path) as im:   # lazy: reads the header only
-        return im.size, im.mode
-
-
-def _describe(size_mode) -> str:
-    (w, h), mode = size_mode
-    return f"{w}x{h} {mode}"
-
 
 def _decode_chunk(root: str, rels: list, image_size: Optional[int], expect) -> np.ndarray | str:
     """Decode ``rels`` into one uint8 array (N, H, W, C), or return a one-line problem."""
@@ -134,48 +74,6 @@ def _decode_chunk(root: str, rels: list, image_size: Optional[int], expect) -> n
             return f"{rel} cannot be decoded ({why}); expected a readable image"
         out.append(a[:, :, None] if a.ndim == 2 else a)
     return np.stack(out)
-
-
-def check(root, image_size: Optional[int] = None) -> None:
-    """The pre-flight check (module docstring): raises a one-line ConfigError for a bad folder."""
-    root = Path(root).expanduser()
-    stamp = _stamp(root)
-    _check(str(root), image_size, stamp)
-
-
-def _stamp(root: Path):
-    """mtimes of the root, split and class folders: they change when a file is added, removed or
-    renamed, so a sweep checks a folder once per process, not once per trial."""
-    try:
-        dirs = [root, *(root / s for s in SPLITS)]
-        dirs += [Path(e.path) for s in SPLITS if (root / s).is_dir() for e in os.scandir(root / s) if e.is_dir()]
-        return tuple(sorted((str(d), d.stat().st_mtime_ns) for d in dirs if d.is_dir()))
-    except OSError:
-        return None
-
-
-@functools.lru_cache(maxsize=32)
-def _check(root: str, image_size: Optional[int], stamp) -> None:
-    listing = scan(root)
-    if cache_path(listing.key(image_size)).is_file():
-        return   # decoded before: every image in it was read
-    sample = []
-    for split in SPLITS:
-        rows = listing.files[split]
-        for label in range(len(listing.classes)):
-            of_class = [r[0] for r in rows if r[1] == label]
-            sample += [of_class[0], of_class[-1]]
-    seen = {}
-    for rel in dict.fromkeys(sample):
-        try:
-            seen[rel] = _header(listing.root / rel)
-        except (OSError, ValueError, SyntaxError) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise _bad(f"{rel} is not an image ({why}); expected image files only") from None
-    if image_size is None and len(set(seen.values())) > 1:
-        (a, sa), (b, sb) = [next((r, v) for r, v in seen.items() if v == x) for x in list(dict.fromkeys(seen.values()))[:2]]
-        raise _bad(f"images differ in size or mode ({a} is {_describe(sa)}, {b} is {_describe(sb)}); "
-                   "expected one size and mode, or set data.image_size")
 
 
 # ---------------------------------------------------------------- decoded cache
@@ -204,14 +102,14 @@ class Arrays:
 
 def _decode_all(listing: Listing, image_size: Optional[int]) -> dict:
     import torch
-    first = listing.files["train"][0][0]
+    first = listing.paths["train"][0]
     try:
         expect = _header(listing.root / first)
     except (OSError, ValueError, SyntaxError) as e:
         raise _bad(f"{first} is not an image ({e}); expected image files only") from None
     out = {}
     for split in SPLITS:
-        rels = [r[0] for r in listing.files[split]]
+        rels = listing.paths[split]
         chunks = [rels[i:i + 1024] for i in range(0, len(rels), 1024)]
         args = (str(listing.root), image_size, expect)
         workers = min(os.cpu_count() or 1, 8)
@@ -228,7 +126,7 @@ def _decode_all(listing: Listing, image_size: Optional[int]) -> dict:
             raise _bad(bad)
         x = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
         out[f"{split}_x"] = x
-        out[f"{split}_y"] = torch.tensor([r[1] for r in listing.files[split]], dtype=torch.int64)
+        out[f"{split}_y"] = torch.from_numpy(np.asarray(listing.labels[split], dtype=np.int64))
     out["mean"], out["std"] = channel_stats(out["train_x"])
     return out
 
@@ -256,7 +154,7 @@ def decode_once(root, image_size: Optional[int] = None, on_start=lambda n: None)
     key = listing.key(image_size)
     if cache_path(key).is_file():
         return None   # decoded before: every image in it was read
-    n = sum(len(rows) for rows in listing.files.values())
+    n = sum(listing.count(split) for split in SPLITS)
     on_start(n)
     _read_or_decode(listing, image_size, key)
     return n
