@@ -306,6 +306,8 @@ def _coerce(key: str, value, tp):
         return value
     if tp is str and isinstance(value, str):
         return value
+    if tp is str and isinstance(value, bool):   # YAML 1.1 reads on/off (data.augment, data.stream) as booleans
+        return "on" if value else "off"
     if tp is list and isinstance(value, (list, tuple)):
         return list(value)
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")

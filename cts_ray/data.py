@@ -9,11 +9,9 @@ seed gives the same batches on CPU and CUDA. No DataLoader, no worker processes,
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gzip
 import hashlib
-import math
 import os
 import pickle
 import zlib
@@ -22,10 +20,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import image_folder
+from .batches import Batches, augment_batch, test_batch_size  # noqa: F401  augment_batch: data's API
 from .datasets import DATASETS, IdxFile, mnist_check, mnist_files
 from .errors import ConfigError
 
@@ -99,7 +97,7 @@ def _load_cpu(name: str, root: Optional[str], download: bool):
 def _digest(name: str, root: Optional[str], download: bool, image_size: Optional[int] = None) -> str:
     """A content digest of the data set as loaded (every tensor's bytes), once per process."""
     if name in image_folder.FOLDERS:
-        f = image_folder.describe(name, root, image_size).decoded()
+        f = image_folder.folder(name, root, image_size).decoded()
         tensors = (f.train_x, f.train_y, f.test_x, f.test_y)
     else:
         tensors = _load_cpu(name, root, download)
@@ -117,7 +115,7 @@ def provenance(cfg, data: Batches) -> dict:
     differing from the official release; counts against the official ones)."""
     info = DATASETS[cfg.name]
     root = None if cfg.root is None else str(cfg.root)
-    digest = (f"files-{image_folder.describe(cfg.name, root, cfg.image_size).listing.stamp[:16]}" if data.streamed
+    digest = (f"files-{image_folder.folder(cfg.name, root, cfg.image_size).listing.stamp[:16]}" if data.streamed
               else _digest(cfg.name, root, bool(cfg.download), cfg.image_size))
     out = {"name": cfg.name, "source": str(Path(root).expanduser().resolve()) if info.needs_root else
            "sklearn.datasets.load_digits", "digest": digest, "streamed": data.streamed,
@@ -127,123 +125,8 @@ def provenance(cfg, data: Batches) -> dict:
         out["files"] = info.notes(root)
     elif cfg.name in image_folder.FOLDERS:
         from . import layouts
-        out["files"] = layouts.notes(cfg.name, image_folder.describe(cfg.name, root, cfg.image_size).listing)
+        out["files"] = layouts.notes(cfg.name, image_folder.folder(cfg.name, root, cfg.image_size).listing)
     return out
-
-
-# ---------------------------------------------------------------- augmentation
-
-def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Random horizontal flip (p=0.5) and reflect-pad-``pad`` random crop, per sample, vectorised.
-
-    The random numbers come from the CPU ``generator`` and are then moved to ``x.device``, so a
-    seed gives the same augmentation on CPU and CUDA.
-    """
-    n, _, h, w = x.shape
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # (N, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # (N, 1, W)
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()             # (N, C, H, W)
-
-
-def _hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """RGB in [0, 1] (N, 3, H, W) -> hue in [0, 1), saturation, value (each (N, H, W))."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1).values
-    safe = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    h = torch.where(c > 0, (h / 6) % 1, torch.zeros_like(h))
-    return h, torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v)), v
-
-
-def _rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    k = lambda n: (n + h * 6) % 6
-    f = lambda n: v - v * s * (torch.minimum(k(n), 4 - k(n)).clamp(0, 1))
-    return torch.stack([f(5), f(3), f(1)], 1)
-
-
-def augment_colour_crop(x: Tensor, generator: torch.Generator, scale=(0.6, 1.0), ratio=(0.8, 1.25),
-                        jitter=(0.4, 0.4, 0.4, 0.1)) -> Tensor:
-    """The authors' Tiny-ImageNet augmentation (TLAB data/tiny_imagenet.py) on images in [0, 1]:
-    horizontal flip, a random-resized crop back to the input size (area ``scale``, aspect ``ratio``,
-    10 tries then the whole image) and colour jitter (brightness, contrast, saturation, hue, in that
-    order), per sample, vectorised; random numbers from the CPU ``generator`` as ``augment_batch``."""
-    n, c, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    area = torch.empty(n, 10).uniform_(*scale, generator=generator)
-    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
-    cw, ch = torch.round(torch.sqrt(area * aspect) * w), torch.round(torch.sqrt(area / aspect) * h)
-    ok = (cw <= w) & (ch <= h)
-    first = torch.where(ok.any(1), ok.float().argmax(1), -1)
-    pick = lambda t, full: torch.where(first >= 0, t.gather(1, first.clamp(min=0)[:, None])[:, 0], float(full))
-    cw, ch = pick(cw, w), pick(ch, h)
-    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
-    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
-    theta[:, 0, 2] = (2 * left + cw) / w - 1
-    theta[:, 1, 1] = ch / h
-    theta[:, 1, 2] = (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta.to(x.device), [n, c, h, w], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    b, k, s = (torch.empty(n).uniform_(1 - j, 1 + j, generator=generator).to(x.device).view(-1, 1, 1, 1)
-               for j in jitter[:3])
-    hue = torch.empty(n).uniform_(-jitter[3], jitter[3], generator=generator).to(x.device).view(-1, 1, 1)
-    x = (x * b).clamp_(0, 1)
-    if c != 3:
-        return ((x - x.mean((1, 2, 3), keepdim=True)) * k + x.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
-    grey = lambda t: (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)
-    m = grey(x).mean((1, 2, 3), keepdim=True)
-    x = (k * x + (1 - k) * m).clamp_(0, 1)
-    x = (s * x + (1 - s) * grey(x)).clamp_(0, 1)
-    hh, ss, vv = _hsv(x)
-    return _rgb((hh + hue) % 1, ss, vv)
-
-
-AUGMENTATIONS = {"crop_flip": augment_batch, "colour_crop": augment_colour_crop}
-
-
-def test_batch_size(input_shape) -> int:
-    """Evaluation batch size, one rule for both paths (BatchNorm on batch statistics depends on it):
-    1000 images up to 64 px, 250 above (a 224 px batch of 1000 is 600 MB)."""
-    return 1000 if max(input_shape[1:]) <= 64 else 250
-
-
-# ---------------------------------------------------------------- device data
-
-class Batches:
-    """What the training loop, the searches and evaluation read, for data in memory (``DeviceData``)
-    and streamed from files (``stream.StreamData``) alike. Subclasses set n_train, n_test, device,
-    num_classes, input_shape, augment, augmentation, mean and std."""
-    streamed = False
-
-    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
-        full = self.n_train // batch_size
-        return full if drop_last and full > 0 else -(-self.n_train // batch_size)
-
-    def finish(self, x: Tensor, generator: Optional[torch.Generator], augment: bool) -> Tensor:
-        """A batch as the model takes it. uint8 pixels (streamed, or kept raw in memory) are scaled,
-        augmented and then normalised; float ones are normalised already. Flips and crops move pixels
-        only, so either order gives the same tensor."""
-        raw = x.dtype == torch.uint8
-        if raw:
-            x = x.float().div_(255)
-        if augment:
-            x = AUGMENTATIONS[self.augmentation](x, generator)
-        if raw:
-            mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-            x = (x - mean) / torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        return x
-
-    def in_order(self, batch_size: int) -> Iterator[Tensor]:
-        """Every training example once, in index order, not augmented (the CTS teacher's pass)."""
-        for i in range(0, self.n_train, batch_size):
-            yield self.examples(torch.arange(i, min(i + batch_size, self.n_train)))[0]
 
 
 @dataclass
@@ -296,21 +179,15 @@ class DeviceData(Batches):
         return self.finish(self.train_x[idx], None, False), self.train_y[idx]
 
 
-BUDGET_SHARE = 0.25   # of the trial's share of the device's memory (README "Streaming")
-
-
 def memory_budget(device, resources=None) -> int:
     """Bytes a trial may hold its decoded data set in (``data.stream: auto``): a quarter of its share
     of the device's memory. CUDA: the GPU's memory times ``resources.gpus`` (at most 1); CPU: the
     node's RAM over the trials its CPUs can hold at ``resources.cpus`` each."""
     device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        share = min(resources.gpus, 1) if resources is not None and resources.gpus > 0 else 1
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        share = min(1.0, resources.cpus / (os.cpu_count() or 1)) if resources is not None else 1
-    return int(BUDGET_SHARE * total * share)
+    if device.type != "cuda":
+        return image_folder.host_budget(None if resources is None else resources.cpus)
+    share = min(resources.gpus, 1) if resources is not None and resources.gpus > 0 else 1
+    return int(image_folder.BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory * share)
 
 
 def loader_workers(cfg, resources=None) -> int:
@@ -323,10 +200,8 @@ def loader_workers(cfg, resources=None) -> int:
 def streams(cfg, device, resources=None) -> bool:
     """Whether ``cfg`` (a DataConfig) streams: ``data.stream``, and for auto whether the decoded set
     would outgrow ``memory_budget``."""
-    if cfg.name not in image_folder.FOLDERS or cfg.stream == "off":
-        return False
-    if cfg.stream == "on":
-        return True
+    if cfg.name not in image_folder.FOLDERS or cfg.stream != "auto":
+        return cfg.name in image_folder.FOLDERS and cfg.stream == "on"
     return image_folder.decoded_bytes(cfg.name, cfg.root, cfg.image_size) > memory_budget(device, resources)
 
 
@@ -369,7 +244,7 @@ def _load_folder(cfg, device, resources) -> Batches:
     take the same examples: folders list the test images class by class, so a fixed shuffle makes
     first-N test subsets and test batches (BatchNorm on batch statistics normalises per batch) mixed,
     like CIFAR's; the training subset is the same seed-0 permutation as every data set's."""
-    folder = image_folder.describe(cfg.name, cfg.root, cfg.image_size)
+    folder = image_folder.folder(cfg.name, cfg.root, cfg.image_size)
     mixed = torch.randperm(folder.count("test"), generator=torch.Generator().manual_seed(0))
     colour = cfg.name == "tiny_imagenet"
     augment = {"auto": folder.augment, "on": True, "off": False}[cfg.augment]

@@ -21,6 +21,8 @@ half-written cache.
 from __future__ import annotations
 
 import fcntl
+import functools
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,8 +34,8 @@ import numpy as np
 from .errors import ConfigError
 from .layouts import SPLITS, Listing
 from .layouts import _check  # noqa: F401  the check's per-process cache (tests clear it)
-from .layouts import check as _layout_check, describe as _describe, header as _header, scan as _layout_scan
-from .storage import save_torch
+from .layouts import _folder_stamp, check as _layout_check, describe as _describe, header as _header, scan as _layout_scan
+from .storage import save_torch, write_text
 
 POOL_MIN_FILES = 4096     # below this a process pool costs more than it saves
 
@@ -54,26 +56,189 @@ def check(root, image_size: Optional[int] = None) -> None:
 
 # ---------------------------------------------------------------- images
 
-def _decode_chunk(root: str, rels: list, image_size: Optional[int], expect) -> np.ndarray | str:
-    """Decode ``rels`` into one uint8 array (N, H, W, C), or return a one-line problem."""
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def decode_image(root: str, rel: str, size: Optional[int], expect) -> np.ndarray | str:
+    """One image as uint8 (H, W, C), or a one-line problem: at ``size`` x ``size`` (RGB, bilinear),
+    or as it is where ``expect`` is the folder's one (size, mode). The in-memory and the streamed
+    path both decode with it, so they see the same pixels. PIL reads what real ImageNet holds
+    (CMYK and greyscale JPEGs, a PNG named .JPEG) by content, not by name."""
     from PIL import Image
+    try:
+        with Image.open(os.path.join(root, rel)) as im:
+            if size is None:
+                if (im.size, im.mode) != expect:
+                    return (f"{rel} is {_describe((im.size, im.mode))}, others {_describe(expect)}; expected "
+                            "one size and mode, or set data.image_size")
+                im = im.convert("L" if im.mode in ("L", "1") else "RGB")
+            else:
+                im = im.convert("RGB")
+                im = im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's decoding errors
+        return f"{rel} cannot be decoded ({first_line(e)}); expected a readable image"
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _decode_chunk(root: str, rels: list, size: Optional[int], expect) -> np.ndarray | str:
+    """Decode ``rels`` into one uint8 array (N, H, W, C), or return a one-line problem."""
     out = []
     for rel in rels:
-        try:
-            with Image.open(os.path.join(root, rel)) as im:
-                if image_size is None:
-                    if (im.size, im.mode) != expect:
-                        return (f"{rel} is {_describe((im.size, im.mode))}, others {_describe(expect)}; expected "
-                                "one size and mode, or set data.image_size")
-                    im = im.convert("L" if im.mode in ("L", "1") else "RGB")
-                else:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as e:   # PIL's decoding errors
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return f"{rel} cannot be decoded ({why}); expected a readable image"
-        out.append(a[:, :, None] if a.ndim == 2 else a)
+        a = decode_image(root, rel, size, expect)
+        if isinstance(a, str):
+            return a
+        out.append(a)
     return np.stack(out)
+
+
+def _decode_rels(root: Path, rels: list, size: Optional[int], expect) -> np.ndarray:
+    """``rels`` decoded into one uint8 array (N, H, W, C); a process pool when there are many."""
+    chunks = [rels[i:i + 1024] for i in range(0, len(rels), 1024)]
+    workers = min(os.cpu_count() or 1, 8)
+    if len(rels) >= POOL_MIN_FILES and workers > 1:
+        import multiprocessing
+        # fork, not spawn: spawn re-runs a caller's unguarded script in every worker. The forked
+        # workers only run numpy and PIL, never the torch threads this process may hold.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_decode_chunk, *zip(*[(str(root), c, size, expect) for c in chunks])))
+    else:
+        parts = [_decode_chunk(str(root), c, size, expect) for c in chunks]
+    bad = next((p for p in parts if isinstance(p, str)), None)
+    if bad is not None:
+        raise _bad(bad)
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------- a folder data set
+
+FOLDERS = ("image_folder", "tiny_imagenet", "imagenet")   # layouts.NAMES: the user's files, never downloaded
+NATIVE = {"tiny_imagenet": 64}   # decoded at this size when data.image_size is null
+STATS_ALL = 50_000               # streamed image folders: mean/std over every training image up to
+STATS_SAMPLE = 10_000            # this many, else over a seeded sample of this many
+
+
+@dataclass(frozen=True, eq=False)
+class Folder:
+    """A folder data set as a run uses it: its listing, the size its images decode at (None:
+    ImageNet's recipe, 224 px crops of whole images, streamed only) or the one (size, mode) all
+    its images have (``expect``, an image folder without data.image_size)."""
+    name: str
+    listing: Listing
+    size: Optional[int]
+    expect: Optional[tuple]
+
+    @property
+    def classes(self) -> tuple:
+        return self.listing.classes
+
+    def count(self, split: str) -> int:
+        return self.listing.count(split)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        if self.expect is not None:
+            (w, h), mode = self.expect
+            return (1 if mode in ("L", "1") else 3, h, w)
+        return (3, self.size or 224, self.size or 224)
+
+    @property
+    def augment(self) -> bool:
+        """data.augment: auto. The ImageNets always (their recipes); an image folder at 32 x 32 RGB."""
+        return self.name != "image_folder" or self.input_shape == (3, 32, 32)
+
+    def key(self) -> str:
+        return self.listing.key(self.size)
+
+    def decoded_bytes(self) -> float:
+        """What holding it decoded would take (float32 on the device; uint8 for Tiny-ImageNet, whose
+        colour augmentation needs pixels); ImageNet at 224 px cannot be held (infinite)."""
+        if self.size is None and self.expect is None:
+            return float("inf")
+        c, h, w = self.input_shape
+        return (self.count("train") + self.count("test")) * c * h * w * (1 if self.name == "tiny_imagenet" else 4)
+
+    def stats(self) -> tuple[tuple, tuple]:
+        """Normalisation mean/std: the ImageNets' published constants (datasets.py); an image
+        folder's own training images' (every one up to STATS_ALL, as the in-memory path computes
+        them; else a seeded sample), kept beside the decoded cache."""
+        from .datasets import DATASETS
+        if self.name != "image_folder":
+            return DATASETS[self.name].mean, DATASETS[self.name].std
+        path = cache_path(self.key()).with_suffix(".stats.json")
+        try:
+            saved = json.loads(path.read_text())
+            return tuple(saved["mean"]), tuple(saved["std"])
+        except (OSError, ValueError, KeyError):
+            pass
+        import torch
+        rels = self.listing.paths["train"]
+        if len(rels) > STATS_ALL:
+            pick = torch.randperm(len(rels), generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
+            rels = [rels[i] for i in sorted(pick.tolist())]
+        x = torch.from_numpy(_decode_rels(self.listing.root, rels, self.size, self.expect)).permute(0, 3, 1, 2)
+        mean, std = channel_stats(x)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"mean": mean, "std": std}))
+        return tuple(mean), tuple(std)
+
+    def decoded(self) -> "Arrays":
+        """Every image decoded (read once per process, from the disk cache when there is one)."""
+        if self.size is None and self.expect is None:
+            raise ConfigError("data.stream: off cannot hold imagenet at its recipe's 224 px crops (the whole "
+                              "set decoded is ~190 GB); expected auto or on, or set data.image_size")
+        key = self.key()
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = _read_or_decode(self, key)
+        f = _LOADED[key]
+        if self.name == "image_folder":
+            return f
+        mean, std = self.stats()
+        return Arrays(f.train_x, f.train_y, f.test_x, f.test_y, f.classes, mean, std)
+
+
+@functools.lru_cache(maxsize=16)
+def _folder(name: str, root: str, image_size: Optional[int], stamp) -> Folder:
+    listing = _layout_scan(name, root)
+    size = image_size or NATIVE.get(name)
+    expect = None
+    if size is None and name == "image_folder":
+        first = listing.paths["train"][0]
+        try:
+            expect = _header(listing.root / first)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise _bad(f"{first} is not an image ({first_line(e)}); expected image files only") from None
+    return Folder(name, listing, size, expect)
+
+
+def folder(name: str, root, image_size: Optional[int] = None) -> Folder:
+    """The folder data set ``name`` at ``root`` (scanned once per process while its folders are unchanged)."""
+    root = Path(root).expanduser()
+    return _folder(name, str(root), image_size, _folder_stamp(name, root))
+
+
+def decoded_bytes(name: str, root, image_size: Optional[int] = None) -> float:
+    return folder(name, root, image_size).decoded_bytes()
+
+
+BUDGET_SHARE = 0.25   # of the trial's share of the device's memory (README "Streaming")
+
+
+def host_budget(cpus: Optional[float] = None) -> int:
+    """Bytes a CPU trial holding ``cpus`` CPUs may hold decoded data in: BUDGET_SHARE of the node's
+    RAM over the trials its CPUs can run at once."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(BUDGET_SHARE * total * (min(1.0, cpus / (os.cpu_count() or 1)) if cpus else 1))
+
+
+def streams_on_host(data, resources) -> bool:
+    """Whether a CPU trial of ``data`` (a DataConfig) streams: data.stream, and for auto whether its
+    decoded set outgrows ``host_budget``."""
+    if data.stream != "auto":
+        return data.stream == "on"
+    return decoded_bytes(data.name, data.root, data.image_size) > host_budget(resources.cpus)
 
 
 # ---------------------------------------------------------------- decoded cache
@@ -89,8 +254,8 @@ def cache_path(key: str) -> Path:
 
 @dataclass
 class Arrays:
-    """A decoded image folder: uint8 images (N, C, H, W), int64 labels, the training split's
-    per-channel mean/std of pixels / 255."""
+    """A decoded folder: uint8 images (N, C, H, W), int64 labels, the per-channel mean/std of
+    pixels / 255 (an image folder's training split's; the ImageNets' published ones)."""
     train_x: "torch.Tensor"   # noqa: F821
     train_y: "torch.Tensor"   # noqa: F821
     test_x: "torch.Tensor"    # noqa: F821
@@ -100,33 +265,13 @@ class Arrays:
     std: tuple
 
 
-def _decode_all(listing: Listing, image_size: Optional[int]) -> dict:
+def _decode_all(f: Folder) -> dict:
     import torch
-    first = listing.paths["train"][0]
-    try:
-        expect = _header(listing.root / first)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise _bad(f"{first} is not an image ({e}); expected image files only") from None
     out = {}
     for split in SPLITS:
-        rels = listing.paths[split]
-        chunks = [rels[i:i + 1024] for i in range(0, len(rels), 1024)]
-        args = (str(listing.root), image_size, expect)
-        workers = min(os.cpu_count() or 1, 8)
-        if len(rels) >= POOL_MIN_FILES and workers > 1:
-            import multiprocessing
-            # fork, not spawn: spawn re-runs a caller's unguarded script in every worker. The forked
-            # workers only run numpy and PIL, never the torch threads this process may hold.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                parts = list(pool.map(_decode_chunk, *zip(*[(args[0], c, *args[1:]) for c in chunks])))
-        else:
-            parts = [_decode_chunk(args[0], c, *args[1:]) for c in chunks]
-        bad = next((p for p in parts if isinstance(p, str)), None)
-        if bad is not None:
-            raise _bad(bad)
-        x = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
-        out[f"{split}_x"] = x
-        out[f"{split}_y"] = torch.from_numpy(np.asarray(listing.labels[split], dtype=np.int64))
+        x = _decode_rels(f.listing.root, f.listing.paths[split], f.size, f.expect)
+        out[f"{split}_x"] = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        out[f"{split}_y"] = torch.from_numpy(np.asarray(f.listing.labels[split], dtype=np.int64))
     out["mean"], out["std"] = channel_stats(out["train_x"])
     return out
 
@@ -145,34 +290,29 @@ def channel_stats(x) -> tuple[list, list]:
     return mean.tolist(), (s2 / n - mean.square()).sqrt().tolist()
 
 
-def decode_once(root, image_size: Optional[int] = None, on_start=lambda n: None) -> Optional[int]:
+def decode_once(name: str, root, image_size: Optional[int] = None, on_start=lambda n: None) -> Optional[int]:
     """The sweep driver's pre-flight: decode every image of the folder into the decode cache the
     trials read, unless a cache for its current files exists; ``on_start(n)`` hears the number of
     images before they are decoded. Returns that number (None: cached already); a damaged image is
     a one-line ConfigError naming it. Keeps nothing in memory (the driver runs Ray next)."""
-    listing = scan(root)
-    key = listing.key(image_size)
+    f = folder(name, root, image_size)
+    key = f.key()
     if cache_path(key).is_file():
         return None   # decoded before: every image in it was read
-    n = sum(listing.count(split) for split in SPLITS)
+    n = sum(f.count(split) for split in SPLITS)
     on_start(n)
-    _read_or_decode(listing, image_size, key)
+    _read_or_decode(f, key)
     return n
 
 
 _LOADED: dict = {}   # key -> Arrays: read once per process, like every data set
 
 
-def load(root, image_size: Optional[int] = None) -> Arrays:
-    listing = scan(root)
-    key = listing.key(image_size)
-    if key not in _LOADED:
-        _LOADED.clear()
-        _LOADED[key] = _read_or_decode(listing, image_size, key)
-    return _LOADED[key]
+def load(root, image_size: Optional[int] = None, name: str = "image_folder") -> Arrays:
+    return folder(name, root, image_size).decoded()
 
 
-def _read_or_decode(listing: Listing, image_size: Optional[int], key: str) -> Arrays:
+def _read_or_decode(f: Folder, key: str) -> Arrays:
     import torch
     path = cache_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +325,8 @@ def _read_or_decode(listing: Listing, image_size: Optional[int], key: str) -> Ar
             except Exception:               # a damaged cache file is rebuilt, never trusted
                 state = None
         if state is None:
-            state = _decode_all(listing, image_size)
+            state = _decode_all(f)
             save_torch(state, path)
-    return Arrays(state["train_x"], state["train_y"], state["test_x"], state["test_y"], listing.classes,
+            write_text(path.with_suffix(".stats.json"), json.dumps({"mean": state["mean"], "std": state["std"]}))
+    return Arrays(state["train_x"], state["train_y"], state["test_x"], state["test_y"], f.listing.classes,
                   tuple(state["mean"]), tuple(state["std"]))

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import image_folder
-from .data import Batches, test_batch_size
+from .batches import Batches, test_batch_size
 from .errors import DataFileError
 
 RECIPE_SIZE, RESIZE = 224, 256        # ImageNet: train crops and evaluation centre crops (TLAB data/imagenet.py)
@@ -103,7 +103,7 @@ class Files(torch.utils.data.Dataset):
             a = image_folder.decode_image(self.root, rel, self.size, self.expect)
             if isinstance(a, str):
                 return a
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), int(self.labels[index])
+        return torch.from_numpy(np.array(a)).permute(2, 0, 1), int(self.labels[index])   # PIL arrays are read-only
 
 
 def _collate(items: list):

@@ -1,0 +1,127 @@
+"""What the training loop, the searches and evaluation read from a data set (``Batches``), in
+memory (``data.DeviceData``) or streamed from files (``stream.StreamData``) alike, and the
+augmentations both apply to a batch on its device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random horizontal flip (p=0.5) and reflect-pad-``pad`` random crop, per sample, vectorised.
+
+    The random numbers come from the CPU ``generator`` and are then moved to ``x.device``, so a
+    seed gives the same augmentation on CPU and CUDA.
+    """
+    n, _, h, w = x.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # (N, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()             # (N, C, H, W)
+
+
+def _hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RGB in [0, 1] (N, 3, H, W) -> hue in [0, 1), saturation, value (each (N, H, W))."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    c = v - x.min(1).values
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(c > 0, (h / 6) % 1, torch.zeros_like(h))
+    return h, torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v)), v
+
+
+def _rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    k = lambda n: (n + h * 6) % 6
+    f = lambda n: v - v * s * (torch.minimum(k(n), 4 - k(n)).clamp(0, 1))
+    return torch.stack([f(5), f(3), f(1)], 1)
+
+
+def augment_colour_crop(x: Tensor, generator: torch.Generator, scale=(0.6, 1.0), ratio=(0.8, 1.25),
+                        jitter=(0.4, 0.4, 0.4, 0.1)) -> Tensor:
+    """The authors' Tiny-ImageNet augmentation (TLAB data/tiny_imagenet.py) on images in [0, 1]:
+    horizontal flip, a random-resized crop back to the input size (area ``scale``, aspect ``ratio``,
+    10 tries then the whole image) and colour jitter (brightness, contrast, saturation, hue, in that
+    order), per sample, vectorised; random numbers from the CPU ``generator`` as ``augment_batch``."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    area = torch.empty(n, 10).uniform_(*scale, generator=generator)
+    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    cw, ch = torch.round(torch.sqrt(area * aspect) * w), torch.round(torch.sqrt(area / aspect) * h)
+    ok = (cw <= w) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), -1)
+    pick = lambda t, full: torch.where(first >= 0, t.gather(1, first.clamp(min=0)[:, None])[:, 0], float(full))
+    cw, ch = pick(cw, w), pick(ch, h)
+    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
+    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * left + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * top + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device), [n, c, h, w], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    b, k, s = (torch.empty(n).uniform_(1 - j, 1 + j, generator=generator).to(x.device).view(-1, 1, 1, 1)
+               for j in jitter[:3])
+    hue = torch.empty(n).uniform_(-jitter[3], jitter[3], generator=generator).to(x.device).view(-1, 1, 1)
+    x = (x * b).clamp_(0, 1)
+    if c != 3:
+        return ((x - x.mean((1, 2, 3), keepdim=True)) * k + x.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
+    grey = lambda t: (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)
+    m = grey(x).mean((1, 2, 3), keepdim=True)
+    x = (k * x + (1 - k) * m).clamp_(0, 1)
+    x = (s * x + (1 - s) * grey(x)).clamp_(0, 1)
+    hh, ss, vv = _hsv(x)
+    return _rgb((hh + hue) % 1, ss, vv)
+
+
+AUGMENTATIONS = {"crop_flip": augment_batch, "colour_crop": augment_colour_crop}
+
+
+def test_batch_size(input_shape) -> int:
+    """Evaluation batch size, one rule for both paths (BatchNorm on batch statistics depends on it):
+    1000 images up to 64 px, 250 above (a 224 px batch of 1000 is 600 MB)."""
+    return 1000 if max(input_shape[1:]) <= 64 else 250
+
+
+# ---------------------------------------------------------------- device data
+
+class Batches:
+    """What the training loop, the searches and evaluation read, for data in memory (``DeviceData``)
+    and streamed from files (``stream.StreamData``) alike. Subclasses set n_train, n_test, device,
+    num_classes, input_shape, augment, augmentation, mean and std."""
+    streamed = False
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
+        full = self.n_train // batch_size
+        return full if drop_last and full > 0 else -(-self.n_train // batch_size)
+
+    def finish(self, x: Tensor, generator: Optional[torch.Generator], augment: bool) -> Tensor:
+        """A batch as the model takes it. uint8 pixels (streamed, or kept raw in memory) are scaled,
+        augmented and then normalised; float ones are normalised already. Flips and crops move pixels
+        only, so either order gives the same tensor."""
+        raw = x.dtype == torch.uint8
+        if raw:
+            x = x.float().div_(255)
+        if augment:
+            x = AUGMENTATIONS[self.augmentation](x, generator)
+        if raw:
+            mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+            x = (x - mean) / torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return x
+
+    def in_order(self, batch_size: int) -> Iterator[Tensor]:
+        """Every training example once, in index order, not augmented (the CTS teacher's pass)."""
+        for i in range(0, self.n_train, batch_size):
+            yield self.examples(torch.arange(i, min(i + batch_size, self.n_train)))[0]

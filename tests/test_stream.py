@@ -1,0 +1,122 @@
+"""Streamed folder data (``data.stream``) on real files: small folders in the three layouts written
+from CIFAR-10-JPEG (tests/folders.py, ImageNet's odd files included). The streamed path must give
+what the in-memory path gives — the same examples in the same order, the same augmentation, the
+same evaluation — whatever the number of loader processes; a file that stops decoding fails the run
+in one line naming it, and the run continues from its saved epochs once the file is fixed."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA
+from cts_ray import config as C
+from cts_ray import data as D
+from cts_ray import image_folder as I
+from cts_ray import models
+from cts_ray.errors import DataFileError
+from cts_ray.train import evaluate
+from folders import make_imagenet, make_tiny_imagenet
+
+CIFAR = SHARED_DATA / "CIFAR-10-JPEG"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    old = os.environ.get("CTS_RAY_CACHE")
+    os.environ["CTS_RAY_CACHE"] = str(tmp_path_factory.mktemp("cts-ray-cache"))
+    I._LOADED.clear()
+    yield
+    I._LOADED.clear()
+    os.environ.pop("CTS_RAY_CACHE") if old is None else os.environ.__setitem__("CTS_RAY_CACHE", old)
+
+
+def _image_folder(dst: Path, classes=("bird", "cat", "ship"), train=12, test=6) -> Path:
+    for split, n in (("train", train), ("test", test)):
+        for c in classes:
+            (dst / split / c).mkdir(parents=True)
+            for i in range(n):
+                shutil.copy(CIFAR / split / c / f"{i:04d}.jpg", dst / split / c / f"{i:04d}.jpg")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("layouts")
+    return {"image_folder": (_image_folder(base / "folder"), None),
+            "tiny_imagenet": (make_tiny_imagenet(base / "tiny", classes=3, train_per_class=8, val_per_class=4), None),
+            "imagenet": (make_imagenet(base / "imagenet", classes=3, train_per_class=8, val_per_class=4), 32)}
+
+
+def _data(name, root, image_size, stream, workers=2, subset=None):
+    sets = [f"data.name={name}", f"data.root={root}", f"data.stream={stream}", f"data.workers={workers}"]
+    sets += [f"data.image_size={image_size}"] if image_size else []
+    sets += [f"data.subset={subset}"] if subset else []
+    return D.load(C.load(None, sets).data)
+
+
+def _epoch(d, seed, **kw):
+    return list(d.train_batches(8, torch.Generator().manual_seed(seed), indices=True, **kw))
+
+
+@pytest.mark.parametrize("name", ["image_folder", "tiny_imagenet", "imagenet"])
+def test_streamed_batches_are_the_in_memory_ones(layouts, name):
+    root, size = layouts[name]
+    held, streamed = _data(name, root, size, "off"), _data(name, root, size, "on")
+    assert not held.streamed and streamed.streamed
+    assert (held.n_train, held.n_test, held.num_classes, held.input_shape, held.augment) == \
+           (streamed.n_train, streamed.n_test, streamed.num_classes, streamed.input_shape, streamed.augment)
+    assert held.mean == streamed.mean and held.std == streamed.std
+    for seed in (0, 1):
+        for kw in ({}, {"augment": False}):
+            a, b = _epoch(held, seed, **kw), _epoch(streamed, seed, **kw)
+            assert len(a) == len(b) == held.n_train // 8
+            for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+                assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+    ta, tb = list(held.test_batches()), list(streamed.test_batches())
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(ta, tb))
+    idx = torch.tensor([5, 0, 3])
+    assert all(torch.equal(u, v) for u, v in zip(held.examples(idx), streamed.examples(idx)))
+    model = models.from_config(C.ModelConfig(name="conv4"), held.input_shape, held.num_classes)
+    assert evaluate(model, held) == evaluate(model, streamed)
+
+
+def test_an_epoch_takes_every_example_once_in_the_seeded_order(layouts):
+    root, _ = layouts["tiny_imagenet"]
+    d = _data("tiny_imagenet", root, None, "on")   # 24 training images: 3 batches of 8
+    for seed in (0, 1):
+        seen = torch.cat([i for _, _, i in _epoch(d, seed)])
+        assert sorted(seen.tolist()) == list(range(d.n_train))
+        assert torch.equal(seen, torch.randperm(d.n_train, generator=torch.Generator().manual_seed(seed)))
+    assert not torch.equal(*(torch.cat([i for _, _, i in _epoch(d, s)]) for s in (0, 1)))
+
+
+def test_imagenet_recipe_crops_are_seeded_and_independent_of_the_workers(layouts):
+    """ImageNet at its recipe's 224 px: random-resized crops made in the loader processes, from
+    images of every size and ImageNet's odd files (CMYK, greyscale, a PNG named .JPEG)."""
+    root, _ = layouts["imagenet"]
+    one, two = _data("imagenet", root, None, "auto", workers=0), _data("imagenet", root, None, "auto", workers=2)
+    assert one.streamed and one.input_shape == (3, 224, 224)   # auto: 224 px crops cannot be held
+    a, b = _epoch(one, 0), _epoch(two, 0)
+    assert all(torch.equal(xa, xb) and torch.equal(ia, ib) for (xa, _, ia), (xb, _, ib) in zip(a, b))
+    assert a[0][0].shape == (8, 3, 224, 224) and a[0][0].dtype == torch.float32
+    assert not torch.equal(a[0][0], _epoch(one, 1)[0][0])         # another epoch, other crops
+    plain = _epoch(one, 0, augment=False)
+    assert torch.equal(plain[0][2], a[0][2]) and not torch.equal(plain[0][0], a[0][0])
+    t1, t2 = list(one.test_batches()), list(two.test_batches())
+    assert t1[0][0].shape == (12, 3, 224, 224) and torch.equal(t1[0][0], t2[0][0])
+    with pytest.raises(C.ConfigError, match="data.stream: off cannot hold imagenet"):
+        _data("imagenet", root, None, "off")
+
+
+def test_a_file_that_stops_decoding_fails_in_one_line_naming_it(layouts, tmp_path):
+    root = make_tiny_imagenet(tmp_path, classes=2, train_per_class=8, val_per_class=2, odd=False)
+    d = _data("tiny_imagenet", root, None, "on")
+    bad = root / d.train_paths[3]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DataFileError) as e:
+        _epoch(d, 0)
+    msg = str(e.value)
+    assert "\n" not in msg and d.train_paths[3] in msg and msg.startswith("data.root: ")
