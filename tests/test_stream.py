@@ -120,3 +120,78 @@ def test_a_file_that_stops_decoding_fails_in_one_line_naming_it(layouts, tmp_pat
         _epoch(d, 0)
     msg = str(e.value)
     assert "\n" not in msg and d.train_paths[3] in msg and msg.startswith("data.root: ")
+
+
+def _cfg(root, *more):
+    return C.load(None, ["data.name=tiny_imagenet", f"data.root={root}", "data.stream=on", "data.workers=1",
+                         "model.name=conv4", "training.epochs=3", "training.batch_size=8", "training.milestones=[]",
+                         "training.dense_baseline=false", "training.lr=0.01", "search.point=init", *more])
+
+
+def test_a_run_a_file_failed_continues_from_its_saved_epoch_once_the_file_is_fixed(tmp_path):
+    """The file breaks after the first retraining epoch; the run fails in one line; with the file
+    restored, resuming from the saved progress ends exactly where an unbroken run ends."""
+    from cts_ray import pipeline
+    root = make_tiny_imagenet(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4, odd=False)
+    cfg = _cfg(root, "search.method=snip")
+    whole = pipeline.run(cfg, tmp_path / "whole", progress=False)
+    victim = root / "train" / "n02691156" / "images" / "n02691156_2.JPEG"
+    good = victim.read_bytes()
+    saved = []
+
+    def on_record(record, progress):
+        if progress is not None:
+            saved.append(pipeline.Progress.from_state(progress.to_state()))
+            if record.get("phase") == "retrain" and record.get("epoch") == 1:
+                victim.write_bytes(good[:40])   # cut short: it no longer decodes
+    with pytest.raises(DataFileError, match="n02691156_2.JPEG"):
+        pipeline.run(cfg, tmp_path / "broken", progress=False, on_record=on_record)
+    victim.write_bytes(good)
+    done = [r["epoch"] for r in saved[-1].records if r.get("phase") == "retrain"]
+    assert done == [1]
+    resumed = pipeline.run(cfg, tmp_path / "broken", overwrite=True, progress=False, resume=saved[-1])
+    assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["mask_sha256"] == whole["mask_sha256"]
+
+
+# ---------------------------------------------------------------- end to end: `cts-ray run` and a sweep
+
+E2E = ["data.stream=on", "data.workers=1", "model.name=conv4", "training.epochs=2", "training.batch_size=8",
+       "training.milestones=[]", "training.lr=0.01", "training.dense_baseline=false", "search.density=0.5",
+       "search.ltr_fraction=0.3", "search.length=0.5", "resources.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def small_layouts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    return {"tiny_imagenet": [f"data.root={make_tiny_imagenet(base, classes=2, train_per_class=8, val_per_class=4)}"],
+            "imagenet": [f"data.root={make_imagenet(base, classes=2, train_per_class=8, val_per_class=4)}",
+                         "data.image_size=32"]}
+
+
+@pytest.mark.parametrize("name,method", [("tiny_imagenet", "cts"), ("imagenet", "ltr"), ("imagenet", "snip")])
+def test_cts_run_streams_each_layout_end_to_end(small_layouts, tmp_path, name, method):
+    from conftest import BIN
+    import json
+    import subprocess
+    sets = [f"data.name={name}", *small_layouts[name], *E2E, f"search.method={method}"]
+    p = subprocess.run([str(BIN / "cts-ray"), "run", *sum((["--set", s] for s in sets), []), "--out",
+                        str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["streamed"] is True and summary["data"]["digest"].startswith("files-")
+    assert summary["data"]["num_classes"] == 2 and summary["method"] == method
+    assert summary["data"]["files"]["official"]["classes"] in (200, 1000)
+    assert 0 < summary["achieved_density"] <= 0.5 and summary["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("name", ["tiny_imagenet", "imagenet"])
+def test_a_sweep_of_cts_ltr_and_snip_streams_each_layout(ray_cluster, small_layouts, tmp_path, name):
+    from conftest import _run, _sweep_file
+    from cts_ray.sweep import tables
+    sets = dict(s.split("=", 1) for s in [f"data.name={name}", *small_layouts[name], *E2E, "resources.cpus=0.5"])
+    sets = {k: C.parse_override(f"{k}={v}")[1] for k, v in sets.items()}
+    f = _sweep_file(tmp_path, f"stream_{name}", {"set": sets, "grid": {"search.method": ["cts", "ltr", "snip"]}})
+    _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
+    trials = tables.read(tmp_path / "sweeps" / f"stream_{name}", "trials").to_pylist()
+    assert sorted(t["method"] for t in trials) == ["cts", "ltr", "snip"]
+    assert {t["status"] for t in trials} == {"finished"}
