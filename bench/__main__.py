@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from . import anatomy, data_path, export, gpu, paper, readme, slots, steps, sweep_overhead, ticket
+from . import anatomy, data_path, export, gpu, paper, readme, slots, steps, stream, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
-BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": data_path.run,
+BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": stream.run, "loader": data_path.run,
            "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run,
            "slots": slots.run, "export": export.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
-    "data": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
+    "loader": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
+    "data": "Images/s, median of alternating rounds; ratio = ÷ in memory (same kind of row), paired per round. "
+            "Memory: one cts-ray run each, peak PSS of it and its loader processes (bench/stream.py).",
     "ticket": "Single long runs (CTS, short-search CTS, fused CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",
@@ -35,8 +37,11 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
     if name == "sweep":
         return (f"sweep (Ray Tune, {sweep_overhead.TRIALS} tiny + {sweep_overhead.LONG_TRIALS} × "
                 f"~{sweep_overhead.LONG_SECONDS:.0f} s trials, {sweep_overhead.CONCURRENCY} at a time)")
+    if name == "loader":
+        return f"loader (ResNet-20 b{data_path.BATCH}, {data_path.IMAGES} images, repeats {repeats})"
     if name == "data":
-        return f"data (ResNet-20 b{data_path.BATCH}, {data_path.IMAGES} images, repeats {repeats})"
+        return (f"data (CIFAR-10-JPEG, ResNet-20 b{stream.BATCH}, {stream.IMAGES} images, {stream.WORKERS} loader "
+                f"processes, repeats {a.repeats or 3})")
     if name == "ticket":
         epochs = f", {a.ticket_epochs} epochs" if a.ticket_epochs else ""
         return f"ticket (MNIST LeNet-300-100, CTS vs LTR at density {ticket.DENSITY}{epochs}, repeats {a.repeats or 1})"
@@ -62,18 +67,18 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="alternating rounds (default 5; 2 with --quick; ticket: 1)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke check at tiny sizes (steps: 2 steps per epoch; data: 256 images; ticket: "
+                   help="smoke check at tiny sizes (steps: 2 steps per epoch; loader, data: 256 images; ticket: "
                         "2 epochs on 2,000 images at density 0.5; gpu: 2 batches; export: 200 images, density 0.05, "
                         "1 round); printed, not recorded")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared 2-core machine 1 thread is far "
                         "steadier: with 2, a busy neighbour stalls every parallel region")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="data, gpu: compute device (gpu runs on CPU only with --quick)")
+                   help="data, loader, gpu: compute device (gpu runs on CPU only with --quick)")
     p.add_argument("--ticket-epochs", type=int, default=None,
                    help="ticket: training.epochs for both runs (default: the config's 10)")
     p.add_argument("--data", default=None,
-                   help="paper, export: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
+                   help="paper, export, data: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
     p.add_argument("--trials", type=int, nargs="+", default=None, metavar="N",
                    help="sweep: the tiny-trial sweep at each N instead (e.g. 100 400 2000): cost per trial against "
                         "N, driver peak memory, MLflow's queue, `cts-ray report`/`analyze` seconds")

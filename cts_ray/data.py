@@ -244,7 +244,7 @@ def _load_folder(cfg, device, resources) -> Batches:
     take the same examples: folders list the test images class by class, so a fixed shuffle makes
     first-N test subsets and test batches (BatchNorm on batch statistics normalises per batch) mixed,
     like CIFAR's; the training subset is the same seed-0 permutation as every data set's."""
-    folder = image_folder.folder(cfg.name, cfg.root, cfg.image_size)
+    folder = image_folder.folder(cfg.name, cfg.root, cfg.image_size, rescan=True)
     mixed = torch.randperm(folder.count("test"), generator=torch.Generator().manual_seed(0))
     colour = cfg.name == "tiny_imagenet"
     augment = {"auto": folder.augment, "on": True, "off": False}[cfg.augment]

@@ -27,7 +27,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from .layouts import _folder_stamp, check as _layout_check, describe as _describ
 from .storage import save_torch, write_text
 
 POOL_MIN_FILES = 4096     # below this a process pool costs more than it saves
+CHUNK = 1024              # images decoded (and summed for mean/std) at a time
 
 
 def _bad(msg: str) -> ConfigError:
@@ -93,22 +94,26 @@ def _decode_chunk(root: str, rels: list, size: Optional[int], expect) -> np.ndar
     return np.stack(out)
 
 
-def _decode_rels(root: Path, rels: list, size: Optional[int], expect) -> np.ndarray:
-    """``rels`` decoded into one uint8 array (N, H, W, C); a process pool when there are many."""
-    chunks = [rels[i:i + 1024] for i in range(0, len(rels), 1024)]
+def _decoded_chunks(root: Path, rels: list, size: Optional[int], expect) -> Iterator[np.ndarray]:
+    """``rels`` decoded, CHUNK at a time as uint8 arrays (n, H, W, C), in order; a process pool when
+    there are many. A damaged image is a one-line ConfigError naming it."""
+    chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
     workers = min(os.cpu_count() or 1, 8)
     if len(rels) >= POOL_MIN_FILES and workers > 1:
         import multiprocessing
         # fork, not spawn: spawn re-runs a caller's unguarded script in every worker. The forked
         # workers only run numpy and PIL, never the torch threads this process may hold.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_decode_chunk, *zip(*[(str(root), c, size, expect) for c in chunks])))
+            yield from _checked(pool.map(_decode_chunk, *zip(*[(str(root), c, size, expect) for c in chunks])))
     else:
-        parts = [_decode_chunk(str(root), c, size, expect) for c in chunks]
-    bad = next((p for p in parts if isinstance(p, str)), None)
-    if bad is not None:
-        raise _bad(bad)
-    return np.concatenate(parts)
+        yield from _checked(_decode_chunk(str(root), c, size, expect) for c in chunks)
+
+
+def _checked(parts) -> Iterator[np.ndarray]:
+    for p in parts:
+        if isinstance(p, str):
+            raise _bad(p)
+        yield p
 
 
 # ---------------------------------------------------------------- a folder data set
@@ -177,8 +182,7 @@ class Folder:
         if len(rels) > STATS_ALL:
             pick = torch.randperm(len(rels), generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
             rels = [rels[i] for i in sorted(pick.tolist())]
-        x = torch.from_numpy(_decode_rels(self.listing.root, rels, self.size, self.expect)).permute(0, 3, 1, 2)
-        mean, std = channel_stats(x)
+        mean, std = channel_stats(_decoded_chunks(self.listing.root, rels, self.size, self.expect))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps({"mean": mean, "std": std}))
         return tuple(mean), tuple(std)
@@ -213,8 +217,11 @@ def _folder(name: str, root: str, image_size: Optional[int], stamp) -> Folder:
     return Folder(name, listing, size, expect)
 
 
-def folder(name: str, root, image_size: Optional[int] = None) -> Folder:
-    """The folder data set ``name`` at ``root`` (scanned once per process while its folders are unchanged)."""
+def folder(name: str, root, image_size: Optional[int] = None, rescan: bool = False) -> Folder:
+    """The folder data set ``name`` at ``root``. Kept while its folders' mtimes stand, which a file
+    rewritten in place does not change: ``rescan`` (each data.load) lists it again."""
+    if rescan:
+        _folder.cache_clear()
     root = Path(root).expanduser()
     return _folder(name, str(root), image_size, _folder_stamp(name, root))
 
@@ -269,25 +276,24 @@ def _decode_all(f: Folder) -> dict:
     import torch
     out = {}
     for split in SPLITS:
-        x = _decode_rels(f.listing.root, f.listing.paths[split], f.size, f.expect)
+        x = np.concatenate(list(_decoded_chunks(f.listing.root, f.listing.paths[split], f.size, f.expect)))
         out[f"{split}_x"] = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         out[f"{split}_y"] = torch.from_numpy(np.asarray(f.listing.labels[split], dtype=np.int64))
-    out["mean"], out["std"] = channel_stats(out["train_x"])
+    x = out["train_x"].permute(0, 2, 3, 1)
+    out["mean"], out["std"] = channel_stats(x[i:i + CHUNK].numpy() for i in range(0, len(x), CHUNK))
     return out
 
 
-def channel_stats(x) -> tuple[list, list]:
-    """Per-channel mean and (population) std of uint8 images / 255, accumulated in float64."""
-    import torch
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    for i in range(0, len(x), 4096):
-        c = x[i:i + 4096].to(torch.float64).div_(255)
-        s += c.sum((0, 2, 3))
-        s2 += c.square().sum((0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
+def channel_stats(chunks) -> tuple[list, list]:
+    """Per-channel mean and (population) std of uint8 images / 255 given as (n, H, W, C) chunks,
+    accumulated in float64 chunk by chunk (the same chunks give the same bits, held or streamed)."""
+    s = s2 = 0.0
+    n = 0
+    for c in chunks:
+        c = c.astype(np.float64) / 255
+        s, s2, n = s + c.sum((0, 1, 2)), s2 + np.square(c).sum((0, 1, 2)), n + c.shape[0] * c.shape[1] * c.shape[2]
     mean = s / n
-    return mean.tolist(), (s2 / n - mean.square()).sqrt().tolist()
+    return mean.tolist(), np.sqrt(s2 / n - np.square(mean)).tolist()
 
 
 def decode_once(name: str, root, image_size: Optional[int] = None, on_start=lambda n: None) -> Optional[int]:
@@ -309,7 +315,7 @@ _LOADED: dict = {}   # key -> Arrays: read once per process, like every data set
 
 
 def load(root, image_size: Optional[int] = None, name: str = "image_folder") -> Arrays:
-    return folder(name, root, image_size).decoded()
+    return folder(name, root, image_size, rescan=True).decoded()
 
 
 def _read_or_decode(f: Folder, key: str) -> Arrays:
