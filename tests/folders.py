@@ -5,6 +5,7 @@ image (by name) of a class, so the pre-flight check's sample opens them."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 WNIDS = ("n02691156", "n02958343", "n01503061", "n02121808", "n02430045", "n02084071", "n01639765",
          "n02374451", "n04194289", "n04490091")
 ODD = ("cmyk", "grey", "png")
+LINKS_PER_FILE = 60_000
 
 
 def _source(split: str, c: int, i: int) -> Image.Image:
@@ -91,12 +93,19 @@ def make_imagenet(dst, classes: int = 4, train_per_class: int = 6, val_per_class
 
 
 def link_imagenet(dst, classes: int, train_per_class: int, val_per_class: int, sources: list[Path]) -> Path:
-    """A large ImageNet-layout tree of hard links to a few ``sources`` (for scan speed and memory)."""
-    root = Path(dst) / "imagenet"
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
+    """A large ImageNet-layout tree of hard links to copies of a few ``sources`` (scan speed and
+    memory); each copy takes at most LINKS_PER_FILE links (ext4 allows 65,000)."""
+    root, spare = Path(dst) / "imagenet", Path(dst) / "sources"
+    spare.mkdir(parents=True)
+    n = 0
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for c in range(classes):
             folder = root / split / f"n{c:08d}"
             folder.mkdir(parents=True)
-            for i in range(n):
-                os.link(sources[(c + i) % len(sources)], folder / f"n{c:08d}_{i}.JPEG")
+            for i in range(per_class):
+                source = spare / f"{n // LINKS_PER_FILE}-{n % len(sources)}.JPEG"
+                if not source.exists():
+                    shutil.copyfile(sources[n % len(sources)], source)
+                os.link(source, folder / f"n{c:08d}_{i}.JPEG")
+                n += 1
     return root
