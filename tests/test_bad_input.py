@@ -93,7 +93,7 @@ CASES = [
     Case("objective-unknown", sweep({"set": {**SMALL, "search.objective": "l2"}}), "search.objective",
          "kl_reverse"),
     Case("model-unknown", sweep({"set": {**SMALL, "model.name": "resnet1000"}}), "model.name", "resnet20"),
-    Case("dataset-unknown", sweep({"set": {**SMALL, "data.name": "imagenet"}}), "data.name", "cifar10, cifar100"),
+    Case("dataset-unknown", sweep({"set": {**SMALL, "data.name": "svhn"}}), "data.name", "cifar10, cifar100"),
     Case("controller-unknown", sweep({"set": {**SMALL, "search.controller": "pid"}}), "search.controller",
          "gradbalance, lagrange"),
     Case("searcher-unknown", sweep({"searcher": "hyperband"}), "searcher", "grid, random, optuna"),

@@ -118,4 +118,4 @@ def test_data_set_loaders_resolve():
     from cts_ray.datasets import DATASETS
     digits = DATASETS["digits"].loader()
     assert all(a.equal(b) for a, b in zip(digits, data.read_digits()))
-    assert {name for name, info in DATASETS.items() if info.loader is None} == {"image_folder"}
+    assert {name for name, info in DATASETS.items() if info.loader is None} == {"image_folder", "tiny_imagenet", "imagenet"}
