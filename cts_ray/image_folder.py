@@ -20,6 +20,7 @@ half-written cache.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import functools
 import json
@@ -104,7 +105,12 @@ def _decoded_chunks(root: Path, rels: list, size: Optional[int], expect) -> Iter
         # fork, not spawn: spawn re-runs a caller's unguarded script in every worker. The forked
         # workers only run numpy and PIL, never the torch threads this process may hold.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            yield from _checked(pool.map(_decode_chunk, *zip(*[(str(root), c, size, expect) for c in chunks])))
+            ahead: collections.deque = collections.deque()   # 2 chunks a worker in flight: memory stays flat
+            for c in chunks:
+                ahead.append(pool.submit(_decode_chunk, str(root), c, size, expect))
+                if len(ahead) > 2 * workers:
+                    yield from _checked([ahead.popleft().result()])
+            yield from _checked(f.result() for f in ahead)
     else:
         yield from _checked(_decode_chunk(str(root), c, size, expect) for c in chunks)
 
@@ -289,11 +295,11 @@ def channel_stats(chunks) -> tuple[list, list]:
     accumulated in float64 chunk by chunk (the same chunks give the same bits, held or streamed)."""
     s = s2 = 0.0
     n = 0
-    for c in chunks:
-        c = c.astype(np.float64) / 255
-        s, s2, n = s + c.sum((0, 1, 2)), s2 + np.square(c).sum((0, 1, 2)), n + c.shape[0] * c.shape[1] * c.shape[2]
-    mean = s / n
-    return mean.tolist(), np.sqrt(s2 / n - np.square(mean)).tolist()
+    for c in chunks:   # exact integer sums per chunk (a chunk's squares fit int64 easily)
+        flat = c.reshape(-1, c.shape[-1]).astype(np.int64)
+        s, s2, n = s + flat.sum(0), s2 + np.einsum("pc,pc->c", flat, flat), n + flat.shape[0]
+    mean = s / (255 * n)
+    return mean.tolist(), np.sqrt(s2 / (255 * 255 * n) - np.square(mean)).tolist()
 
 
 def decode_once(name: str, root, image_size: Optional[int] = None, on_start=lambda n: None) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite: `python -m bench data gpu --quick --device cpu` (in-process,
+"""Smoke test of the benchmark suite: `python -m bench loader data gpu --quick --device cpu` (in-process,
 1 round, 1 thread), `paper --quick` and `export --quick` print full tables and leave
 bench/RESULTS.md as it was."""
 import math
@@ -22,28 +22,30 @@ def test_quick_data_and_gpu_benches_give_finite_rows_and_record_nothing(monkeypa
             return rows[name]
         return wrapped
 
-    for name in ("data", "gpu"):
+    for name in ("loader", "data", "gpu"):
         monkeypatch.setitem(bench_main.BENCHES, name, keep(name, bench_main.BENCHES[name]))
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     threads = torch.get_num_threads()
     try:
-        bench_main.main(["data", "gpu", "--quick", "--device", "cpu", "--repeats", "1", "--threads", "1"])
+        bench_main.main(["loader", "data", "gpu", "--quick", "--device", "cpu", "--repeats", "1", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before, "--quick must not touch RESULTS.md"
 
     names = {k: [r.name for r in v] for k, v in rows.items()}
     for kind in ("train epoch", "loader only"):
-        assert sum(kind in n for n in names["data"]) == 3
-        assert any(n.startswith("device-resident") and kind in n for n in names["data"])
-        assert any("num_workers=0" in n and kind in n for n in names["data"])
-        assert any("num_workers=2" in n and kind in n for n in names["data"])
+        assert sum(kind in n for n in names["loader"]) == 3
+        assert any(n.startswith("device-resident") and kind in n for n in names["loader"])
+        assert any("num_workers=0" in n and kind in n for n in names["loader"])
+        assert any("num_workers=2" in n and kind in n for n in names["loader"])
+        assert [n.split(",")[0] for n in names["data"] if kind in n and "32x32" in n][:2] == ["in memory", "streamed"]
+    assert any(n.startswith("Ray Data") for n in names["data"]) and any("224x224" in n for n in names["data"])
     for prefix, count in (("a: dense epoch", 3), ("a: torch.compile time", 1), ("b: CTS pipeline", 4),
                           ("c: ", 2), ("b*: one search epoch, fused step", 1)):
         assert sum(n.startswith(prefix) for n in names["gpu"]) == count, (prefix, names["gpu"])
     assert all("extrapolated" in n for n in names["gpu"] if n.startswith("b:"))
     assert not any(n.startswith("d:") for n in names["gpu"])   # GPU memory: CUDA only
-    for r in rows["data"] + rows["gpu"]:
+    for r in rows["loader"] + rows["data"] + rows["gpu"]:
         assert math.isfinite(r.value) and r.value > 0, r
     out = capsys.readouterr().out
     assert "| name | value |" in out and "EXTRAPOLATED" in out and "appended" not in out

@@ -258,7 +258,10 @@ def test_the_driver_decodes_into_the_cache_the_trials_read(tmp_path, cache, caps
     s = spec.from_mapping({"name": "p", "storage": str(tmp_path / "sweeps"),
                            "set": {"data.name": "image_folder", "data.root": str(root), "model.name": "conv4"},
                            "grid": {"data.image_size": [None, 16], "seed": [0, 1]}})
-    assert preflight.image_folders(s) == [(str(root), None), (str(root), 16)]
+    assert preflight.image_folders(s) == [("image_folder", str(root), None), ("image_folder", str(root), 16)]
+    streamed = spec.from_mapping({"name": "q", "storage": str(tmp_path / "sweeps"),
+                                  "set": {"data.name": "image_folder", "data.root": str(root), "data.stream": "on"}})
+    assert preflight.image_folders(streamed) == []                      # a streamed folder is decoded as it is read
     said = []
     preflight.decode_images(s, said.append)
     assert len(said) == 4 and "10 images decoded" in said[1]          # each folder and size, once

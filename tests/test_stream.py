@@ -195,3 +195,22 @@ def test_a_sweep_of_cts_ltr_and_snip_streams_each_layout(ray_cluster, small_layo
     trials = tables.read(tmp_path / "sweeps" / f"stream_{name}", "trials").to_pylist()
     assert sorted(t["method"] for t in trials) == ["cts", "ltr", "snip"]
     assert {t["status"] for t in trials} == {"finished"}
+
+
+def test_a_streamed_trials_memory_does_not_grow_with_the_folder(tmp_path):
+    """`bench data`'s bound (100,000 images within 150 MB of 10,000) at a fifth of the size: a
+    `cts-ray run` streaming 20,000 images may peak at most 18,000 x 150 MB / 90,000 = 30 MB above
+    one streaming 2,000 (the kernel's high-water mark of its RSS). Holding the decoded training set
+    would cost 20,000 x 12 KB = 240 MB; before the fixed mmap threshold the heap kept ~1 MB a step.
+    The folders' mean/std are computed first: at the bench's sizes that pass decodes 10,000 images
+    for either folder (a sample beyond 50,000), here it would not."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO))
+    from bench import stream as bench_stream
+    peaks = []
+    for n in (2_000, 20_000):
+        folder = bench_stream._folder(CIFAR, tmp_path / f"f{n}", n, 500)
+        I.folder("image_folder", folder, None, rescan=True).stats()
+        peaks.append(bench_stream.peak_rss(folder, tmp_path / f"run{n}")["main"])
+    assert peaks[1] - peaks[0] <= 18_000 * bench_stream.RSS_TARGET_MB / 90_000, peaks
