@@ -136,3 +136,31 @@ def test_no_secrets_in_cluster_yaml():
     assert "ssh_private_key" not in cfg.get("auth", {})
     for node in cfg["available_node_types"].values():
         assert "KeyName" not in node["node_config"]
+
+
+def test_ssh_is_restricted_on_one_marked_line(raw):
+    """SSH (22) only from the range on the `SET THIS` line; its placeholder is no address range."""
+    [line] = [ln for ln in CLUSTER_YAML.read_text().splitlines() if "SET THIS:" in ln and "CidrIp" in ln]
+    sg = raw["provider"]["security_group"]
+    [rule] = sg["IpPermissions"]
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    [cidr] = [r["CidrIp"] for r in rule["IpRanges"]]
+    assert cidr in line and "0.0.0.0" not in yaml.safe_dump(raw)
+
+
+@pytest.mark.parametrize("source, says", [(None, "is not an address range"),
+                                          ({"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, "the whole internet"),
+                                          ({"Ipv6Ranges": [{"CidrIpv6": "::/0"}]}, "the whole internet")])
+def test_security_group_tool_refuses_placeholder_and_world_in_one_line(raw, tmp_path, capsys, source, says):
+    """Refused before any AWS call (no credentials here): exit 2 and one line naming the SET THIS line."""
+    from cts_ray import cluster_security_group
+    cfg = copy.deepcopy(raw)
+    if source is not None:
+        [rule] = cfg["provider"]["security_group"]["IpPermissions"]
+        del rule["IpRanges"]
+        rule.update(source)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cluster_security_group.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "'SET THIS' line" in err[0], err

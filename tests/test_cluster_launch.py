@@ -25,6 +25,8 @@ import yaml
 from conftest import BIN, REPO, _free_port, _ray_start, _stop_cluster
 from cts_ray.sweep import tables
 
+SSH_FROM = "198.51.100.7/32"   # a documentation range (RFC 5737) as the user's address
+
 STANDIN = textwrap.dedent("""\
     #!{python}
     import json, os, sys
@@ -54,6 +56,8 @@ def launched(tmp_path_factory):
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
         ".venv", ".git", "results", "mlruns", "data", "*.egg-info", "__pycache__", ".pytest_cache"))
     (checkout / ".venv").mkdir()   # a local venv and git dir, which must not be sent
+    cluster_yaml = checkout / "cluster.yaml"   # the user's one edit: the range they ssh from
+    cluster_yaml.write_text(cluster_yaml.read_text().replace("SET-THIS/32", SSH_FROM))
     (checkout / ".git").mkdir()
     bindir, log = tmp / "bin", tmp / "standins.jsonl"
     bindir.mkdir()
@@ -77,6 +81,8 @@ def launched(tmp_path_factory):
         from ray.autoscaler._private.aws import config as aws_config
         from ray.autoscaler._private.aws import node_provider
         from ray.scripts.scripts import down, exec as ray_exec, up
+
+        from cts_ray import cluster_security_group
         # Ray's fixed waits: IAM propagation (15 s twice), polls (5 s), tag batching (1 s)
         mp.setattr(aws_config, "time", types.SimpleNamespace(sleep=lambda s: None, time=time.time))
         mp.setattr(commands, "POLL_INTERVAL", 0.1)
@@ -87,9 +93,12 @@ def launched(tmp_path_factory):
             def instances():
                 return [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
 
+            # the README's launch: the security group first, then `ray up`
+            out["sg_rc"] = cluster_security_group.main(["cluster.yaml"])
             # standalone_mode=False: the click commands as `ray up ...` runs them, exceptions raised
             up.main(["cluster.yaml", "--yes", "--no-config-cache", "--disable-usage-stats"], standalone_mode=False)
             out["after_up"] = instances()
+            out["groups"] = ec2.describe_security_groups()["SecurityGroups"]
             out["n_up"] = len(log.read_text().splitlines())
             ray_exec.main(["cluster.yaml", "cd ~/cts-ray && .venv/bin/cts-ray sweep tune_configs/quickstart.yaml "
                            "--address auto"], standalone_mode=False)
@@ -143,6 +152,49 @@ def test_ray_up_launches_the_head_and_sets_it_up(launched):
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in starts[1]
     [mlflow] = [c for c in starts if "mlflow server" in c]
     assert "~/cts-ray/.venv/bin/mlflow server --host 127.0.0.1 --port 5000" in mlflow
+
+
+def test_the_cluster_lets_in_only_its_owner(launched):
+    """The launched head's security group: SSH only from the range on cluster.yaml's SET THIS line,
+    every other port only from the group itself, nothing from 0.0.0.0/0 (which Ray alone adds)."""
+    assert launched["sg_rc"] == 0
+    [head] = launched["after_up"]
+    [gid] = [g["GroupId"] for g in head["SecurityGroups"]]
+    [group] = [g for g in launched["groups"] if g["GroupId"] == gid]
+    assert group["GroupName"] == yaml.safe_load((REPO / "cluster.yaml").read_text())["provider"][
+        "security_group"]["GroupName"]
+    rules = sorted((p["IpProtocol"], p.get("FromPort"), p.get("ToPort"),
+                    tuple(r["CidrIp"] for r in p["IpRanges"]) + tuple(r["CidrIpv6"] for r in p["Ipv6Ranges"]),
+                    tuple(g["GroupId"] for g in p["UserIdGroupPairs"]), tuple(p["PrefixListIds"]))
+                   for p in group["IpPermissions"])
+    assert rules == [("-1", None, None, (), (gid,), ()), ("tcp", 22, 22, (SSH_FROM,), (), ())], rules
+    assert "0.0.0.0/0" not in json.dumps(group["IpPermissions"]) and "::/0" not in json.dumps(group["IpPermissions"])
+
+
+def test_security_group_tool_repairs_a_group_ray_opened(monkeypatch):
+    """A group an earlier plain `ray up` made (Ray's rules: all from itself, SSH from 0.0.0.0/0):
+    the tool leaves exactly the intra-group rule and SSH from the configured range, twice over."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    import boto3
+    from moto import mock_aws
+
+    from cts_ray import cluster_security_group
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    cfg["provider"]["security_group"]["IpPermissions"][0]["IpRanges"] = [{"CidrIp": SSH_FROM}]
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=cfg["provider"]["region"])
+        vpc = cluster_security_group._ray_vpc(cfg)
+        gid = ec2.create_security_group(GroupName=cfg["provider"]["security_group"]["GroupName"],
+                                        Description="Ray's", VpcId=vpc)["GroupId"]
+        ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]},
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+        for _ in range(2):
+            assert cluster_security_group.ensure(cfg) == (gid, vpc)
+            [group] = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"]
+            assert cluster_security_group._flatten(group["IpPermissions"]) == {
+                ("-1", None, None, "UserIdGroupPairs", gid), ("tcp", 22, 22, "IpRanges", SSH_FROM)}
 
 
 def test_ray_exec_reaches_the_head_and_ray_down_terminates_everything(launched):
