@@ -116,6 +116,10 @@ class TrainingConfig:
     loss_reduction: str = _f("mean", choices=["mean", "sum"], identity="non_default",
                              help="cross-entropy over the batch: mean, or sum as the authors' code "
                                   "(with grad_clip ~ normalised SGD)")
+    warmup_epochs: int = _f(0, check=_non_negative, allowed="an integer >= 0", identity="non_default",
+                            help="LR warm-up: over the first N epochs the LR rises linearly per step, step i of "
+                                 "N x steps_per_epoch at i / (N x steps_per_epoch) of its value (the authors' "
+                                 "Tiny-ImageNet: 10, ImageNet: 5)")
 
 
 @dataclass
@@ -383,6 +387,9 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
         import warnings
         warnings.warn(f"training.milestones: {late} of the default {t.milestones} never reached with "
                       f"training.epochs={t.epochs}; set training.milestones", stacklevel=3)
+    if t.warmup_epochs > t.epochs:
+        raise ConfigError(f"training.warmup_epochs: {t.warmup_epochs} exceeds training.epochs ({t.epochs}); "
+                          f"expected 0..{t.epochs}")
     if s.point == "rewind" and s.rewind_epochs > t.epochs:
         raise ConfigError(f"search.rewind_epochs: {s.rewind_epochs} exceeds training.epochs "
                           f"({t.epochs}); expected 0..{t.epochs}")

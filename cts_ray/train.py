@@ -23,8 +23,21 @@ if TYPE_CHECKING:
     from .data import Batches
 
 
-def lr_at(t: TrainingConfig, epoch: int) -> float:
-    return t.lr * t.gamma ** sum(1 for m in t.milestones if epoch >= m)
+def lr_at(t: TrainingConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The LR of step ``step`` (0-based) of epoch ``epoch``: ×gamma at each milestone passed and,
+    within the first ``warmup_epochs``, ×i/total for the i-th step (1-based) of the warm-up's total
+    steps, as the authors' ``apply_warmup`` (step 1 at lr/total, the last warm-up step at lr). A
+    function of (epoch, step) alone, so a resumed run continues the schedule exactly."""
+    lr = t.lr * t.gamma ** sum(1 for m in t.milestones if epoch >= m)
+    if epoch < t.warmup_epochs:
+        lr *= (epoch * steps_per_epoch + step + 1) / (t.warmup_epochs * steps_per_epoch)
+    return lr
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
 
 
 def make_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -75,8 +88,9 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
                  order_seed: int, mask: Optional[Mask] = None, amp: bool = False, phase: str = "train",
                  optimizer_state: Optional[dict] = None, compile: bool = False,
                  on_epoch_end: Optional[Callable[[dict, torch.optim.Optimizer], None]] = None) -> Iterator[dict]:
-    """Train from epoch ``start`` to ``end`` (absolute epochs, so milestones continue after a
-    rewind); yield one metrics record per epoch, after evaluating on the test set.
+    """Train from epoch ``start`` to ``end`` (absolute epochs, so milestones and a warm-up continue
+    after a rewind); yield one metrics record per epoch (``lr``: its last step's), after evaluating
+    on the test set.
 
     Each epoch's data order comes from (order_seed, epoch) alone, so a run resumed at epoch e
     with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
@@ -95,14 +109,15 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
     for epoch in range(start, end):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(derive_seed(order_seed, f"epoch:{epoch}"))
-        lr = lr_at(t, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        steps = data.steps_per_epoch(t.batch_size) if epoch < t.warmup_epochs else 0   # >0: a per-step LR
+        lr = _set_lr(opt, lr_at(t, epoch, 0, max(steps, 1)))
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for x, y in data.train_batches(t.batch_size, generator):
+        for step, (x, y) in enumerate(data.train_batches(t.batch_size, generator)):
+            if steps and step:
+                lr = _set_lr(opt, lr_at(t, epoch, step, steps))
             with autocast(amp, device):
                 out = forward(to_input(x, amp))
                 loss = F.cross_entropy(out.float(), y, reduction=t.loss_reduction)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, fake_data_root, flat_config, pending_in_this_build
 from test_analysis import _trial
 
 HEAVY = ("torch", "torchvision", "ray")
@@ -33,17 +33,14 @@ def _data_root(name: str, mnist_root: str, tmp_path: Path) -> list[str]:
     """An override pointing the config at data that passes its pre-flight check."""
     if name in MNIST_LIKE:
         return [f"data.root={mnist_root}"]
-    if name.startswith("cifar"):   # absent here; empty files pass the check of names
-        from cts_ray.datasets import DATASETS
-        for choices in DATASETS[name].files(tmp_path / "cifar"):
-            choices[0].parent.mkdir(parents=True, exist_ok=True)
-            choices[0].touch()
-        return [f"data.root={tmp_path / 'cifar'}"]
+    if name.startswith("cifar") or name in ("tiny_imagenet", "imagenet"):   # absent here: stand-ins
+        return [f"data.root={fake_data_root(name, tmp_path / name)}"]
     return []
 
 
 def test_config_validation_and_cache_key_import_no_torch_or_ray(mnist_root, tmp_path):
-    configs = sorted((REPO / "configs").glob("*.yaml"))
+    # a config naming a data set or model that issue 25's parallel parts add joins once they land
+    configs = [p for p in sorted((REPO / "configs").glob("*.yaml")) if not pending_in_this_build(flat_config(p))]
     loads = [(str(p), _data_root(yaml.safe_load(p.read_text())["data"]["name"], mnist_root, tmp_path))
              for p in configs]
     assert {Path(p).stem for p, _ in loads} >= {"digits", "mnist_lenet300", "cifar10_resnet20"}
