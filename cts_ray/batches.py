@@ -14,15 +14,23 @@ from torch import Tensor
 
 # ---------------------------------------------------------------- augmentation
 
-def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+def _rows(x: Tensor, part) -> tuple[int, slice]:
+    """(how many samples to draw random numbers for, which of them are ``x``'s rows): ``part`` =
+    (start, stop, total) when x is rows start:stop of a batch of total (a data-parallel worker's
+    shard), so every shard applies what the whole batch would."""
+    return (x.shape[0], slice(None)) if part is None else (part[2], slice(part[0], part[1]))
+
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4, part=None) -> Tensor:
     """Random horizontal flip (p=0.5) and reflect-pad-``pad`` random crop, per sample, vectorised.
 
     The random numbers come from the CPU ``generator`` and are then moved to ``x.device``, so a
-    seed gives the same augmentation on CPU and CUDA.
+    seed gives the same augmentation on CPU and CUDA (``part``: ``_rows``).
     """
     n, _, h, w = x.shape
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    drawn, sel = _rows(x, part)
+    flip = (torch.rand(drawn, generator=generator)[sel] < 0.5).to(x.device)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, drawn), generator=generator)[:, sel].to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # (N, H, 1)
@@ -49,22 +57,23 @@ def _rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
 
 
 def augment_colour_crop(x: Tensor, generator: torch.Generator, scale=(0.6, 1.0), ratio=(0.8, 1.25),
-                        jitter=(0.4, 0.4, 0.4, 0.1)) -> Tensor:
+                        jitter=(0.4, 0.4, 0.4, 0.1), part=None) -> Tensor:
     """The authors' Tiny-ImageNet augmentation (TLAB data/tiny_imagenet.py) on images in [0, 1]:
     horizontal flip, a random-resized crop back to the input size (area ``scale``, aspect ``ratio``,
     10 tries then the whole image) and colour jitter (brightness, contrast, saturation, hue, in that
     order), per sample, vectorised; random numbers from the CPU ``generator`` as ``augment_batch``."""
     n, c, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    area = torch.empty(n, 10).uniform_(*scale, generator=generator)
-    aspect = torch.exp(torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    drawn, sel = _rows(x, part)
+    flip = (torch.rand(drawn, generator=generator) < 0.5)[sel]
+    area = torch.empty(drawn, 10).uniform_(*scale, generator=generator)[sel]
+    aspect = torch.exp(torch.empty(drawn, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))[sel]
     cw, ch = torch.round(torch.sqrt(area * aspect) * w), torch.round(torch.sqrt(area / aspect) * h)
     ok = (cw <= w) & (ch <= h)
     first = torch.where(ok.any(1), ok.float().argmax(1), -1)
     pick = lambda t, full: torch.where(first >= 0, t.gather(1, first.clamp(min=0)[:, None])[:, 0], float(full))
     cw, ch = pick(cw, w), pick(ch, h)
-    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
-    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
+    top = torch.floor(torch.rand(drawn, generator=generator)[sel] * (h - ch + 1))
+    left = torch.floor(torch.rand(drawn, generator=generator)[sel] * (w - cw + 1))
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
     theta[:, 0, 2] = (2 * left + cw) / w - 1
@@ -72,9 +81,9 @@ def augment_colour_crop(x: Tensor, generator: torch.Generator, scale=(0.6, 1.0),
     theta[:, 1, 2] = (2 * top + ch) / h - 1
     grid = F.affine_grid(theta.to(x.device), [n, c, h, w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    b, k, s = (torch.empty(n).uniform_(1 - j, 1 + j, generator=generator).to(x.device).view(-1, 1, 1, 1)
+    b, k, s = (torch.empty(drawn).uniform_(1 - j, 1 + j, generator=generator)[sel].to(x.device).view(-1, 1, 1, 1)
                for j in jitter[:3])
-    hue = torch.empty(n).uniform_(-jitter[3], jitter[3], generator=generator).to(x.device).view(-1, 1, 1)
+    hue = torch.empty(drawn).uniform_(-jitter[3], jitter[3], generator=generator)[sel].to(x.device).view(-1, 1, 1)
     x = (x * b).clamp_(0, 1)
     if c != 3:
         return ((x - x.mean((1, 2, 3), keepdim=True)) * k + x.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
@@ -107,19 +116,30 @@ class Batches:
         full = self.n_train // batch_size
         return full if drop_last and full > 0 else -(-self.n_train // batch_size)
 
-    def finish(self, x: Tensor, generator: Optional[torch.Generator], augment: bool) -> Tensor:
+    def finish(self, x: Tensor, generator: Optional[torch.Generator], augment: bool, part=None) -> Tensor:
         """A batch as the model takes it. uint8 pixels (streamed, or kept raw in memory) are scaled,
         augmented and then normalised; float ones are normalised already. Flips and crops move pixels
-        only, so either order gives the same tensor."""
+        only, so either order gives the same tensor. ``part``: x is a shard (``_rows``)."""
         raw = x.dtype == torch.uint8
         if raw:
             x = x.float().div_(255)
         if augment:
-            x = AUGMENTATIONS[self.augmentation](x, generator)
+            x = AUGMENTATIONS[self.augmentation](x, generator, part=part)
         if raw:
             mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
             x = (x - mean) / torch.tensor(self.std, device=x.device).view(-1, 1, 1)
         return x
+
+    @staticmethod
+    def shard_of(batch_size: int, shard) -> tuple[int, int]:
+        """Rows [start, stop) of every global batch that data-parallel worker ``shard`` = (rank,
+        world) takes: contiguous, equal parts, so a global batch holds the same examples whatever
+        the number of workers."""
+        rank, world = shard
+        if batch_size % world:
+            raise ValueError(f"training.batch_size {batch_size} is not a multiple of the {world} workers")
+        part = batch_size // world
+        return rank * part, (rank + 1) * part
 
     def in_order(self, batch_size: int) -> Iterator[Tensor]:
         """Every training example once, in index order, not augmented (the CTS teacher's pass)."""

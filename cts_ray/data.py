@@ -157,15 +157,19 @@ class DeviceData(Batches):
         return self.train_x.device
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
-                      drop_last: bool = True, indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
+                      drop_last: bool = True, indices: bool = False, shard=None) -> Iterator[tuple[Tensor, ...]]:
         """One epoch in a seeded order. ``generator`` is a CPU generator: the permutation is drawn on
         CPU and moved to the device, so a seed gives the same order on CPU and CUDA. ``indices``: also
-        yield each batch's example indices."""
+        yield each batch's example indices. ``shard`` = (rank, world): this worker's rows of every
+        global batch of ``batch_size`` (``shard_of``), augmented as in the whole batch."""
         augment = self.augment if augment is None else augment
         order = torch.randperm(self.n_train, generator=generator).to(self.device)
+        start, stop = self.shard_of(batch_size, shard) if shard else (0, batch_size)
         for i in range(self.steps_per_epoch(batch_size, drop_last)):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x = self.finish(self.train_x[idx], generator, augment)
+            whole = order[i * batch_size:(i + 1) * batch_size]
+            idx = whole[start:stop]
+            part = (start, start + len(idx), len(whole)) if shard else None
+            x = self.finish(self.train_x[idx], generator, augment, part)
             yield (x, self.train_y[idx], idx) if indices else (x, self.train_y[idx])
 
     def test_batches(self, batch_size: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:

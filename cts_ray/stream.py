@@ -182,17 +182,21 @@ class StreamData(Batches):
             yield x.to(self._device, non_blocking=cuda), y.to(self._device, non_blocking=cuda)
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
-                      drop_last: bool = True, indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
+                      drop_last: bool = True, indices: bool = False, shard=None) -> Iterator[tuple[Tensor, ...]]:
         """One epoch, as ``DeviceData.train_batches``: the same permutation from ``generator``, the
-        same augmentation draws after it (per batch on the device, or one number for the workers)."""
+        same augmentation draws after it (per batch on the device, or one number for the workers);
+        ``shard``: only this worker's rows of each global batch are read."""
         augment = self.augment if augment is None else augment
         order = torch.randperm(self.n_train, generator=generator)
         seed = int(torch.randint(2 ** 62, (1,), generator=generator)) if augment and self.recipe else None
         steps = self.steps_per_epoch(batch_size, drop_last)
-        chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+        start, stop = self.shard_of(batch_size, shard) if shard else (0, batch_size)
+        wholes = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+        chunks = [w[start:stop] for w in wholes]
         keys = _Keys(lambda: ([(i, seed) for i in chunk.tolist()] for chunk in chunks), steps)
-        for idx, (x, y) in zip(chunks, self._load("train", keys)):
-            x = self.finish(x, generator, augment and not self.recipe)
+        for whole, idx, (x, y) in zip(wholes, chunks, self._load("train", keys)):
+            part = (start, start + len(idx), len(whole)) if shard else None
+            x = self.finish(x, generator, augment and not self.recipe, part)
             yield (x, y, idx.to(self._device)) if indices else (x, y)
 
     def test_batches(self, batch_size: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:

@@ -214,3 +214,20 @@ def test_a_streamed_trials_memory_does_not_grow_with_the_folder(tmp_path):
         I.folder("image_folder", folder, None, rescan=True).stats()
         peaks.append(bench_stream.peak_rss(folder, tmp_path / f"run{n}")["main"])
     assert peaks[1] - peaks[0] <= 18_000 * bench_stream.RSS_TARGET_MB / 90_000, peaks
+
+
+@pytest.mark.parametrize("name,stream", [("tiny_imagenet", "off"), ("tiny_imagenet", "on"), ("image_folder", "on"),
+                                         ("imagenet", "on")])
+def test_each_data_parallel_shard_is_its_rows_of_the_global_batch(layouts, name, stream):
+    """A global batch is the same examples, augmented the same, whatever the number of workers."""
+    root, size = layouts[name]
+    d = _data(name, root, size if name != "imagenet" else None, stream)
+    whole = _epoch(d, 3)
+    for world in (2, 4):
+        shards = [_epoch(d, 3, shard=(rank, world)) for rank in range(world)]
+        for step, (x, y, i) in enumerate(whole):
+            assert torch.equal(torch.cat([s[step][2] for s in shards]), i)
+            assert torch.equal(torch.cat([s[step][1] for s in shards]), y)
+            assert torch.allclose(torch.cat([s[step][0] for s in shards]), x, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of the 3 workers"):
+        next(d.train_batches(8, torch.Generator(), shard=(0, 3)))
