@@ -102,8 +102,9 @@ def _sequential_plan(model: nn.Sequential) -> Plan:
 
 
 def _resnet_plan(model: models.ResNet) -> Plan:
-    """Post-activation blocks; a stream group runs from the stem (or a shortcut conv) through every
-    block with an identity shortcut."""
+    """Post-activation blocks, basic (two convs) or bottleneck (three): a stream group runs from the
+    stem (or a shortcut conv) through every block with an identity shortcut; each block's last conv
+    writes it. The ImageNet stem's max-pool acts per channel, so it changes no group."""
     p = Plan()
     p.layer("stem.0", INPUT, "stem")
     p.norms.append(("stem.1", "stem"))
@@ -118,8 +119,11 @@ def _resnet_plan(model: models.ResNet) -> Plan:
             stream = b
         else:
             p.groups[stream].append(b)
-        p.layer(f"{b}.conv2", f"{b}.conv1", stream)
-        p.norms.append((f"{b}.bn2", stream))
+        last = 3 if isinstance(block, models.Bottleneck) else 2
+        for j in range(2, last + 1):
+            dst = stream if j == last else f"{b}.conv{j}"
+            p.layer(f"{b}.conv{j}", f"{b}.conv{j - 1}", dst)
+            p.norms.append((f"{b}.bn{j}", dst))
     p.features["pool"] = stream
     p.layer("fc", "pool", None)
     return p

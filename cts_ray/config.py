@@ -95,6 +95,10 @@ class ModelConfig:
                        help="ResNet downsampling shortcut: 1x1 stride-2 conv, or the authors' 3x3 stride-2 conv")
     classifier_bias: str = _f("zero", choices=["zero", "pytorch"], identity="non_default",
                               help="classifier bias init: zero (SPEC §4) or PyTorch's default uniform (authors' code)")
+    stem: str = _f("auto", choices=["auto", "cifar", "imagenet"], identity="non_default",
+                   help="resnet18/resnet50 stem: cifar (3x3 stride-1 conv) or imagenet (7x7 stride-2 conv + 3x3 "
+                        "stride-2 max-pool); auto = imagenet for inputs of 64 px and more (Tiny-ImageNet, as the "
+                        "authors' code), cifar below")
 
 
 @dataclass
@@ -403,10 +407,7 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
     if s.method == "ltr" and s.density > 1 - s.ltr_fraction:
         raise ConfigError(f"search.density: {s.density} is above LTR's first round "
                           f"({1 - s.ltr_fraction:g}); expected a density <= {1 - s.ltr_fraction:g} for ltr")
-    m = cfg.model
-    if m.shortcut != "conv1x1" and m.name not in names.RESNETS:
-        raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(names.RESNETS))}), "
-                          f"not {m.name}; expected conv1x1")
+    _check_model(cfg.model)
     if d.image_size is not None and d.name not in layouts.NAMES:
         raise ConfigError(f"data.image_size: applies to the folder data sets only ({', '.join(layouts.NAMES)}), "
                           f"not {d.name}; expected null")
@@ -427,6 +428,17 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
                               "folder in torchvision's layout (or data.download: true)")
         if not d.download:   # the loader's own checks, cheap: names, headers, lengths
             check_root(d.name, d.root)
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Model options set on a model they do not apply to are refused (one line each)."""
+    if m.shortcut != "conv1x1" and m.name not in names.RESNETS:
+        why = " (bottlenecks: 1x1 projections, as torchvision's and the authors')" if m.name == "resnet50" else ""
+        raise ConfigError(f"model.shortcut: {m.shortcut!r} applies to ResNets only ({', '.join(sorted(names.RESNETS))}), "
+                          f"not {m.name}{why}; expected conv1x1")
+    if m.stem != "auto" and m.name not in names.STEMS:
+        raise ConfigError(f"model.stem: {m.stem!r} applies to {' and '.join(sorted(names.STEMS))} only, not {m.name}; "
+                          "expected auto")
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -56,18 +56,24 @@ def conv4(input_shape: Shape, num_classes: int) -> nn.Sequential:
 
 # ----------------------------------------------------------------------- ResNets
 
+def _projection(cin: int, cout: int, stride: int, shortcut: str) -> nn.Sequential:
+    """A block's shortcut: identity (empty) unless the shape changes, else conv + BN."""
+    if stride == 1 and cin == cout:
+        return nn.Sequential()
+    size = {"conv1x1": 1, "conv3x3": 3}[shortcut]   # conv3x3: the CTS authors' downsampling
+    return nn.Sequential(nn.Conv2d(cin, cout, size, stride, size // 2, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
+    expansion = 1   # output channels per width
+
     def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "conv1x1"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()  # identity unless the shape changes
-        if stride != 1 or cin != cout:
-            size = {"conv1x1": 1, "conv3x3": 3}[shortcut]   # conv3x3: the CTS authors' downsampling
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, size, stride, size // 2, bias=False),
-                                          nn.BatchNorm2d(cout))
+        self.shortcut = _projection(cin, cout, stride, shortcut)
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -76,16 +82,60 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    def __init__(self, in_ch: int, num_classes: int, stem: int,
-                 widths: list[int], blocks: list[int], strides: list[int], shortcut: str = "conv1x1"):
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 block (v1.5): 1x1 conv to ``width``, 3x3 conv carrying the stride,
+    1x1 conv to 4 x ``width``; a 1x1 projection shortcut (conv + BN) when the shape changes."""
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, shortcut: str = "conv1x1"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
-        layers, cin = [], stem
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = _projection(cin, cout, stride, shortcut)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+STEM_AUTO_SIDE = 64   # model.stem: auto takes the ImageNet stem from this input side up
+
+
+def stem_kind(stem: str, input_shape: Shape) -> str:
+    """``model.stem`` resolved for an input: auto is the ImageNet stem for sides >= 64 px (Tiny-ImageNet:
+    the authors' ResNet-18/50 use it there too) and the CIFAR stem below."""
+    if stem != "auto":
+        return stem
+    return "imagenet" if min(input_shape[1:]) >= STEM_AUTO_SIDE else "cifar"
+
+
+def _stem(in_ch: int, width: int, kind: str) -> nn.Sequential:
+    """cifar: 3x3 stride-1 conv + BN + ReLU; imagenet (torchvision's): 7x7 stride-2 conv + BN + ReLU and
+    a 3x3 stride-2 max-pool. The conv and BN are ``stem.0`` and ``stem.1`` either way."""
+    if kind == "imagenet":
+        return nn.Sequential(nn.Conv2d(in_ch, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                             nn.MaxPool2d(3, 2, 1))
+    return nn.Sequential(nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_ch: int, num_classes: int, stem_width: int, widths: list[int], blocks: list[int],
+                 strides: list[int], shortcut: str = "conv1x1", *, block: type = BasicBlock, stem: str = "cifar"):
+        super().__init__()
+        self.stem = _stem(in_ch, stem_width, stem)
+        layers, cin = [], stem_width
         for width, n, stride in zip(widths, blocks, strides):
             for i in range(n):
-                layers.append(BasicBlock(cin, width, stride if i == 0 else 1, shortcut))
-                cin = width
+                layers.append(block(cin, width, stride if i == 0 else 1, shortcut))
+                cin = width * block.expansion
         self.blocks = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(cin, num_classes)
@@ -98,6 +148,13 @@ def cifar_resnet(depth: int) -> Callable[[Shape, int], nn.Module]:
     assert (depth - 2) % 6 == 0, depth
     n = (depth - 2) // 6
     return lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 16, [16, 32, 64], [n] * 3, [1, 2, 2], shortcut)
+
+
+def imagenet_resnet(s: Shape, k: int, block: type, blocks: list[int], stem: str = "auto",
+                    shortcut: str = "conv1x1") -> ResNet:
+    """torchvision's ResNet-18/50 layout (widths 64-512, strides 1-2-2-2) with the stem ``model.stem`` picks."""
+    return ResNet(s[0], k, 64, [64, 128, 256, 512], blocks, [1, 2, 2, 2], shortcut, block=block,
+                  stem=stem_kind(stem, s))
 
 
 # --------------------------------------------------------------------------- VGG
@@ -212,8 +269,9 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "resnet32": cifar_resnet(32),
     "resnet56": cifar_resnet(56),
     "vgg16": vgg16,
-    "resnet18": lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 64, [64, 128, 256, 512], [2, 2, 2, 2],
-                                                         [1, 2, 2, 2], shortcut),
+    "resnet18": lambda s, k, shortcut="conv1x1", stem="auto": imagenet_resnet(s, k, BasicBlock, [2, 2, 2, 2],
+                                                                           stem, shortcut),
+    "resnet50": lambda s, k, stem="auto": imagenet_resnet(s, k, Bottleneck, [3, 4, 6, 3], stem),
     "wrn28_10": lambda s, k: WideResNet(s[0], k, 28, 10),
     "wrn16_2": lambda s, k: WideResNet(s[0], k, 16, 2),   # small, for tests and laptops
     "vit_tiny": vit_tiny,
@@ -237,9 +295,10 @@ def initialize(model: nn.Module, classifier_bias: str = "zero") -> None:
 
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, batchnorm: str = "running",
-          shortcut: str = "conv1x1", classifier_bias: str = "zero") -> nn.Module:
+          shortcut: str = "conv1x1", classifier_bias: str = "zero", stem: str = "auto") -> nn.Module:
     """A freshly initialised model; the keywords are ``ModelConfig``'s (see ``from_config``)."""
-    options = {"shortcut": shortcut} if shortcut != "conv1x1" else {}   # ResNets only (checked in config)
+    # only the builders they apply to take them (checked in config: names.RESNETS, names.STEMS)
+    options = {k: v for k, v, default in (("shortcut", shortcut, "conv1x1"), ("stem", stem, "auto")) if v != default}
     model = MODELS[name](tuple(input_shape), num_classes, **options)  # KeyError for unknown names
     if batchnorm == "batch":
         batch_statistics_only(model)
@@ -254,7 +313,7 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, bat
 def from_config(m, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """``build`` with a ``ModelConfig``'s options."""
     return build(m.name, input_shape, num_classes, batchnorm=m.batchnorm, shortcut=m.shortcut,
-                 classifier_bias=m.classifier_bias)
+                 classifier_bias=m.classifier_bias, stem=m.stem)
 
 
 def batch_statistics_only(model: nn.Module) -> None:
