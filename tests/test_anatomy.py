@@ -10,8 +10,8 @@ from cts_ray.masking import Mask, layer_shapes
 
 SHAPES = {"mlp_digits": (1, 8, 8), "lenet_300_100": (1, 28, 28), "lenet5": (1, 28, 28), "conv4": (1, 28, 28),
           "resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "vgg16": (3, 32, 32),
-          "resnet18": (3, 32, 32), "wrn16_2": (3, 32, 32), "wrn28_10": (3, 32, 32), "vit_tiny": (3, 32, 32),
-          "swin_t": (3, 32, 32)}
+          "resnet18": (3, 32, 32), "resnet50": (3, 64, 64), "wrn16_2": (3, 32, 32), "wrn28_10": (3, 32, 32),
+          "vit_tiny": (3, 32, 32), "swin_t": (3, 32, 32)}
 
 
 @pytest.fixture(autouse=True, scope="module")
