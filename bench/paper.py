@@ -78,7 +78,7 @@ def epoch_times(cfg: config.Config) -> tuple[float, float]:
     amp = runtime.use_amp(cfg.resources, device)
     data = data_mod.load(cfg.data, device)
     torch.manual_seed(0)
-    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), device, amp)
+    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name), device, amp)
     gpu.one_epoch(model, data, cfg, amp)                   # warm-up: cudnn.benchmark, allocator
     dense = gpu.one_epoch(model, data, cfg, amp)[1]
     raw = cfg.to_dict()

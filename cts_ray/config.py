@@ -97,8 +97,8 @@ class ModelConfig:
                               help="classifier bias init: zero (SPEC §4) or PyTorch's default uniform (authors' code)")
     stem: str = _f("auto", choices=["auto", "cifar", "imagenet"], identity="non_default",
                    help="resnet18/resnet50 stem: cifar (3x3 stride-1 conv) or imagenet (7x7 stride-2 conv + 3x3 "
-                        "stride-2 max-pool); auto = imagenet for inputs of 64 px and more (Tiny-ImageNet, as the "
-                        "authors' code), cifar below")
+                        "stride-2 max-pool); auto = imagenet on tiny_imagenet and imagenet (as the authors' code), "
+                        "cifar on every other data set")
 
 
 @dataclass

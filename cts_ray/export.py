@@ -152,7 +152,7 @@ def build_ticket_model(cfg, input_shape, num_classes: int, run_dir: Path) -> nn.
     """The one place a saved run's model is rebuilt: from the run's full model config (every
     option: batchnorm, shortcut, classifier bias, stem), then given the ticket's weights."""
     with torch.random.fork_rng(devices=[]):   # its initialisation is replaced by the ticket's weights
-        model = models.from_config(cfg.model, tuple(input_shape), num_classes)
+        model = models.from_config(cfg.model, tuple(input_shape), num_classes, cfg.data.name)
     return load_weights(model, run_dir / "ticket.pt")
 
 

@@ -8,10 +8,12 @@ parameters, not Linear modules); a model may override this by defining
 torch.func.functional_call can swap in masked tensors.
 """
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 from torchvision.models import SwinTransformer, VisionTransformer
+
+from . import names
 
 Shape = tuple[int, int, int]
 
@@ -106,15 +108,17 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-STEM_AUTO_SIDE = 64   # model.stem: auto takes the ImageNet stem from this input side up
+IMAGENET_DATA = ("tiny_imagenet", "imagenet")   # model.stem: auto takes the ImageNet stem on these
 
 
-def stem_kind(stem: str, input_shape: Shape) -> str:
-    """``model.stem`` resolved for an input: auto is the ImageNet stem for sides >= 64 px (Tiny-ImageNet:
-    the authors' ResNet-18/50 use it there too) and the CIFAR stem below."""
+def stem_kind(stem: str, data: Optional[str] = None) -> str:
+    """``model.stem`` resolved for data set ``data``: auto is the ImageNet stem on Tiny-ImageNet and
+    ImageNet (the authors' ResNet-18/50 use it on both, 64 px included) and the CIFAR stem on every
+    other data set, an image folder of any size included, as before the stem could be chosen (so a
+    config keeps its model under its hash)."""
     if stem != "auto":
         return stem
-    return "imagenet" if min(input_shape[1:]) >= STEM_AUTO_SIDE else "cifar"
+    return "imagenet" if data in IMAGENET_DATA else "cifar"
 
 
 def _stem(in_ch: int, width: int, kind: str) -> nn.Sequential:
@@ -150,11 +154,11 @@ def cifar_resnet(depth: int) -> Callable[[Shape, int], nn.Module]:
     return lambda s, k, shortcut="conv1x1": ResNet(s[0], k, 16, [16, 32, 64], [n] * 3, [1, 2, 2], shortcut)
 
 
-def imagenet_resnet(s: Shape, k: int, block: type, blocks: list[int], stem: str = "auto",
+def imagenet_resnet(s: Shape, k: int, block: type, blocks: list[int], stem: str = "cifar",
                     shortcut: str = "conv1x1") -> ResNet:
     """torchvision's ResNet-18/50 layout (widths 64-512, strides 1-2-2-2) with the stem ``model.stem`` picks."""
     return ResNet(s[0], k, 64, [64, 128, 256, 512], blocks, [1, 2, 2, 2], shortcut, block=block,
-                  stem=stem_kind(stem, s))
+                  stem=stem)
 
 
 # --------------------------------------------------------------------------- VGG
@@ -269,9 +273,9 @@ MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "resnet32": cifar_resnet(32),
     "resnet56": cifar_resnet(56),
     "vgg16": vgg16,
-    "resnet18": lambda s, k, shortcut="conv1x1", stem="auto": imagenet_resnet(s, k, BasicBlock, [2, 2, 2, 2],
+    "resnet18": lambda s, k, shortcut="conv1x1", stem="cifar": imagenet_resnet(s, k, BasicBlock, [2, 2, 2, 2],
                                                                            stem, shortcut),
-    "resnet50": lambda s, k, stem="auto": imagenet_resnet(s, k, Bottleneck, [3, 4, 6, 3], stem),
+    "resnet50": lambda s, k, stem="cifar": imagenet_resnet(s, k, Bottleneck, [3, 4, 6, 3], stem),
     "wrn28_10": lambda s, k: WideResNet(s[0], k, 28, 10),
     "wrn16_2": lambda s, k: WideResNet(s[0], k, 16, 2),   # small, for tests and laptops
     "vit_tiny": vit_tiny,
@@ -295,10 +299,14 @@ def initialize(model: nn.Module, classifier_bias: str = "zero") -> None:
 
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, batchnorm: str = "running",
-          shortcut: str = "conv1x1", classifier_bias: str = "zero", stem: str = "auto") -> nn.Module:
-    """A freshly initialised model; the keywords are ``ModelConfig``'s (see ``from_config``)."""
+          shortcut: str = "conv1x1", classifier_bias: str = "zero", stem: str = "auto",
+          data: Optional[str] = None) -> nn.Module:
+    """A freshly initialised model; the keywords are ``ModelConfig``'s (see ``from_config``), ``data``
+    the data set's name (what ``stem: auto`` resolves by)."""
     # only the builders they apply to take them (checked in config: names.RESNETS, names.STEMS)
-    options = {k: v for k, v, default in (("shortcut", shortcut, "conv1x1"), ("stem", stem, "auto")) if v != default}
+    options = {"shortcut": shortcut} if shortcut != "conv1x1" else {}
+    if name in names.STEMS:
+        options["stem"] = stem_kind(stem, data)
     model = MODELS[name](tuple(input_shape), num_classes, **options)  # KeyError for unknown names
     if batchnorm == "batch":
         batch_statistics_only(model)
@@ -310,10 +318,10 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, *, bat
     return model
 
 
-def from_config(m, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """``build`` with a ``ModelConfig``'s options."""
+def from_config(m, input_shape: tuple[int, int, int], num_classes: int, data: Optional[str] = None) -> nn.Module:
+    """``build`` with a ``ModelConfig``'s options (``data``: ``cfg.data.name``, for ``stem: auto``)."""
     return build(m.name, input_shape, num_classes, batchnorm=m.batchnorm, shortcut=m.shortcut,
-                 classifier_bias=m.classifier_bias, stem=m.stem)
+                 classifier_bias=m.classifier_bias, stem=m.stem, data=data)
 
 
 def batch_statistics_only(model: nn.Module) -> None:

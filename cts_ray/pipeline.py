@@ -78,7 +78,7 @@ def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], Non
     """Initialise from the seed and train densely, keeping the weights at the search point."""
     k, until = cfg.search_epoch, dense_until(cfg)
     torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), device, amp)
+    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name), device, amp)
     snapshot = runtime.cpu_copy(model.state_dict())
     records, pretrain, seconds, acc = [], 0.0, 0.0, None
     for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense", compile=cfg.resources.compile,
@@ -221,7 +221,8 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     device = runtime.configure(cfg.resources)
     data = data_mod.load(cfg.data, device, cfg.resources)   # ConfigError here still precedes any writing
     if cfg.resources.threads is None and device.type == "cpu":
-        params = sum(p.numel() for p in models.from_config(cfg.model, data.input_shape, data.num_classes).parameters())
+        net = models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name)
+        params = sum(p.numel() for p in net.parameters())
         torch.set_num_threads(runtime.default_threads(params))
     for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
         shutil.rmtree(old, ignore_errors=True)
@@ -268,7 +269,7 @@ class _Experiment:
         dense = self.dense(cache)   # shared across trials via the cache
         storage.save_torch(dense.snapshot, staging / "search_point.pt")
         torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes), self.device, self.amp)
+        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name), self.device, self.amp)
         model.load_state_dict(dense.snapshot)
         retrain = Retrain(cfg, model, dense.snapshot, data, self.amp, self.emit)
         ticket = self.search(model, dense, retrain, cache)
@@ -311,7 +312,7 @@ class _Experiment:
         start = ticket.weights if ticket.weights is not None else dense.snapshot
         if s.sanity == "reinit":
             torch.manual_seed(runtime.derive_seed(cfg.seed, "reinit"))
-            start = models.from_config(cfg.model, self.data.input_shape, self.data.num_classes).state_dict()
+            start = models.from_config(cfg.model, self.data.input_shape, self.data.num_classes, cfg.data.name).state_dict()
         if ticket.retrained is not None and s.sanity == "none":
             return ticket.retrained           # the method already retrained this very ticket
         if cfg.retrain:

@@ -36,6 +36,7 @@ def _one_thread():
 
 
 def _prunable(name, shape, k, **options) -> int:
+    options = {"stem": "imagenet", **options}   # these counts are the ImageNet-stem models'
     return sum(p.numel() for p in models.prunable(models.build(name, shape, k, **options)).values())
 
 
@@ -68,7 +69,7 @@ def test_prunable_counts_are_the_hand_formulas():
     assert _prunable("resnet18", (3, 64, 64), 200) == resnet18 + 512 * 200 == 11_269_312
     assert _prunable("resnet18", (3, 224, 224), 1000) == resnet18 + 512 * 1000 == 11_678_912
     # the CIFAR stem differs only in its 3x3 conv
-    assert _prunable("resnet18", (3, 32, 32), 10) == resnet18 - RESNET50_STEM + 3 * 64 * 9 + 512 * 10 == 11_164_352
+    assert _prunable("resnet18", (3, 32, 32), 10, stem="cifar") == resnet18 - RESNET50_STEM + 3 * 64 * 9 + 512 * 10 == 11_164_352
 
 
 def _layers(net: nn.Module) -> list:
@@ -88,7 +89,7 @@ def _layers(net: nn.Module) -> list:
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_the_imagenet_stem_models_are_torchvisions(name):
-    ours = models.build(name, (3, 224, 224), 1000)
+    ours = models.build(name, (3, 224, 224), 1000, data="imagenet")
     theirs = getattr(torchvision.models, name)(weights=None)
     assert _layers(ours) == _layers(theirs)   # the stride on the 3x3 conv (v1.5), 1x1 projections
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
@@ -106,12 +107,12 @@ def test_resnet50_flops_are_the_hand_formula_at_224_and_64_pixels():
         before = sides[max(i - 1, 0)]
         macs += (stage - first_conv1[i]) * side ** 2 + first_conv1[i] * before ** 2
     assert macs == 4_089_184_256   # torchvision's 4.09 GFLOPS (multiply-accumulates)
-    assert cost(models.build("resnet50", (3, 224, 224), 1000), (3, 224, 224))["flops"] == macs
+    assert cost(models.build("resnet50", (3, 224, 224), 1000, data="imagenet"), (3, 224, 224))["flops"] == macs
     small = [side // 4 for side in [64, 32, 16, 8]]   # 64 px: stem at 32, then 16, 8, 4, 2
     macs64 = RESNET50_STEM * 32 ** 2 + 2048 * 4 + sum(
         (stage - c1) * side ** 2 + c1 * small[max(i - 1, 0)] ** 2
         for i, (stage, side, c1) in enumerate(zip(RESNET50_STAGES, small, first_conv1)))
-    assert cost(models.build("resnet50", (3, 64, 64), 4), (3, 64, 64))["flops"] == macs64
+    assert cost(models.build("resnet50", (3, 64, 64), 4, data="tiny_imagenet"), (3, 64, 64))["flops"] == macs64
 
 
 # ------------------------------------------------------------------ the stem
@@ -124,11 +125,14 @@ def _digest(net: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def test_auto_stem_follows_the_input_and_the_cifar_resnet18_is_unchanged():
-    assert [models.stem_kind("auto", (3, s, s)) for s in (32, 63, 64, 224)] == ["cifar", "cifar", "imagenet",
-                                                                               "imagenet"]
-    assert models.stem_kind("cifar", (3, 224, 224)) == "cifar" and models.stem_kind("imagenet", (3, 32, 32)) == "imagenet"
-    stem = models.build("resnet50", (3, 64, 64), 4).stem
+def test_auto_stem_follows_the_data_set_and_the_cifar_resnet18_is_unchanged():
+    """auto: the ImageNet stem on the two ImageNets (TLAB's, 64 px included), the CIFAR stem on every
+    other data set whatever its size, as before model.stem existed (a config keeps its model)."""
+    assert [models.stem_kind("auto", d) for d in ("tiny_imagenet", "imagenet", "image_folder", "cifar10", None)] == \
+        ["imagenet", "imagenet", "cifar", "cifar", "cifar"]
+    assert models.stem_kind("cifar", "imagenet") == "cifar" and models.stem_kind("imagenet", "cifar10") == "imagenet"
+    assert len(models.build("resnet18", (3, 224, 224), 4, data="image_folder").stem) == 3
+    stem = models.build("resnet50", (3, 64, 64), 4, data="tiny_imagenet").stem
     assert [type(m) for m in stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
     assert (stem[0].kernel_size, stem[0].stride, stem[0].padding) == ((7, 7), (2, 2), (3, 3))
     cifar = models.build("resnet18", (3, 64, 64), 4, stem="cifar").stem
@@ -165,7 +169,7 @@ def test_stem_config_is_hash_neutral_at_auto_and_refused_where_it_does_not_apply
 def test_compact_bottleneck_and_imagenet_stem_give_the_masked_logits(name, options):
     shape = (3, 64, 64)
     torch.manual_seed(0)
-    net = _randomise(models.build(name, shape, 4, **options), 1)
+    net = _randomise(models.build(name, shape, 4, stem="imagenet", **options), 1)
     mask = _mask(net, 0.2, 2)
     small, info = compact(net, mask, shape)
     assert not info["collapsed"] and any(ly["kept_outputs"] < ly["outputs"] for ly in info["layers"] if "outputs" in ly)
@@ -202,7 +206,7 @@ def folder64(tmp_path_factory):
 
 # One step of everything (4 examples, batch 4): what is tested is that each method's mechanics, the
 # anatomy and the report go through the bottlenecks and the max-pool stem, not what they find.
-TINY = ["model.name=resnet50", "training.epochs=1", "training.milestones=[]", "training.batch_size=4",
+TINY = ["model.name=resnet50", "model.stem=imagenet", "training.epochs=1", "training.milestones=[]", "training.batch_size=4",
         "training.dense_baseline=false", "training.retrain=false", "search.point=init", "search.length=1.0",
         "search.examples_per_class=1", "search.synflow_rounds=1", "resources.device=cpu", "resources.threads=1"]
 RESNET50_4 = RESNET50_STEM + sum(RESNET50_STAGES) + 2048 * 4   # prunable weights with 4 classes
@@ -219,7 +223,7 @@ def resnet50_setup(folder64):
     data = D.load(_tiny(folder64, "random").data)
     assert data.input_shape == (3, 64, 64) and data.num_classes == 4
     torch.manual_seed(0)
-    return data, models.build("resnet50", data.input_shape, data.num_classes)
+    return data, models.build("resnet50", data.input_shape, data.num_classes, stem="imagenet")
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -17,7 +17,7 @@ SHAPES = {
     "resnet56": (3, 32, 32),
     "vgg16": (3, 32, 32),
     "resnet18": (3, 32, 32),
-    "resnet50": (3, 64, 64),   # ImageNet stem (auto from 64 px)
+    "resnet50": (3, 64, 64),   # the CIFAR stem (auto, no data set named): a 64 px map through the stages
     "wrn16_2": (3, 32, 32),
     "wrn28_10": (3, 32, 32),
     "vit_tiny": (3, 32, 32),

@@ -100,7 +100,7 @@ def test_batchnorm_batch_evaluation_is_deterministic_and_harmless_without_bn():
     data = D.load(C.DataConfig(name="digits"))
     cfg = C.load(None, ["model.name=resnet20", "model.batchnorm=batch"])
     torch.manual_seed(0)
-    net = models.from_config(cfg.model, data.input_shape, data.num_classes)
+    net = models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name)
     assert evaluate(net, data) == evaluate(net, data)            # fixed test-batch order
     torch.manual_seed(0)
     plain = models.build("lenet5", (1, 28, 28), 10).state_dict()

@@ -156,7 +156,7 @@ def _ltr_kept(model: tuple, dataset: str, fraction: float, rounds: int = 40) -> 
     shape, classes = RECIPE_INPUTS.get(dataset, (None, None))
     torch.manual_seed(0)
     net = models.from_config(C.ModelConfig(**dict(model)), info.input_shape or shape,
-                             info.num_classes or classes)   # shortcuts (and the stem, the classes) count
+                             info.num_classes or classes, dataset)   # shortcuts (and the stem, the classes) count
     weights = {n: p.detach() for n, p in net.named_parameters() if n in layer_shapes(net)}
     numel = sum(w.numel() for w in weights.values())
     reached, kept = {}, numel
