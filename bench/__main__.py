@@ -13,7 +13,8 @@ DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minute
 NOTES = {
     "loader": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
     "data": "Images/s, median of alternating rounds; ratio = ÷ in memory (same kind of row), paired per round. "
-            "Memory: one cts-ray run each, peak PSS of it and its loader processes (bench/stream.py).",
+            "Memory: one cts-ray run each, the kernel's peak RSS (VmHWM) of it and of its largest loader process "
+            "(bench/stream.py).",
     "ticket": "Single long runs (CTS, short-search CTS, fused CTS, then LTR), not alternated; times are the runs' summary.json training "
               "seconds (evaluation excluded).",
     "gpu": "(b) is EXTRAPOLATED from one timed epoch per phase and round, not a measured full run.",

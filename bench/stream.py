@@ -9,10 +9,11 @@ Rows (images/s, median of alternating rounds; ratio = streamed ÷ in memory, pai
 - engines (loader only, 32 x 32): Ray Data (``read_images`` + ``iter_torch_batches``, decoding in Ray
   tasks) beside ours (torch DataLoader processes decoding with PIL); and the decoders per image,
   PIL against ``torchvision.io.decode_jpeg``.
-- memory: peak RSS (the kernel's high-water marks: the trial's process, and its largest loader
-  process) of one ``cts-ray run`` streaming generated 10,000- and 100,000-image folders (hard
+- memory: peak RSS (the kernel's high-water marks, VmHWM: the trial's process, and its largest
+  loader process) of one ``cts-ray run`` streaming generated 10,000- and 100,000-image folders (hard
   links to the CIFAR files): LeNet-300-100, SNIP, one retraining epoch. Target: within 150 MB of
-  each other. (Sampled PSS of the process tree varied by ±100 MB between identical runs here.)
+  each other. (Sampled PSS of the process tree varied by ±100 MB between identical runs here, and
+  getrusage's maxrss keeps the parent's peak across exec.)
 """
 from __future__ import annotations
 
@@ -144,30 +145,49 @@ def _decode(root: Path, how: str) -> float:
 
 # ---------------------------------------------------------------- memory
 
-PROBE = """import json, resource, sys
+PROBE = """import json, sys
 from cts_ray import cli
 code = cli.main(sys.argv[1:])
-use = lambda who: resource.getrusage(who).ru_maxrss / 1024
-print(json.dumps({"code": code, "main": use(resource.RUSAGE_SELF), "loader": use(resource.RUSAGE_CHILDREN)}))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"code": code, "main": hwm / 1024}))
 """
 
 
+def _hwm(pid: int) -> float:
+    """A process's peak RSS (MB): the kernel's high-water mark for its memory since exec (or fork)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def peak_rss(folder: Path, out: Path) -> dict:
-    """Peak RSS (MB, the kernel's high-water marks) of one `cts-ray run` streaming ``folder``: its
-    own ("main") and its largest child's ("loader": the loader processes, forked from it, so their
-    RSS includes the pages they share with it)."""
+    """Peak RSS (MB) of one `cts-ray run` streaming ``folder``: its own ("main", read by itself at the
+    end: VmHWM, which starts afresh at exec, unlike getrusage's maxrss, which keeps the parent's)
+    and its largest loader process's ("loader", polled: forked from the trial, so it counts the
+    pages it shares with it)."""
     import json
+    import psutil
     cmd = [sys.executable, "-c", PROBE, "run", "--quiet", "--out", str(out)]
     for s in ("data.name=image_folder", f"data.root={folder}", "data.stream=on", f"data.workers={WORKERS}",
               "model.name=lenet_300_100", "search.method=snip", "search.point=init", "training.epochs=1",
               "training.batch_size=128", "training.milestones=[]", "training.dense_baseline=false",
               "resources.threads=1"):
         cmd += ["--set", s]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    peaks = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    loader = 0.0
+    while proc.poll() is None:
+        try:
+            loader = max([loader, *(_hwm(c.pid) for c in psutil.Process(proc.pid).children(recursive=True))])
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
+    peaks = json.loads(stdout.strip().splitlines()[-1]) if proc.returncode == 0 and stdout.strip() else {}
     if peaks.get("code") != 0:
-        raise RuntimeError(f"cts-ray run failed: {p.stderr.strip()[-500:]}")
-    return peaks
+        raise RuntimeError(f"cts-ray run failed: {stderr.strip()[-500:]}")
+    return {**peaks, "loader": loader}
 
 
 def _memory(src: Path, work: Path, sizes) -> list[Row]:

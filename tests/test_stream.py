@@ -231,3 +231,13 @@ def test_each_data_parallel_shard_is_its_rows_of_the_global_batch(layouts, name,
             assert torch.allclose(torch.cat([s[step][0] for s in shards]), x, atol=1e-6)
     with pytest.raises(ValueError, match="not a multiple of the 3 workers"):
         next(d.train_batches(8, torch.Generator(), shard=(0, 3)))
+
+
+def test_a_trial_a_data_file_failed_is_retried_from_its_saved_epochs():
+    """`--retry-failed` drops a failed trial's saved progress, except where a data file failed it."""
+    from cts_ray.sweep.resume import RETRY_FAILED, afresh
+    rows = [{"trial_id": "a", "status": "error", "error": "RuntimeError: boom"},
+            {"trial_id": "b", "status": "error", "error": "DataFileError: data.root: train/x.JPEG cannot be decoded"},
+            {"trial_id": "c", "status": "diverged", "error": "retrain: training loss became nan"},
+            {"trial_id": "d", "status": "finished", "error": None}]
+    assert afresh(rows, RETRY_FAILED) == ["a", "c"]

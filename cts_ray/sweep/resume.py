@@ -245,6 +245,14 @@ def settle_study(spec: SweepSpec, url: str) -> int:
     return len(stale)
 
 
+def afresh(have_rows: list, retry: tuple) -> list:
+    """The ids of the trials ``--retry-failed`` runs afresh (their saved progress dropped): every
+    failed one but those a data file failed (DataFileError): their saved epochs are sound, so they
+    continue from them once the file is fixed."""
+    return [r["trial_id"] for r in have_rows if r["status"] in retry
+            and not (r.get("error") or "").startswith("DataFileError")]
+
+
 def reruns(have_rows: list, statuses: tuple, before: float) -> list:
     """The rows of ``statuses`` not written since ``before`` (the resume's start): trials to run
     again under their own ids (an interrupted one, a failed one to retry), so their rows are replaced."""

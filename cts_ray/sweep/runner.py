@@ -17,7 +17,7 @@ from . import tables
 from .adapters import restored_tuner
 from .interrupts import Interrupts, interrupted_counts, record_interrupted
 from .preflight import decode_images
-from .resume import (INTERRUPTED, check, claimable, forgotten, missing, points_of, reruns, restorable,
+from .resume import (INTERRUPTED, afresh, check, claimable, forgotten, missing, points_of, reruns, restorable,
                      rows, set_aside, settle_study, write_record)
 from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
@@ -148,10 +148,7 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
     resume = resume and not extend
     started = time.time()
     write_record(spec, resume=resume, added=points)
-    # A retried trial runs afresh, except one a data file failed (DataFileError): its saved epochs are
-    # sound, so it continues from them once the file is fixed.
-    retried = [r["trial_id"] for r in rows(spec.root) if r["status"] in retry
-               and not (r.get("error") or "").startswith("DataFileError")]
+    retried = afresh(rows(spec.root), retry)
     logger = _mlflow_logger(spec)
     logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
