@@ -92,7 +92,13 @@ def _throughput(root: Path, repeats: int, device: str, quick: bool) -> list[Row]
     where = runtime.device_name(dev) if dev.type == "cuda" else cpu_model()
     print(f"  {sources['in memory'].n_train} images, batch {BATCH}, {WORKERS} loader processes, "
           f"{torch.get_num_threads()} torch threads, on {where}; {repeats} rounds", flush=True)
-    ims = alternate(fns, repeats, " img/s")
+    import ray
+    ours = not ray.is_initialized()   # the Ray Data row starts a local Ray; it ends with the bench
+    try:
+        ims = alternate(fns, repeats, " img/s")
+    finally:
+        if ours and ray.is_initialized():
+            ray.shutdown()
     rows = []
     for kind, what in (("train", "train epoch (ResNet-20)"), ("load", "loader only")):
         base, other = ims[f"in memory {kind}"], ims[f"streamed {kind}"]
@@ -115,9 +121,13 @@ def _throughput(root: Path, repeats: int, device: str, quick: bool) -> list[Row]
 
 def _ray_data(root: Path) -> float:
     """Images/s of Ray Data reading the folder's training split as batches of BATCH tensors."""
+    import logging
+
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_images(str(root / "train"), include_paths=False, mode="RGB")
     t0, seen = time.perf_counter(), 0
     for batch in ds.iter_torch_batches(batch_size=BATCH, drop_last=True):

@@ -1,7 +1,7 @@
 """The cluster's security group, made before `ray up` so that SSH is open only to its owner.
 
 Ray's AWS launcher (2.60) fills rules only into a group it has just created, and then always adds
-SSH (22) from 0.0.0.0/0 next to `provider.security_group.IpPermissions`; a group that already has
+SSH (22) from every address (a /0 range) next to `provider.security_group.IpPermissions`; a group that already has
 rules it uses as it is. So this creates (or repairs) the group named in cluster.yaml, in the VPC
 `ray up` will pick, with exactly: all traffic from the group itself (Ray's intra-cluster rule) and
 the `IpPermissions` of cluster.yaml (SSH from the range on its `SET THIS` line). Run from the
@@ -93,7 +93,7 @@ def ensure(cfg: dict) -> tuple[str, str]:
     want = _flatten([{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]}, *perms])
     [group] = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"]
     have = _flatten(group["IpPermissions"])
-    if have - want:   # e.g. SSH from 0.0.0.0/0 that Ray added to a group it made
+    if have - want:   # e.g. SSH from every address, which Ray added to a group it made
         ec2.revoke_security_group_ingress(GroupId=gid, IpPermissions=[_permission(r) for r in sorted(have - want)])
     if want - have:
         ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[_permission(r) for r in sorted(want - have)])
