@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import SHARED_DATA
 from cts_ray import config as C
