@@ -126,9 +126,17 @@ class Batches:
         if augment:
             x = AUGMENTATIONS[self.augmentation](x, generator, part=part)
         if raw:
-            mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-            x = (x - mean) / torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+            mean, std = self._norm(x.device)
+            x = (x - mean) / std
         return x
+
+    def _norm(self, device) -> tuple[Tensor, Tensor]:
+        """mean and std as (C, 1, 1) tensors on ``device``, made once: not a host-to-device copy a step."""
+        cached = getattr(self, "_norms", {})
+        if device not in cached:
+            cached[device] = tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (self.mean, self.std))
+            self._norms = cached
+        return cached[device]
 
     @staticmethod
     def shard_of(batch_size: int, shard) -> tuple[int, int]:

@@ -204,9 +204,7 @@ def loader_workers(cfg, resources=None) -> int:
 def streams(cfg, device, resources=None) -> bool:
     """Whether ``cfg`` (a DataConfig) streams: ``data.stream``, and for auto whether the decoded set
     would outgrow ``memory_budget``."""
-    if cfg.name not in image_folder.FOLDERS or cfg.stream != "auto":
-        return cfg.name in image_folder.FOLDERS and cfg.stream == "on"
-    return image_folder.decoded_bytes(cfg.name, cfg.root, cfg.image_size) > memory_budget(device, resources)
+    return cfg.name in image_folder.FOLDERS and image_folder.streams(cfg, lambda: memory_budget(device, resources))
 
 
 def load(cfg, device: torch.device | str = "cpu", resources=None) -> Batches:
@@ -250,10 +248,9 @@ def _load_folder(cfg, device, resources) -> Batches:
     like CIFAR's; the training subset is the same seed-0 permutation as every data set's."""
     folder = image_folder.folder(cfg.name, cfg.root, cfg.image_size, rescan=True)
     mixed = torch.randperm(folder.count("test"), generator=torch.Generator().manual_seed(0))
-    colour = cfg.name == "tiny_imagenet"
     augment = {"auto": folder.augment, "on": True, "off": False}[cfg.augment]
     facts = dict(num_classes=len(folder.classes), input_shape=folder.input_shape, augment=augment,
-                 augmentation="colour_crop" if colour else "crop_flip")
+                 augmentation=folder.augmentation)
     if streams(cfg, device, resources):
         from .stream import StreamData
         train_i, test_i = torch.arange(folder.count("train")), mixed
@@ -267,6 +264,6 @@ def _load_folder(cfg, device, resources) -> Batches:
     train_x, train_y, test_x, test_y = _subsets(cfg, f.train_x, f.train_y, f.test_x[mixed], f.test_y[mixed])
     data = DeviceData(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
                       mean=tuple(f.mean), std=tuple(f.std), **facts)
-    if not colour:   # held normalised, as every other data set; colour_crop needs the pixels
+    if not folder.raw:   # held normalised, as every other data set
         data.train_x, data.test_x = data.finish(data.train_x, None, False), data.finish(data.test_x, None, False)
     return data

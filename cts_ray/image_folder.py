@@ -28,14 +28,14 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .errors import ConfigError
 from .layouts import SPLITS, Listing
 from .layouts import _check  # noqa: F401  the check's per-process cache (tests clear it)
-from .layouts import _folder_stamp, check as _layout_check, describe as _describe, header as _header, scan as _layout_scan
+from .layouts import NAMES as _LAYOUTS, _folder_stamp, check as _layout_check, describe as _describe, header as _header, scan as _layout_scan
 from .storage import save_torch, write_text
 
 POOL_MIN_FILES = 4096     # below this a process pool costs more than it saves
@@ -124,7 +124,7 @@ def _checked(parts) -> Iterator[np.ndarray]:
 
 # ---------------------------------------------------------------- a folder data set
 
-FOLDERS = ("image_folder", "tiny_imagenet", "imagenet")   # layouts.NAMES: the user's files, never downloaded
+FOLDERS = _LAYOUTS   # the folder data sets: the user's files, never downloaded
 NATIVE = {"tiny_imagenet": 64}   # decoded at this size when data.image_size is null
 STATS_ALL = 50_000               # streamed image folders: mean/std over every training image up to
 STATS_SAMPLE = 10_000            # this many, else over a seeded sample of this many
@@ -159,6 +159,16 @@ class Folder:
         """data.augment: auto. The ImageNets always (their recipes); an image folder at 32 x 32 RGB."""
         return self.name != "image_folder" or self.input_shape == (3, 32, 32)
 
+    @property
+    def augmentation(self) -> str:
+        """The batches' augmentation (``batches.AUGMENTATIONS``): the authors' colour one on Tiny-ImageNet."""
+        return "colour_crop" if self.name == "tiny_imagenet" else "crop_flip"
+
+    @property
+    def raw(self) -> bool:
+        """Held as uint8 pixels, normalised per batch: colour jitter needs pixel values."""
+        return self.augmentation == "colour_crop"
+
     def key(self) -> str:
         return self.listing.key(self.size)
 
@@ -168,7 +178,7 @@ class Folder:
         if self.size is None and self.expect is None:
             return float("inf")
         c, h, w = self.input_shape
-        return (self.count("train") + self.count("test")) * c * h * w * (1 if self.name == "tiny_imagenet" else 4)
+        return (self.count("train") + self.count("test")) * c * h * w * (1 if self.raw else 4)
 
     def stats(self) -> tuple[tuple, tuple]:
         """Normalisation mean/std: the ImageNets' published constants (datasets.py); an image
@@ -246,12 +256,17 @@ def host_budget(cpus: Optional[float] = None) -> int:
     return int(BUDGET_SHARE * total * (min(1.0, cpus / (os.cpu_count() or 1)) if cpus else 1))
 
 
-def streams_on_host(data, resources) -> bool:
-    """Whether a CPU trial of ``data`` (a DataConfig) streams: data.stream, and for auto whether its
-    decoded set outgrows ``host_budget``."""
+def streams(data, budget: Callable[[], int]) -> bool:
+    """Whether ``data`` (a folder data set's DataConfig) streams: data.stream, and for auto whether its
+    decoded set outgrows ``budget()`` bytes."""
     if data.stream != "auto":
         return data.stream == "on"
-    return decoded_bytes(data.name, data.root, data.image_size) > host_budget(resources.cpus)
+    return decoded_bytes(data.name, data.root, data.image_size) > budget()
+
+
+def streams_on_host(data, resources) -> bool:
+    """``streams`` for a CPU trial on this node (``host_budget``)."""
+    return streams(data, lambda: host_budget(resources.cpus))
 
 
 # ---------------------------------------------------------------- decoded cache

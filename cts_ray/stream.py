@@ -106,6 +106,13 @@ class Files(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(a)).permute(2, 0, 1), int(self.labels[index])   # PIL arrays are read-only
 
 
+def _checked(batch):
+    """A collated batch, or the one-line DataFileError its problem means."""
+    if isinstance(batch, str):
+        raise DataFileError(f"data.root: {batch}; fix or replace it, then resume (the run's saved epochs are kept)")
+    return batch
+
+
 def _collate(items: list):
     bad = next((i for i in items if isinstance(i, str)), None)
     if bad is not None:
@@ -166,19 +173,20 @@ class StreamData(Batches):
     n_test = property(lambda self: len(self.test_paths))
     device = property(lambda self: self._device)
 
+    def _files(self, split: str) -> Files:
+        paths, labels = (self.train_paths, self.train_y) if split == "train" else (self.test_paths, self.test_y)
+        return Files(self.root, paths, labels, self.size, self.expect)
+
     def _load(self, split: str, keys: list) -> Iterator[tuple[Tensor, Tensor]]:
         """Decoded batches of ``keys`` (lists of (index, seed)), in order, on the device."""
-        paths, labels = (self.train_paths, self.train_y) if split == "train" else (self.test_paths, self.test_y)
-        files = Files(self.root, paths, labels, self.size, self.expect)
+        files = self._files(split)
         cuda = self._device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             files, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate, pin_memory=cuda,
             prefetch_factor=4 if self.workers else None,
             multiprocessing_context="fork" if self.workers else None)
         for batch in loader:
-            if isinstance(batch, str):
-                raise DataFileError(f"data.root: {batch}; fix or replace it, then resume (the run's saved epochs are kept)")
-            x, y = batch
+            x, y = _checked(batch)
             yield x.to(self._device, non_blocking=cuda), y.to(self._device, non_blocking=cuda)
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: Optional[bool] = None,
@@ -206,12 +214,9 @@ class StreamData(Batches):
 
     def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Training examples ``idx``, not augmented (decoded here, in this process)."""
-        files = Files(self.root, self.train_paths, self.train_y, self.size, self.expect)
-        items = [files[(int(i), None)] for i in idx.cpu()]
-        batch = _collate(items)
-        if isinstance(batch, str):
-            raise DataFileError(f"data.root: {batch}; fix or replace it, then resume (the run's saved epochs are kept)")
-        return self.finish(batch[0].to(self._device), None, False), batch[1].to(self._device)
+        files = self._files("train")
+        x, y = _checked(_collate([files[(int(i), None)] for i in idx.cpu()]))
+        return self.finish(x.to(self._device), None, False), y.to(self._device)
 
     def in_order(self, batch_size: int) -> Iterator[Tensor]:
         for x, _ in self._load("train", _ranges(self.n_train, batch_size)):

@@ -28,6 +28,15 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small passes (fastest there, and steady on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Ports Ray takes by default for its own components (dashboard, its agent's HTTP server, Redis, Ray
 # Client, workers): a head started on one of these fails with "port … used by other components".
 _RAY_PORTS = {8265, 52365, 6379, 10001, *range(10002, 20000)}

@@ -14,13 +14,7 @@ SHAPES = {"mlp_digits": (1, 8, 8), "lenet_300_100": (1, 28, 28), "lenet5": (1, 2
           "vit_tiny": (3, 32, 32), "swin_t": (3, 32, 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small single-example passes: one thread is fastest, and steady on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # small single-example passes: fastest, and steady, on one thread
 
 
 def _dense(model) -> dict:

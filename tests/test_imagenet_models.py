@@ -26,13 +26,7 @@ from cts_ray.methods import METHODS, SearchContext
 from test_export import _mask, _randomise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # as tests/test_anatomy.py: small-batch passes are fastest, and steady on a busy machine, on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # small-batch passes: fastest, and steady, on one thread
 
 
 def _prunable(name, shape, k, **options) -> int:
