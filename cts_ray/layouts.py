@@ -134,11 +134,19 @@ def _class_folders(root: Path, split: str, name: str) -> list[str]:
 def _listed(folders: list[Path], root: Path, ignore: tuple = ()) -> Iterator[list]:
     """``_images`` of each folder, in order, listed by threads: a file's stat waits on the disk (on a
     network filesystem ~0.1 ms, minutes for ImageNet one at a time), not on Python."""
-    pool = ThreadPoolExecutor(min(16, len(folders)) or 1)
-    try:
-        yield from pool.map(lambda f: _images(f, f.relative_to(root).as_posix(), ignore), folders)
-    finally:
-        pool.shutdown(cancel_futures=True)   # after a refusal: list no further folders
+    def one(folder: Path):
+        try:
+            return _images(folder, folder.relative_to(root).as_posix(), ignore)
+        except Exception as e:   # raised below, in folder order, as a plain loop would
+            return e
+    # Every folder is listed before the first is yielded: a generator that held the pool while its
+    # caller raised kept the threads until garbage collection, whose shutdown could hang the suite.
+    with ThreadPoolExecutor(min(16, len(folders)) or 1) as pool:
+        results = list(pool.map(one, folders))
+    for found in results:
+        if isinstance(found, Exception):
+            raise found
+        yield found
 
 
 def _scan_class_folders(root: Path, name: str) -> Listing:
