@@ -65,7 +65,7 @@ def cpu_model() -> str:
 
 def stamp() -> list[str]:
     import torch
-    from cts_ray.runtime import code_version, library_versions
+    from cts_ray.versions import code_version, library_versions
     gpu = "none"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

@@ -23,7 +23,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the code version and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .runtime import code_version
+        from .versions import code_version
         print(f"cts-ray {code_version()}")
         parser.exit()
 

@@ -8,12 +8,14 @@ parameters, not Linear modules); a model may override this by defining
 torch.func.functional_call can swap in masked tensors.
 """
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from torch import nn
-from torchvision.models import SwinTransformer, VisionTransformer
 
 from . import names
+
+if TYPE_CHECKING:   # imported where built: torchvision's import (torch._dynamo) costs every trial process ~1.4 s
+    from torchvision.models import SwinTransformer, VisionTransformer
 
 Shape = tuple[int, int, int]
 
@@ -225,8 +227,9 @@ class WideResNet(nn.Module):
 # torchvision's classes, sized for small images. They keep torchvision's own initialisation (see
 # ``build``), and no dropout or stochastic depth, like every other model here.
 
-def vit_tiny(input_shape: Shape, num_classes: int, patch: int = 4) -> VisionTransformer:
+def vit_tiny(input_shape: Shape, num_classes: int, patch: int = 4) -> "VisionTransformer":
     """ViT-Tiny (hidden 192, 12 layers, 3 heads, MLP 768) on square images, patch 4 (32x32: 64 tokens)."""
+    from torchvision.models import VisionTransformer
     c, h, w = input_shape
     if h != w or h % patch:
         raise ValueError(f"vit_tiny: needs square images with a side divisible by {patch}; got {h}x{w}")
@@ -242,7 +245,7 @@ def vit_tiny(input_shape: Shape, num_classes: int, patch: int = 4) -> VisionTran
     return model
 
 
-def swin_t(input_shape: Shape, num_classes: int) -> SwinTransformer:
+def swin_t(input_shape: Shape, num_classes: int) -> "SwinTransformer":
     """Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24) for 32x32 images: patch 2, window 4.
 
     ImageNet's Swin-T (patch 4, window 7 on 224x224) has 56x56 tokens, 8x8 windows in stage 1 and a
@@ -250,6 +253,7 @@ def swin_t(input_shape: Shape, num_classes: int) -> SwinTransformer:
     and maps of 8, 4 and 2 after the merges: the last two fit one window, as on ImageNet, while a
     patch of 4 would leave stage 1 with only 2x2 windows and stage 4 with a 1x1 map. Sides that
     are not multiples of the window (28x28 MNIST: 14, 7, 4, 2 tokens) are padded by torchvision."""
+    from torchvision.models import SwinTransformer
     model = SwinTransformer(patch_size=[2, 2], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                             window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=num_classes)
     c = input_shape[0]

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from . import data as data_mod
-from . import models, runtime, sanity, storage
+from . import models, runtime, sanity, storage, versions
 from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
 from .config import Config, check_folder
@@ -378,8 +378,8 @@ def _summary(cfg: Config, method, ticket: Ticket, mask: Mask, layers: list, dens
         search_seconds=ticket.seconds, retrain_seconds=retrain_seconds, ticket_seconds=ticket_seconds,
         epochs_equivalent=(method.epochs(cfg) if method.needs_trained else k + method.epochs(cfg)) + retrained_epochs,
         mask_sha256=mask.sha256(), final_search_metrics=ticket.history[-1] if ticket.history else None,
-        levels=ticket.levels or None, code_version=runtime.code_version(),
-        library_versions=runtime.library_versions(), device=runtime.device_string(device),
+        levels=ticket.levels or None, code_version=versions.code_version(),
+        library_versions=versions.library_versions(), device=runtime.device_string(device),
         device_name=runtime.device_name(device), threads=torch.get_num_threads(), config=cfg.to_dict())
 
 

@@ -1,12 +1,8 @@
-"""Device choice, seeding and provenance: what every run records about where and how it ran."""
+"""Device choice, seeding and the device a run records (its code and library versions: versions.py)."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import platform
-import subprocess
-from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,30 +60,6 @@ def generator(seed: int, tag: str, device="cpu") -> torch.Generator:
 
 def use_amp(res: ResourcesConfig, device: torch.device) -> bool:
     return bool(res.amp) and device.type == "cuda"
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Package version plus the git commit (with -dirty) when run from a checkout."""
-    from . import __version__
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
-
-
-@functools.lru_cache(maxsize=1)
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "numpy", "ray", "optuna", "mlflow", "pyarrow", "scikit-learn"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def device_string(device: torch.device) -> str:

@@ -287,7 +287,7 @@ def test_same_config_in_two_sweeps_counts_once(tmp_path):
 def test_report_from_a_real_digits_sweep(ray_cluster, tmp_path):
     """Two real sweeps (methods x densities x 3 seeds; CTS temperatures) -> one report whose numbers
     equal the ones computed here straight from the Parquet files."""
-    small = {"training.epochs": 2, "training.milestones": [1], "resources.cpus": 0.5}
+    small = {"training.epochs": 2, "training.milestones": [1], "resources.cpus": 1}
     base = str(REPO / "configs" / "digits.yaml")
     grid = {"search.density": [0.1, 0.03], "seed": [0, 1, 2]}
     for name, extra in (("methods", {"search.method": ["cts", "random"]}),

@@ -22,6 +22,20 @@ def gen(seed):
 
 # ---------------------------------------------------------------- digits
 
+def test_digits_read_without_scikit_learn_are_its_load_digits_and_split():
+    """read_digits reads scikit-learn's file and the kept split (digits_split.py): the same tensors,
+    in the same order, as load_digits and its stratified train_test_split (seed 0), which it once
+    called; this fails when scikit-learn changes either."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=360, random_state=0, stratify=d.target)
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    expected = (x[tr], y[tr], x[te], y[te])
+    assert all(torch.equal(a, b) for a, b in zip(D.read_digits(), expected))
+
+
 def test_digits_shapes_split_and_normalisation():
     d = D.load(DataConfig(name="digits"))
     assert d.train_x.shape == (1437, 1, 8, 8) and d.test_x.shape == (360, 1, 8, 8)

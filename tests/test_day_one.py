@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from cts_ray import config as C
-from cts_ray import pipeline, runtime
+from cts_ray import pipeline, runtime, versions
 
 from conftest import BIN
 
@@ -50,7 +50,7 @@ def test_output_into_a_closed_pipe_exits_cleanly():
 
 def test_version_prints_the_code_version():
     p = _cli("--version")
-    assert p.returncode == 0 and p.stdout.strip() == f"cts-ray {runtime.code_version()}"
+    assert p.returncode == 0 and p.stdout.strip() == f"cts-ray {versions.code_version()}"
 
 
 def test_milestones_past_the_end_are_refused_when_set_and_warned_when_defaulted():

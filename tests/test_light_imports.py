@@ -79,6 +79,21 @@ def test_report_imports_no_torch_or_ray(tmp_path):
     assert "Strong tickets" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_the_sweep_driver_imports_no_torch():
+    """A sweep's driver (often a CPU head node) loads its modules without torch: trials import it
+    (each trial process's start costs seconds less, and so does every `cts-ray sweep`)."""
+    sweep = sorted(p.stem for p in (REPO / "cts_ray" / "sweep").glob("*.py") if p.stem != "__init__")
+    assert {"runner", "trainable", "mlflow_log", "resume"} <= set(sweep)
+    held = _heavy_after("\n".join(f"import cts_ray.sweep.{m}" for m in sweep))
+    assert "torch" not in held and "torchvision" not in held, held
+
+
+def test_a_trial_process_imports_torchvision_only_for_its_models():
+    """torchvision's import (torch._dynamo with it) costs every trial ~1.4 s; only ViT/Swin need it."""
+    assert "torchvision" not in _heavy_after("import cts_ray.pipeline, cts_ray.compact")
+    assert "torchvision" in _heavy_after("from cts_ray import models; models.build('vit_tiny', (3, 32, 32), 10)")
+
+
 # ---------------------------------------------------------------- registries and implementations agree
 
 def test_model_and_objective_names_are_the_registries():

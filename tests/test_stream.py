@@ -187,7 +187,7 @@ def test_cts_run_streams_each_layout_end_to_end(small_layouts, tmp_path, name, m
 def test_a_sweep_of_cts_ltr_and_snip_streams_each_layout(ray_cluster, small_layouts, tmp_path, name):
     from conftest import _run, _sweep_file
     from cts_ray.sweep import tables
-    sets = dict(s.split("=", 1) for s in [f"data.name={name}", *small_layouts[name], *E2E, "resources.cpus=0.5"])
+    sets = dict(s.split("=", 1) for s in [f"data.name={name}", *small_layouts[name], *E2E, "resources.cpus=1"])
     sets = {k: C.parse_override(f"{k}={v}")[1] for k, v in sets.items()}
     f = _sweep_file(tmp_path, f"stream_{name}", {"set": sets, "grid": {"search.method": ["cts", "ltr", "snip"]}})
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)

@@ -17,7 +17,7 @@ from cts_ray.sweep import spec as spec_mod, tables
 
 from conftest import BIN, REPO, _free_port, _run, _sweep_file
 
-SMALL = {"training.epochs": 4, "training.milestones": [3], "resources.cpus": 0.5}
+SMALL = {"training.epochs": 4, "training.milestones": [3], "resources.cpus": 1}
 
 
 def test_quickstart_sweep_end_to_end(ray_cluster, tmp_path):
@@ -108,7 +108,7 @@ def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_cluster, tmp_path):
     f = _sweep_file(tmp_path, "frac", {"base": str(REPO / "configs" / "digits.yaml"),
                                        # trials long enough (~5-10 s) that worker start-up
                                        # stagger cannot hide their overlap
-                                       "set": {**SMALL, "resources.gpus": 0.25, "resources.cpus": 0.5,
+                                       "set": {**SMALL, "resources.gpus": 0.25, "resources.cpus": 0.25,
                                                "training.epochs": 40, "training.milestones": [30]},
                                        "grid": {"seed": [0, 1, 2, 3]}, "searcher": "grid"})
     _run([f, "--address", ray_cluster, "--quiet"], tmp_path)
@@ -345,7 +345,8 @@ def test_killed_trial_workers_are_retried_from_their_checkpoints(ray_cluster, tm
     n_epochs = 300   # long enough (digits epochs take ~25 ms) that both trials are still running when caught
     f = _sweep_file(tmp_path, "killed", {"base": str(REPO / "configs" / "digits.yaml"),
                                          "set": {**SMALL, "resources.cpus": 1, "training.epochs": n_epochs,
-                                                 "training.milestones": [200], "search.length": 1.0},
+                                                 "training.milestones": [200], "search.length": 1.0,
+                                                 "training.dense_baseline": False},   # dense only to the search point
                                          "grid": {"seed": [0, 1]}, "max_failures": 2})
     root = tmp_path / "sweeps" / "killed"
     driver = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],

@@ -29,7 +29,7 @@ from ray.tune import Callback
 
 from ..config import flatten
 from ..records import FINAL_METRICS, Epoch, final_metrics
-from ..runtime import code_version
+from ..versions import code_version
 
 ARTIFACTS = ("mask.pt", "layers.json", "summary.json", "config.yaml")
 # MLflow's log_batch limits (mlflow.utils.validation): 100 params and 100 tags, 1000 entities in all

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow.parquet as pq
-import torch
 from ray import tune
 
-from .. import pipeline, runtime, storage
+from .. import storage
 from ..cache import DenseCache
 from ..config import from_dict
 from ..errors import ConfigError, DivergedError
@@ -45,6 +44,9 @@ def trial(params: dict, spec_state: dict) -> None:
 
 
 def _run_trial(params: dict, spec_state: dict) -> None:
+    import torch   # here, not at the top: the driver imports this module and needs no torch
+
+    from .. import pipeline
     spec, cfg = _resolve(params, spec_state)
     root = Path(spec_state["root"])
     # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
@@ -85,6 +87,8 @@ def _run_trial(params: dict, spec_state: dict) -> None:
 
 def _resolve(params: dict, spec_state: dict):
     """The sweep spec and this trial's resolved Config; torch threads for the CPUs it holds."""
+    import torch
+
     from .spec import SweepSpec
     spec = SweepSpec(name=spec_state["name"], base=spec_state["base"], set=spec_state["set"],
                      storage=spec_state["storage"], cwd=spec_state["cwd"])
@@ -331,9 +335,10 @@ def write_interrupted(root: Path, spec, tune_id: str, config: dict, last: dict) 
 
 def write_trial_row(root, cfg, common: dict, trial: Trial, summary) -> None:
     """``summary``: the run's (``records.Summary`` as a dict), a stopped trial's partial one, or None."""
+    from .. import versions
     trial.hostname = trial.hostname or socket.gethostname()
     trial.ended_at = trial.ended_at or time.time()
-    trial.code_version, trial.library_versions = runtime.code_version(), runtime.library_versions()
+    trial.code_version, trial.library_versions = versions.code_version(), versions.library_versions()
     trial.config = cfg.to_dict()
     tables.write(root, "trials", cfg.search.method, common["trial_id"], [trial.row(summary)], common)
 
