@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import World, sync_buffers_
 from .errors import DivergedError
 from .masking import Mask, MaskedParams
 from .runtime import derive_seed
@@ -68,20 +69,32 @@ def to_input(x: torch.Tensor, amp: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches, amp: bool = False, mode: str = "eval") -> dict:
-    """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets)."""
+    """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets).
+    Data-parallel: each rank evaluates its shard of every test batch; the sums are all-reduced, so
+    every rank returns the same numbers."""
     was_training = model.training
     model.train(mode == "train")
-    device = data.device
+    device, world = data.device, World.current()
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in data.test_batches():
+    for x, y in data.test_batches(shard=world.shard):
         with autocast(amp, device):
             out = model(to_input(x, amp))
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
+    world.sum_(loss, correct)
     model.train(was_training)
     n = data.n_test
     return {"test_loss": loss.item() / n, "test_accuracy": correct.item() / n}
+
+
+def _epoch_sums(world: World, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
+    """All-reduce an epoch's loss sum and correct count in place; the examples seen by all ranks."""
+    if world.size == 1:
+        return seen
+    seen_t = torch.tensor(seen, device=loss_sum.device)
+    world.sum_(loss_sum, correct, seen_t)
+    return int(seen_t)
 
 
 def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: int, end: int,
@@ -96,8 +109,12 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
     with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
     ``compile``: run the training forward/backward through ``torch.compile`` (same parameters, so
     masks, snapshots and state dicts are untouched; results equal up to float rounding).
+    Data-parallel (``World.current()``): each rank trains on its shard of every global batch, its
+    loss scaled so that the ranks' summed gradients are the whole batch's (module doc of
+    distributed.py); the epoch's metrics are all-reduced and BatchNorm buffers are rank 0's.
     """
-    device = data.device
+    device, world = data.device, World.current()
+    share = 1.0 / world.size if t.loss_reduction == "mean" else 1.0   # a shard's part of the batch mean
     masked = MaskedParams(mask, model) if mask is not None else None
     if masked is not None:
         masked.weights_()
@@ -115,14 +132,15 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for step, (x, y) in enumerate(data.train_batches(t.batch_size, generator)):
+        for step, (x, y) in enumerate(data.train_batches(t.batch_size, generator, shard=world.shard)):
             if steps and step:
                 lr = _set_lr(opt, lr_at(t, epoch, step, steps))
             with autocast(amp, device):
                 out = forward(to_input(x, amp))
                 loss = F.cross_entropy(out.float(), y, reduction=t.loss_reduction)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if world.size > 1 else loss).backward()
+            world.grads_(params)
             if masked is not None:
                 masked.grads_()
             if t.grad_clip:
@@ -133,6 +151,8 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
             loss_sum += loss.detach() if t.loss_reduction == "sum" else loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
+        seen = _epoch_sums(world, loss_sum, correct, seen)
+        sync_buffers_(model, world)
         train_loss = loss_sum.item() / max(seen, 1)
         if not math.isfinite(train_loss):
             raise DivergedError(f"{phase}: training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g})")
