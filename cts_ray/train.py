@@ -88,13 +88,24 @@ def evaluate(model: nn.Module, data: Batches, amp: bool = False, mode: str = "ev
     return {"test_loss": loss.item() / n, "test_accuracy": correct.item() / n}
 
 
-def _epoch_sums(world: World, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> int:
-    """All-reduce an epoch's loss sum and correct count in place; the examples seen by all ranks."""
+def _backward(loss: torch.Tensor, world: World, reduction: str, params: list) -> None:
+    """``loss.backward()``; data-parallel, a batch-mean loss counts as its shard's part of the global
+    batch's and the ranks' gradients are summed: the whole batch's gradient on every rank."""
     if world.size == 1:
-        return seen
-    seen_t = torch.tensor(seen, device=loss_sum.device)
-    world.sum_(loss_sum, correct, seen_t)
-    return int(seen_t)
+        return loss.backward()
+    (loss / world.size if reduction == "mean" else loss).backward()   # equal shards (Batches.shard_of)
+    world.grads_(params)
+
+
+def _epoch_metrics(model: nn.Module, world: World, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   seen: int) -> tuple[float, float]:
+    """(train loss, train accuracy) of an epoch over all ranks; BatchNorm buffers made rank 0's."""
+    if world.size > 1:
+        seen_t = torch.tensor(seen, device=loss_sum.device)
+        world.sum_(loss_sum, correct, seen_t)
+        seen = int(seen_t)
+        sync_buffers_(model, world)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
 def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: int, end: int,
@@ -109,12 +120,9 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
     with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
     ``compile``: run the training forward/backward through ``torch.compile`` (same parameters, so
     masks, snapshots and state dicts are untouched; results equal up to float rounding).
-    Data-parallel (``World.current()``): each rank trains on its shard of every global batch, its
-    loss scaled so that the ranks' summed gradients are the whole batch's (module doc of
-    distributed.py); the epoch's metrics are all-reduced and BatchNorm buffers are rank 0's.
+    Data-parallel (``World.current()``): each rank its shard of every batch (``_backward``, ``_epoch_metrics``).
     """
     device, world = data.device, World.current()
-    share = 1.0 / world.size if t.loss_reduction == "mean" else 1.0   # a shard's part of the batch mean
     masked = MaskedParams(mask, model) if mask is not None else None
     if masked is not None:
         masked.weights_()
@@ -139,8 +147,7 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
                 out = forward(to_input(x, amp))
                 loss = F.cross_entropy(out.float(), y, reduction=t.loss_reduction)
             opt.zero_grad(set_to_none=True)
-            (loss * share if world.size > 1 else loss).backward()
-            world.grads_(params)
+            _backward(loss, world, t.loss_reduction, params)
             if masked is not None:
                 masked.grads_()
             if t.grad_clip:
@@ -151,13 +158,11 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
             loss_sum += loss.detach() if t.loss_reduction == "sum" else loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
-        seen = _epoch_sums(world, loss_sum, correct, seen)
-        sync_buffers_(model, world)
-        train_loss = loss_sum.item() / max(seen, 1)
+        train_loss, train_accuracy = _epoch_metrics(model, world, loss_sum, correct, seen)
         if not math.isfinite(train_loss):
             raise DivergedError(f"{phase}: training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g})")
         record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                  "train_accuracy": correct.item() / max(seen, 1)}
+                  "train_accuracy": train_accuracy}
         record["seconds"] = time.perf_counter() - t0  # training time only; evaluation excluded
         record.update(evaluate(model, data, amp))
         if on_epoch_end is not None:

@@ -18,6 +18,8 @@ from ddp_world import run_world
 
 SHORT = ["training.epochs=4", "training.milestones=[3]", "search.length=0.5"]
 PIPELINE_METHODS = ("cts", "ltr", "snip")
+SEARCHED = ("cts", "gates", "edge_popup")   # replicated mask parameters: allclose, masks overlap
+SCORED = ("snip", "grasp", "synflow")        # rank 0's scores: the one-worker mask exactly
 
 
 def _dense(cfg, data, model, epochs: int = 3):
@@ -36,18 +38,19 @@ def digits_checks(folder: str) -> dict:
     """Everything compared on digits, as one rank computes it (or the one process)."""
     state, records = _digits_dense()
     out = {"world": World.current(), "dense": state, "records": records}
-    cfg = C.load(None, SHORT)
-    data = D.load(cfg.data)
-    torch.manual_seed(0)
-    model = models.build("mlp_digits", data.input_shape, data.num_classes)
-    ticket = METHODS["cts"].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
-    out["theta"], out["cts_mask"] = ticket.scores, ticket.mask.flat()
+    data = D.load(C.load(None, SHORT).data)
+    for method in SEARCHED + SCORED:
+        cfg = C.load(None, SHORT + [f"search.method={method}"])
+        torch.manual_seed(0)
+        model = models.build("mlp_digits", data.input_shape, data.num_classes)
+        ticket = METHODS[method].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
+        out[method] = {"scores": ticket.scores, "mask": ticket.mask.flat()}
     for method in PIPELINE_METHODS:
         seen = []
         summary = pipeline.run(C.load(None, SHORT + [f"search.method={method}", "search.density=0.2"]),
                                Path(folder) / method, progress=False, on_record=lambda r, p: seen.append(r))
-        out[method] = {k: summary[k] for k in ("mask_sha256", "test_accuracy", "achieved_density")}
-        out[method]["records"] = len(seen)
+        out[f"run:{method}"] = {k: summary[k] for k in ("mask_sha256", "test_accuracy", "achieved_density")}
+        out[f"run:{method}"]["records"] = len(seen)
     return out
 
 
@@ -74,7 +77,7 @@ def digits(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("ddp")
     one = digits_checks(str(tmp / "one"))
     two = run_world(digits_checks, 2, tmp / "two", str(tmp / "two"))
-    return one, two
+    return one, two, tmp / "two"
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -82,7 +85,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_two_workers_train_the_one_worker_weights(digits):
-    one, two = digits
+    one, two, _ = digits
     assert [w["world"] for w in two] == [World(0, 2), World(1, 2)] and one["world"] == World()
     for rank in two:
         assert _max_diff(one["dense"], rank["dense"]) < 1e-5
@@ -95,19 +98,30 @@ def test_two_workers_train_the_one_worker_weights(digits):
         [{k: r[k] for k in ("test_loss", "test_accuracy")} for r in two[1]["records"]]
 
 
-def test_two_workers_find_the_one_worker_cts_ltr_and_snip_masks(digits):
-    one, two = digits
+def test_two_workers_find_the_one_worker_masks(digits):
+    one, two, _ = digits
     for rank in two:
-        assert torch.allclose(one["theta"], rank["theta"], atol=1e-4)
-        overlap = (one["cts_mask"] & rank["cts_mask"]).sum() / one["cts_mask"].sum()
-        assert overlap >= 0.99
+        for method in SEARCHED:
+            a, b = one[method], rank[method]
+            assert torch.allclose(a["scores"], b["scores"], atol=1e-4), method
+            assert (a["mask"] & b["mask"]).sum() / a["mask"].sum() >= 0.99, method
+        for method in SCORED:
+            assert torch.equal(one[method]["mask"], rank[method]["mask"]), method
         for method in PIPELINE_METHODS:
-            assert {k: v for k, v in rank[method].items() if k != "records"} == \
-                {k: v for k, v in one[method].items() if k != "records"}, method
-    assert torch.equal(two[0]["cts_mask"], two[1]["cts_mask"])   # θ is replicated exactly
-    # only rank 0 reports records (and writes the run folder: rank 1 would have refused it as taken)
-    assert all(two[0][m]["records"] == one[m]["records"] > 0 and two[1][m]["records"] == 0
-               for m in PIPELINE_METHODS)
+            assert {k: v for k, v in rank[f"run:{method}"].items() if k != "records"} == \
+                {k: v for k, v in one[f"run:{method}"].items() if k != "records"}, method
+    for method in SEARCHED:   # the mask parameters are replicated exactly
+        assert torch.equal(two[0][method]["scores"], two[1][method]["scores"]), method
+
+
+def test_only_rank_0_reports_and_writes(digits):
+    one, (first, second), folder = digits
+    for m in PIPELINE_METHODS:
+        assert first[f"run:{m}"]["records"] == one[f"run:{m}"]["records"] > 0 and second[f"run:{m}"]["records"] == 0
+        assert (folder / m / "summary.json").is_file()
+    # one run folder per method, no staging folder left (rank 1 made none; had it published after
+    # rank 0 it would have refused the folder as taken)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def test_a_world_of_one_is_the_path_without_a_world(tmp_path, one_thread):
