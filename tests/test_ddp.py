@@ -72,6 +72,15 @@ def resnet_sync_bn(root: str) -> dict:
     return {"state": state, "records": records, "synced": synced}
 
 
+def test_test_shards_hold_every_test_example_once():
+    d = D.load(C.load(None, []).data)
+    for size in (2, 3):
+        rows = [i for r in range(size) for a, b in d.test_ranges(100, (r, size)) for i in range(a, b)]
+        assert sorted(rows) == list(range(d.n_test))
+        x = torch.cat([torch.cat([x for x, _ in d.test_batches(100, shard=(r, size))]) for r in range(size)])
+        assert x.shape == d.test_x.shape
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("ddp")
