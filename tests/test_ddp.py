@@ -10,6 +10,7 @@ import torch
 from cts_ray import config as C
 from cts_ray import data as D
 from cts_ray import models, pipeline
+from cts_ray.cache import DenseCache
 from cts_ray.distributed import World
 from cts_ray.methods import METHODS, SearchContext
 from cts_ray.train import train_epochs
@@ -45,12 +46,15 @@ def digits_checks(folder: str) -> dict:
         model = models.build("mlp_digits", data.input_shape, data.num_classes)
         ticket = METHODS[method].search(SearchContext(cfg=cfg, model=model, data=data, device=torch.device("cpu")))
         out[method] = {"scores": ticket.scores, "mask": ticket.mask.flat()}
+    cache = DenseCache(Path(folder) / "cache")   # the dense run: trained by the first method, read by the others
     for method in PIPELINE_METHODS:
         seen = []
         summary = pipeline.run(C.load(None, SHORT + [f"search.method={method}", "search.density=0.2"]),
-                               Path(folder) / method, progress=False, on_record=lambda r, p: seen.append(r))
+                               Path(folder) / method, progress=False, on_record=lambda r, p: seen.append(r),
+                               cache=cache)
         out[f"run:{method}"] = {k: summary[k] for k in ("mask_sha256", "test_accuracy", "achieved_density")}
         out[f"run:{method}"]["records"] = len(seen)
+        out[f"run:{method}"]["cached"] = seen[0].get("cached") if seen else None
     return out
 
 
@@ -117,8 +121,8 @@ def test_two_workers_find_the_one_worker_masks(digits):
         for method in SCORED:
             assert torch.equal(one[method]["mask"], rank[method]["mask"]), method
         for method in PIPELINE_METHODS:
-            assert {k: v for k, v in rank[f"run:{method}"].items() if k != "records"} == \
-                {k: v for k, v in one[f"run:{method}"].items() if k != "records"}, method
+            assert {k: v for k, v in rank[f"run:{method}"].items() if k not in ("records", "cached")} == \
+                {k: v for k, v in one[f"run:{method}"].items() if k not in ("records", "cached")}, method
     for method in SEARCHED:   # the mask parameters are replicated exactly
         assert torch.equal(two[0][method]["scores"], two[1][method]["scores"]), method
 
@@ -128,6 +132,8 @@ def test_only_rank_0_reports_and_writes(digits):
     for m in PIPELINE_METHODS:
         assert first[f"run:{m}"]["records"] == one[f"run:{m}"]["records"] > 0 and second[f"run:{m}"]["records"] == 0
         assert (folder / m / "summary.json").is_file()
+    assert [first[f"run:{m}"]["cached"] for m in PIPELINE_METHODS] == [False, True, True]
+    assert len(list((folder / "cache").iterdir())) == 2   # the dense run and LTR's rounds, written once
     # one run folder per method, no staging folder left (rank 1 made none; had it published after
     # rank 0 it would have refused the folder as taken)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
