@@ -87,15 +87,32 @@ def sync_buffers_(model: nn.Module, world: World) -> None:
 
 # ------------------------------------------------------------------------ synchronised BatchNorm
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce SUM with its gradient: each rank's output is every rank's input summed, so the
+    gradient of an input is every rank's output gradient summed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, which refuses CPU tensors, with a CPU path (gloo): the batch's sums
-    and sums of squares all-reduced with autograd (``torch.distributed.nn``), so statistics and
-    gradients are those of the global batch."""
+    """torch's SyncBatchNorm, which refuses CPU tensors, with a CPU path (gloo): the global batch's
+    mean, then its variance about that mean (two all-reduces with their gradients), so statistics
+    and gradients are those of the global batch."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or not self.training or World.current().size == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        all_reduce = _SumOverRanks.apply
         c, dims, shape = x.size(1), [0, *range(2, x.dim())], [1, x.size(1), *[1] * (x.dim() - 2)]
         count = torch.full((1,), x.numel() / c, dtype=x.dtype)
         sums = all_reduce(torch.cat([x.sum(dims), count]))
