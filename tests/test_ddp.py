@@ -28,8 +28,8 @@ def _dense(cfg, data, model, epochs: int = 3):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, records
 
 
-def _digits_dense():
-    cfg = C.load(None, SHORT)
+def _digits_dense(more=()):
+    cfg = C.load(None, SHORT + list(more))
     data = D.load(cfg.data)
     torch.manual_seed(0)
     return _dense(cfg, data, models.build("mlp_digits", data.input_shape, data.num_classes))
@@ -39,6 +39,9 @@ def digits_checks(folder: str) -> dict:
     """Everything compared on digits, as one rank computes it (or the one process)."""
     state, records = _digits_dense()
     out = {"world": World.current(), "dense": state, "records": records}
+    # a summed loss (not scaled per shard) and clipping by the global batch's gradient norm
+    out["dense_sum_clipped"] = _digits_dense(["training.loss_reduction=sum", "training.lr=0.002",
+                                              "training.grad_clip=1"])[0]
     data = D.load(C.load(None, SHORT).data)
     for method in SEARCHED + SCORED:
         cfg = C.load(None, SHORT + [f"search.method={method}"])
@@ -102,6 +105,7 @@ def test_two_workers_train_the_one_worker_weights(digits):
     assert [w["world"] for w in two] == [World(0, 2), World(1, 2)] and one["world"] == World()
     for rank in two:
         assert _max_diff(one["dense"], rank["dense"]) < 1e-5
+        assert _max_diff(one["dense_sum_clipped"], rank["dense_sum_clipped"]) < 1e-5
         for a, b in zip(one["records"], rank["records"]):
             assert a["test_accuracy"] == b["test_accuracy"]
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
