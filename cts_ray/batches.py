@@ -149,6 +149,20 @@ class Batches:
         part = batch_size // world
         return rank * part, (rank + 1) * part
 
+    def test_ranges(self, batch_size: int, shard=None) -> Iterator[tuple[int, int]]:
+        """Rows [start, stop) of each test batch of ``batch_size`` that worker ``shard`` = (rank,
+        world) evaluates: near-equal contiguous parts (a test batch need not divide), empty ones
+        skipped (evaluation's only collective is the sum after the last batch)."""
+        for i in range(0, self.n_test, batch_size):
+            stop = min(i + batch_size, self.n_test)
+            if shard is None:
+                yield i, stop
+                continue
+            rank, world = shard
+            start, end = i + (stop - i) * rank // world, i + (stop - i) * (rank + 1) // world
+            if end > start:
+                yield start, end
+
     def in_order(self, batch_size: int) -> Iterator[Tensor]:
         """Every training example once, in index order, not augmented (the CTS teacher's pass)."""
         for i in range(0, self.n_train, batch_size):

@@ -9,6 +9,7 @@ The key needs no torch (``--dry-run`` computes it); reading and writing entries 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,15 +56,21 @@ class DenseCache:
         return Dense(**state), hit
 
     def get_or_compute(self, key: str, name: str, compute: Callable[[], dict], about: dict) -> tuple[dict, bool]:
-        """``<key>/<name>.pt``: loaded if present, else computed once (other askers wait on the lock)."""
+        """``<key>/<name>.pt``: loaded if present, else computed once (other askers wait on the lock).
+        Data-parallel: rank 0 alone takes the lock, decides and writes; every rank computes a miss."""
         import torch
+        from .distributed import World
+        world = World.current()
         folder = self.root / key
-        folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder / f"{name}.lock")):
+        if world.main:
+            folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / f"{name}.lock")) if world.main else contextlib.nullcontext():
             path = folder / f"{name}.pt"
-            if path.exists():
+            if world.agree(path.exists()):
                 return torch.load(path, weights_only=True), True
             state = compute()
+            if not world.main:
+                return state, False
             save_torch(state, path)      # readers never see a half-written file
             write_text(folder / f"{name}.made_by.json", json.dumps(
                 {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **about}, indent=1))

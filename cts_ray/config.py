@@ -99,6 +99,9 @@ class ModelConfig:
                    help="resnet18/resnet50 stem: cifar (3x3 stride-1 conv) or imagenet (7x7 stride-2 conv + 3x3 "
                         "stride-2 max-pool); auto = imagenet on tiny_imagenet and imagenet (as the authors' code), "
                         "cifar on every other data set")
+    batchnorm_sync: bool = _f(False, identity="non_default",
+                              help="data-parallel trials: BatchNorm statistics over the global batch "
+                                   "(torch.nn.SyncBatchNorm) instead of each worker's own (the authors')")
 
 
 @dataclass

@@ -176,10 +176,10 @@ class DeviceData(Batches):
             x = self.finish(self.train_x[idx], generator, augment, part)
             yield (x, self.train_y[idx], idx) if indices else (x, self.train_y[idx])
 
-    def test_batches(self, batch_size: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
-        batch_size = batch_size or test_batch_size(self.input_shape)
-        for i in range(0, self.n_test, batch_size):
-            yield self.finish(self.test_x[i:i + batch_size], None, False), self.test_y[i:i + batch_size]
+    def test_batches(self, batch_size: Optional[int] = None, shard=None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test set in order; ``shard``: this worker's rows of each batch (``test_ranges``)."""
+        for i, j in self.test_ranges(batch_size or test_batch_size(self.input_shape), shard):
+            yield self.finish(self.test_x[i:j], None, False), self.test_y[i:j]
 
     def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Training examples ``idx``, not augmented."""

@@ -26,6 +26,7 @@ from . import models, runtime, sanity, storage, versions
 from .anatomy import anatomy
 from .cache import Dense, DenseCache, dense_until
 from .config import Config, check_folder
+from .distributed import World, sync_batchnorm
 from .errors import CompactError, ConfigError
 from .export import build_ticket_model, check_run_dir, read_summary, run_config, ticket_cost
 from .masking import Mask
@@ -74,11 +75,20 @@ class _Progress:
 
 # ---------------------------------------------------------------- stages
 
+def build_model(cfg: Config, data, device, amp: bool):
+    """The run's network at its seeded initialisation (the same on every data-parallel rank), its
+    BatchNorm synchronised over the world where ``model.batchnorm_sync`` asks."""
+    torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
+    model = models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name)
+    if cfg.model.batchnorm_sync:
+        model = sync_batchnorm(model, World.current())
+    return prepare(model, device, amp)
+
+
 def train_dense(cfg: Config, data, device, amp: bool, emit: Callable[[dict], None] = lambda r: None) -> Dense:
     """Initialise from the seed and train densely, keeping the weights at the search point."""
     k, until = cfg.search_epoch, dense_until(cfg)
-    torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-    model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name), device, amp)
+    model = build_model(cfg, data, device, amp)
     snapshot = runtime.cpu_copy(model.state_dict())
     records, pretrain, seconds, acc = [], 0.0, 0.0, None
     for rec in train_epochs(model, data, cfg.training, start=0, end=until, amp=amp, phase="dense", compile=cfg.resources.compile,
@@ -215,15 +225,22 @@ def run(cfg: Config, out=None, *, overwrite: bool = False, progress: bool = True
     """Run one experiment into ``out``; returns its summary (``records.Summary`` as a dict, as
     summary.json holds it). ``on_record(record, progress)`` sees every metrics record;
     ``progress`` is given with each CTS search epoch and each retraining epoch, and is what
-    ``resume`` continues from."""
+    ``resume`` continues from.
+
+    Data-parallel (``World.current()`` of N): every rank computes; only rank 0 writes ``out`` (and
+    the cache) and calls ``on_record``; the others return the same summary."""
     out = Path(out) if out is not None else default_out(cfg)
-    check_out(out, overwrite)
+    main = World.current().main
+    if main:
+        check_out(out, overwrite)
     device = runtime.configure(cfg.resources)
     data = data_mod.load(cfg.data, device, cfg.resources)   # ConfigError here still precedes any writing
     if cfg.resources.threads is None and device.type == "cpu":
         net = models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name)
         params = sum(p.numel() for p in net.parameters())
         torch.set_num_threads(runtime.default_threads(params))
+    if not main:
+        return _Experiment(cfg, data, device, None, resume, None, False).run(cache)
     for old in out.parent.glob(f".{out.name}.partial-*"):   # left by an earlier, killed attempt
         shutil.rmtree(old, ignore_errors=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -244,7 +261,7 @@ class _Experiment:
     """One run's stages, writing into ``staging``: dense training to the search point, the ticket
     search, retraining (or evaluation as is), and the run folder's files."""
 
-    def __init__(self, cfg: Config, data, device, staging: Path, resume: Optional[Progress], on_record,
+    def __init__(self, cfg: Config, data, device, staging: Optional[Path], resume: Optional[Progress], on_record,
                  progress: bool):
         self.cfg, self.data, self.device, self.staging = cfg, data, device, staging
         self.resumed, self.prog = resume is not None, resume if resume is not None else Progress()
@@ -265,11 +282,12 @@ class _Experiment:
 
     def run(self, cache: Optional[DenseCache]) -> dict:
         cfg, data, staging = self.cfg, self.data, self.staging
-        storage.write_text(staging / "config.yaml", cfg.to_yaml())
+        if staging is not None:
+            storage.write_text(staging / "config.yaml", cfg.to_yaml())
         dense = self.dense(cache)   # shared across trials via the cache
-        storage.save_torch(dense.snapshot, staging / "search_point.pt")
-        torch.manual_seed(runtime.derive_seed(cfg.seed, "init"))
-        model = prepare(models.from_config(cfg.model, data.input_shape, data.num_classes, cfg.data.name), self.device, self.amp)
+        if staging is not None:
+            storage.save_torch(dense.snapshot, staging / "search_point.pt")
+        model = build_model(cfg, data, self.device, self.amp)
         model.load_state_dict(dense.snapshot)
         retrain = Retrain(cfg, model, dense.snapshot, data, self.amp, self.emit)
         ticket = self.search(model, dense, retrain, cache)
@@ -324,19 +342,22 @@ class _Experiment:
                 "state": runtime.cpu_copy(model.state_dict())}
 
     def write(self, model, ticket: Ticket, mask: Mask, dense: Dense, result: dict) -> dict:
-        """The run folder's files; returns the summary."""
+        """The run folder's files (none without a staging folder: a data-parallel rank > 0);
+        returns the summary."""
+        anat = anatomy(model, mask, self.data.input_shape)
+        layers = anat.report()
+        summary = _summary(self.cfg, self.method, ticket, mask, layers, dense, result, self.device, anat,
+                           self.data, _inference_cost(model, mask, self.data.input_shape)).to_dict()
         staging = self.staging
+        if staging is None:
+            return summary
         mask.save(staging / "mask.pt")
         if result.get("state") is not None:   # the ticket as evaluated (absent only from old LTR caches)
             storage.save_torch(ticket_weights(result["state"], mask), staging / "ticket.pt")
         if ticket.level_masks:
             storage.save_torch([lm.layers for lm in ticket.level_masks], staging / "level_masks.pt")
-        anat = anatomy(model, mask, self.data.input_shape)
-        layers = anat.report()
         storage.write_text(staging / "layers.json", json.dumps(layers, indent=1))
         storage.write_text(staging / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.prog.records))
-        summary = _summary(self.cfg, self.method, ticket, mask, layers, dense, result, self.device, anat,
-                           self.data, _inference_cost(model, mask, self.data.input_shape)).to_dict()
         storage.write_text(staging / "summary.json", json.dumps(summary, indent=1))
         return summary
 

@@ -207,9 +207,11 @@ class StreamData(Batches):
             x = self.finish(x, generator, augment and not self.recipe, part)
             yield (x, y, idx.to(self._device)) if indices else (x, y)
 
-    def test_batches(self, batch_size: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
-        batch_size = batch_size or test_batch_size(self.input_shape)
-        for x, y in self._load("test", _ranges(self.n_test, batch_size)):
+    def test_batches(self, batch_size: Optional[int] = None, shard=None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test set in order; ``shard``: only this worker's rows of each batch are read."""
+        ranges = list(self.test_ranges(batch_size or test_batch_size(self.input_shape), shard))
+        keys = _Keys(lambda: ([(i, None) for i in range(s, e)] for s, e in ranges), len(ranges))
+        for x, y in self._load("test", keys):
             yield self.finish(x, None, False), y
 
     def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import World, sync_buffers_
 from .errors import DivergedError
 from .masking import Mask, MaskedParams
 from .runtime import derive_seed
@@ -68,20 +69,43 @@ def to_input(x: torch.Tensor, amp: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches, amp: bool = False, mode: str = "eval") -> dict:
-    """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets)."""
+    """Test loss and accuracy. ``mode='train'`` evaluates with batch statistics (strong tickets).
+    Data-parallel: each rank evaluates its shard of every test batch; the sums are all-reduced, so
+    every rank returns the same numbers."""
     was_training = model.training
     model.train(mode == "train")
-    device = data.device
+    device, world = data.device, World.current()
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in data.test_batches():
+    for x, y in data.test_batches(shard=world.shard):
         with autocast(amp, device):
             out = model(to_input(x, amp))
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
+    world.sum_(loss, correct)
     model.train(was_training)
     n = data.n_test
     return {"test_loss": loss.item() / n, "test_accuracy": correct.item() / n}
+
+
+def _backward(loss: torch.Tensor, world: World, reduction: str, params: list) -> None:
+    """``loss.backward()``; data-parallel, a batch-mean loss counts as its shard's part of the global
+    batch's and the ranks' gradients are summed: the whole batch's gradient on every rank."""
+    if world.size == 1:
+        return loss.backward()
+    (loss / world.size if reduction == "mean" else loss).backward()   # equal shards (Batches.shard_of)
+    world.grads_(params)
+
+
+def _epoch_metrics(model: nn.Module, world: World, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   seen: int) -> tuple[float, float]:
+    """(train loss, train accuracy) of an epoch over all ranks; BatchNorm buffers made rank 0's."""
+    if world.size > 1:
+        seen_t = torch.tensor(seen, device=loss_sum.device)
+        world.sum_(loss_sum, correct, seen_t)
+        seen = int(seen_t)
+        sync_buffers_(model, world)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
 def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: int, end: int,
@@ -96,8 +120,9 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
     with the saved model and ``optimizer_state`` continues exactly as an uninterrupted one.
     ``compile``: run the training forward/backward through ``torch.compile`` (same parameters, so
     masks, snapshots and state dicts are untouched; results equal up to float rounding).
+    Data-parallel (``World.current()``): each rank its shard of every batch (``_backward``, ``_epoch_metrics``).
     """
-    device = data.device
+    device, world = data.device, World.current()
     masked = MaskedParams(mask, model) if mask is not None else None
     if masked is not None:
         masked.weights_()
@@ -115,14 +140,14 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for step, (x, y) in enumerate(data.train_batches(t.batch_size, generator)):
+        for step, (x, y) in enumerate(data.train_batches(t.batch_size, generator, shard=world.shard)):
             if steps and step:
                 lr = _set_lr(opt, lr_at(t, epoch, step, steps))
             with autocast(amp, device):
                 out = forward(to_input(x, amp))
                 loss = F.cross_entropy(out.float(), y, reduction=t.loss_reduction)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            _backward(loss, world, t.loss_reduction, params)
             if masked is not None:
                 masked.grads_()
             if t.grad_clip:
@@ -133,11 +158,11 @@ def train_epochs(model: nn.Module, data: Batches, t: TrainingConfig, *, start: i
             loss_sum += loss.detach() if t.loss_reduction == "sum" else loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
-        train_loss = loss_sum.item() / max(seen, 1)
+        train_loss, train_accuracy = _epoch_metrics(model, world, loss_sum, correct, seen)
         if not math.isfinite(train_loss):
             raise DivergedError(f"{phase}: training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g})")
         record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                  "train_accuracy": correct.item() / max(seen, 1)}
+                  "train_accuracy": train_accuracy}
         record["seconds"] = time.perf_counter() - t0  # training time only; evaluation excluded
         record.update(evaluate(model, data, amp))
         if on_epoch_end is not None:

@@ -18,7 +18,7 @@ from cts_ray.train import evaluate, lr_at, train_epochs
 REPO = Path(__file__).resolve().parents[1]
 NEW_KEYS_AT_DEFAULTS = ["model.batchnorm=running", "model.shortcut=conv1x1", "model.classifier_bias=zero",
                         "training.loss_reduction=mean", "search.lr_drop_at=step", "search.loss_scale=1",
-                        "training.warmup_epochs=0"]
+                        "training.warmup_epochs=0", "model.batchnorm_sync=false"]
 
 
 def test_old_config_hashes_are_pinned():

@@ -76,6 +76,10 @@ def test_streamed_batches_are_the_in_memory_ones(layouts, name):
                 assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
     ta, tb = list(held.test_batches()), list(streamed.test_batches())
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(ta, tb))
+    # a data-parallel worker's rows of each test batch: the same on both paths, all of them over the ranks
+    shards = [[list(d.test_batches(4, shard=(r, 2))) for d in (held, streamed)] for r in (0, 1)]
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for a, b in shards for (xa, ya), (xb, yb) in zip(a, b))
+    assert sorted(torch.cat([y for a, _ in shards for _, y in a]).tolist()) == sorted(held.test_y.tolist())
     idx = torch.tensor([5, 0, 3])
     assert all(torch.equal(u, v) for u, v in zip(held.examples(idx), streamed.examples(idx)))
     model = models.from_config(C.ModelConfig(name="conv4"), held.input_shape, held.num_classes)

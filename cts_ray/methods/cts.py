@@ -326,8 +326,9 @@ class ConcreteSearch(Searcher):
             logistic_noise(torch.rand(self.d, device=self.ctx.device, generator=self.noise))
         masked = dict(zip(self.names, self.step_fn.masked(self.theta, L)))
         sparse = Outputs(functional_call(self.ctx.model, masked, (x,)), list(self.feats))
-        loss = self.objective(sparse, dense, y)
+        loss = self.scaled(self.objective(sparse, dense, y))
         (g_task,) = torch.autograd.grad(loss, self.theta)
+        self.world.sum_(g_task)   # the whole batch's gradient before the controller reads it
         self.step_fn.update(self.theta, g_task)
         return loss
 

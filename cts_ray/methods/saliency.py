@@ -9,6 +9,10 @@ SNIP and GraSP score on one class-balanced batch (``scoring_batch``): ``examples
 training examples of each class, drawn with ``ctx.generator("batch")``, no augmentation, with
 the copy in train mode (BatchNorm on batch statistics), in float32 (autocast is not used).
 SynFlow never reads data; it takes only ``ctx.data.input_shape``.
+
+Data-parallel: every rank scores the whole scoring batch (one batch: nothing worth splitting, and
+sharding it would change BatchNorm's batch statistics) and takes rank 0's scores, so every rank
+holds one worker's mask even where its kernels are not deterministic.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data import Batches
+from ..distributed import World
 from ..masking import Mask, kept_count, layer_shapes
 from ..models import prunable
 from .base import SearchContext, Ticket
@@ -66,7 +71,9 @@ def _flat(tensors) -> Tensor:
 
 
 def _ticket(model: nn.Module, scores: Tensor, density: float, t0: float) -> Ticket:
-    scores = scores.detach().float().cpu()
+    scores = scores.detach().float()
+    World.current().broadcast_(scores)   # rank 0's scores: one mask on every rank
+    scores = scores.cpu()
     mask = Mask.top_k(scores, kept_count(density, scores.numel()), layer_shapes(model))
     return Ticket(mask=mask, seconds=time.perf_counter() - t0, scores=scores, history=[])
 
@@ -157,6 +164,7 @@ def synflow(ctx: SearchContext) -> Ticket:
                 torch.mul(a, m.view_as(a), out=w)
         grads = torch.autograd.grad(clone(ones).sum(), weights)
         scores = _flat(a * g for a, g in zip(abs_w, grads))   # ≥ 0; pruned: |w_orig| ⊙ ∂R/∂w
+        World.current().broadcast_(scores)   # each round's kept set is rank 0's
         k = kept_count(s_cfg.density, d) if t == rounds else kept_count(s_cfg.density ** (t / rounds), d)
         idx = _top_k_among(scores, idx, k)
         keep.zero_()[idx] = 1.0

@@ -6,6 +6,11 @@ epoch, lr, mean objective, the method's own fields, seconds) through ``ctx.on_ep
 objective is known to be finite. A method that can continue an interrupted search hands its state
 with each record and gets it back as ``ctx.resume``. A method supplies a ``Searcher``: its
 optimiser, its step, its records' own fields and, if resumable, its part of the state.
+
+Data-parallel (``distributed.World``): each rank steps on its shard of every batch; the searcher
+scales its shard's objective by ``share`` and sums its mask gradients over the ranks before its
+controller reads them, so its replicated mask parameters move alike everywhere; the epoch's
+objective is all-reduced before it is read.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..distributed import World
 from ..errors import DivergedError
 from ..runtime import cpu_copy
 
@@ -29,6 +35,12 @@ class Searcher:
 
     opt: torch.optim.Optimizer
     resumable = False   # whether ``state``/``load`` continue an interrupted search
+    world = World()     # set by search_loop
+    share = 1.0         # this rank's part of a global batch: its batch-mean objective is scaled by it
+
+    def scaled(self, objective: Tensor) -> Tensor:
+        """A shard's batch-mean ``objective`` as its part of the global batch's (as is in a world of one)."""
+        return objective if self.world.size == 1 else objective * self.share
 
     def prepare(self) -> None:
         """Work done once before this attempt's first step, timed with its first epoch."""
@@ -78,6 +90,8 @@ def search_loop(ctx: SearchContext, searcher: Searcher, clock: Clock, lr_drop_at
     """The loop (module doc), from the start or from ``ctx.resume`` where ``searcher`` is resumable."""
     cfg, opt = ctx.cfg, searcher.opt
     batch_size = cfg.training.batch_size
+    world = searcher.world = World.current()
+    searcher.share = 1.0 / world.size   # equal shards (Batches.shard_of)
     drop = drop_step(cfg, ctx.data.steps_per_epoch(batch_size), lr_drop_at)
     order = ctx.generator("order")
     history, step, first_epoch = [], 0, 0
@@ -92,13 +106,14 @@ def search_loop(ctx: SearchContext, searcher: Searcher, clock: Clock, lr_drop_at
         if epoch == first_epoch:
             searcher.prepare()
         obj_sum, n_batches = torch.zeros((), device=ctx.device), 0
-        for x, y, idx in ctx.data.train_batches(batch_size, order, augment=False, indices=True):
+        for x, y, idx in ctx.data.train_batches(batch_size, order, augment=False, indices=True, shard=world.shard):
             if step == drop:
                 for g in opt.param_groups:
                     g["lr"] = cfg.mask_lr * 0.1
             obj_sum += searcher.step(x, y, idx).detach()
             n_batches += 1
             step += 1
+        world.sum_(obj_sum)
         with torch.no_grad():
             record = {"phase": "search", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                       "objective": obj_sum.item() / max(n_batches, 1), **searcher.record()}

@@ -178,8 +178,9 @@ class FrozenWeightSearch(Searcher):
         ctx = self.ctx
         with autocast(ctx.amp, ctx.device):
             out = functional_call(self.net, self.masked_weights(), (to_input(x, ctx.amp),))
-        loss = F.cross_entropy(out.float(), y)
+        loss = self.scaled(F.cross_entropy(out.float(), y))
         grads = torch.autograd.grad(loss, self.params)
+        self.world.sum_(*grads)   # the whole batch's gradient before the controller reads it
         for p, g in zip(self.params, self.adjust(list(grads))):
             p.grad = g
         self.opt.step()
