@@ -156,17 +156,22 @@ def test_ltr_through_the_pipeline_records_every_level(tmp_path):
 
 def test_cts_beats_random_and_passes_the_shuffle_check_on_mnist(tmp_path, mnist_root):
     """MNIST / LeNet-300-100 at density 0.01 over 2 seeds: CTS's retrained ticket beats the random
-    method's, and shuffling CTS's ticket within layers costs accuracy (CTS passes the sanity check)."""
+    method's, and shuffling CTS's ticket within layers (a random mask of the same per-layer
+    densities, retrained the same way) costs accuracy (CTS passes the sanity check)."""
     base = C.load(REPO / "configs" / "mnist_lenet300.yaml",
                   [f"data.root={mnist_root}", "data.subset=12000", "training.epochs=6", "search.length=0.5",
                    "training.dense_baseline=false", "search.density=0.01"])
     acc = {}
     for seed in (0, 1):
+        runs = {}
         for name, extra in [("cts", {}), ("shuffle", {"sanity": "shuffle"}), ("random", {"method": "random"})]:
             raw = base.to_dict()
             raw["seed"] = seed
             raw["search"].update(extra)
-            acc[name, seed] = pipeline.run(C.from_dict(raw), tmp_path / f"{name}{seed}", progress=False)["test_accuracy"]
+            runs[name] = pipeline.run(C.from_dict(raw), tmp_path / f"{name}{seed}", progress=False)
+            acc[name, seed] = runs[name]["test_accuracy"]
+        # the shuffled ticket is a random mask with CTS's own per-layer densities
+        assert runs["cts"]["layer_densities"] == pytest.approx(runs["shuffle"]["layer_densities"])
     over_random = [acc["cts", s] - acc["random", s] for s in (0, 1)]
     over_shuffle = [acc["cts", s] - acc["shuffle", s] for s in (0, 1)]
     assert min(over_random) > 0 and statistics.mean(over_random) > 0.02, acc
