@@ -61,6 +61,9 @@ def _gpus(v):
     return v == 0 or 1e-4 <= v <= 1 or (v > 1 and float(v).is_integer())
 
 
+MAX_WORKERS = 64
+
+
 @dataclass
 class DataConfig:
     name: str = _f("digits", choices=sorted(DATASETS), help="data set")
@@ -202,7 +205,12 @@ class ResourcesConfig:
     cpus: float = _f(1, check=_cpus, allowed="a number >= 0.0001", identity=False,
                      help="CPUs per trial in sweeps")
     gpus: float = _f(0, check=_gpus, allowed="0, a number in [0.0001, 1] or a whole number > 1",
-                     identity=False, help="GPUs per trial in sweeps (fractions share a GPU)")
+                     identity=False, help="GPUs per trial in sweeps (fractions share a GPU); per worker "
+                                          "with resources.workers > 1")
+    workers: int = _f(1, check=lambda v: 1 <= v <= MAX_WORKERS, allowed=f"an integer 1..{MAX_WORKERS}",
+                      identity=False,
+                      help="sweeps: data-parallel worker processes per trial (Ray Train; gloo on CPU, nccl on GPU), "
+                           "each with resources.cpus and resources.gpus; 1 = the trial's own process")
 
 
 @dataclass
@@ -411,6 +419,7 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
         raise ConfigError(f"search.density: {s.density} is above LTR's first round "
                           f"({1 - s.ltr_fraction:g}); expected a density <= {1 - s.ltr_fraction:g} for ltr")
     _check_model(cfg.model)
+    _check_workers(cfg.resources, t.batch_size)
     if d.image_size is not None and d.name not in layouts.NAMES:
         raise ConfigError(f"data.image_size: applies to the folder data sets only ({', '.join(layouts.NAMES)}), "
                           f"not {d.name}; expected null")
@@ -431,6 +440,19 @@ def _check_cross(cfg: Config, milestones_given: bool = True):
                               "folder in torchvision's layout (or data.download: true)")
         if not d.download:   # the loader's own checks, cheap: names, headers, lengths
             check_root(d.name, d.root)
+
+
+def _check_workers(r: ResourcesConfig, batch_size: int) -> None:
+    """One process uses one GPU: more is data parallelism (``resources.workers``), whose workers
+    each read an equal share of every global batch."""
+    if r.gpus > 1:   # whole numbers only (_gpus)
+        g, n = int(r.gpus), r.workers
+        one = "for one process" if n == 1 else "per worker (a worker uses one)"
+        raise ConfigError(f"resources.gpus: {g} GPUs {one} would leave all but one idle; set "
+                          f"resources.workers: {g * n} with resources.gpus: 1 (each worker's GPUs)")
+    if batch_size % r.workers:
+        raise ConfigError(f"training.batch_size: {batch_size} does not divide among resources.workers: {r.workers}; "
+                          f"expected a multiple of {r.workers}, e.g. {batch_size - batch_size % r.workers or r.workers}")
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -30,3 +30,50 @@ def restored_tuner(path: str, trainable, callbacks: list, verbose: Optional[int]
     if stop is not None:
         get_run_config().stop = stop
     return tuner
+
+
+def fit_relaying_reports(make_trainer, report) -> None:
+    """``make_trainer(queue).fit()`` in a thread of this Tune trial, while this thread passes what
+    the trainer's rank 0 puts on ``queue`` (a ``ray.util.queue.Queue``) to ``report``
+    (``tune.report``), until the fit ends; its error is raised here.
+
+    Why: Ray Train V2's documented route to Tune, ``ray.train.report`` with
+    ``ray.tune.integration.ray_train.TuneReportCallback``, is a barrier every worker must reach the
+    same number of times, and the workers' ``pipeline.run`` hands records to rank 0 only (the ranks
+    > 0 compute alongside, with no hook). So rank 0 sends its reports itself, through public APIs
+    only. The queue holds one report, so rank 0 is never more than one report ahead of Tune (as a
+    one-process trial, whose ``tune.report`` waits for Tune). A trial Tune stops (a scheduler) ends
+    in ``report``: its actor then goes, and with it the trainer's controller and workers (Ray's
+    ownership), which is why a sweep of such trials does not reuse actors (runner.py)."""
+    from ray.util.queue import Empty, Queue
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    fit = _Fit(make_trainer(queue))
+    fit.start()
+    while fit.is_alive() or not queue.empty():
+        try:
+            report(queue.get(timeout=1))
+        except Empty:
+            pass
+    if fit.error is not None:
+        raise fit.error
+
+
+class _Fit:
+    """``trainer.fit()`` in a daemon thread (a process Tune ends must not wait for it); ``error``: what it raised."""
+
+    def __init__(self, trainer):
+        import threading
+        self.trainer, self.error = trainer, None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="ray-train-fit")
+
+    def _run(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:   # raised in the trial's thread (fit_relaying_reports)
+            self.error = e
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()

@@ -27,6 +27,7 @@ def preview(spec: SweepSpec) -> str:
                 else ""),
              f"folder {spec.root}" + (" (exists: continue it with --resume or --extend)" if (spec.root / TUNE_DIR).exists()
                                       else "")]
+    lines.append(_resources(configs[0]))
     if spec.searcher == "grid" and n <= LIST_AT_MOST:
         lines += ["trials:"] + [f"  {i + 1:>3}  " + (" ".join(f"{k}={v}" for k, v in p.items()) or "(the base config)")
                                 for i, p in enumerate(points * spec.num_samples)]
@@ -59,3 +60,13 @@ def preview(spec: SweepSpec) -> str:
                  "retraining epoch count 1 each)"
                  + ("; sampled keys are estimated at their ranges' edges" if spec.sample else ""))
     return "\n".join(lines)
+
+
+def _resources(cfg) -> str:
+    """What each trial reserves on the cluster (every trial's the same: spec.py)."""
+    r = cfg.resources
+    each = f"{r.cpus:g} CPU" + (f" and {r.gpus:g} GPU" if r.gpus else "")
+    if r.workers == 1:
+        return f"resources: each trial {each}, in its own process"
+    return (f"resources: each trial {r.workers} data-parallel workers (Ray Train, {'nccl' if r.gpus else 'gloo'}) "
+            f"of {each} each, reserved together (on one node or several); the trial's own process a sliver of a CPU")

@@ -4,6 +4,7 @@ do is resume.py's, the summary summary.py's, --dry-run preview.py's."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -77,8 +78,9 @@ def _pending_trials(cfg0):
     if key in os.environ:
         yield
         return
+    from .trainable import trial_cpus
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    os.environ[key] = str(max(2, int(cpus / max(cfg0.resources.cpus, 1e-4))))
+    os.environ[key] = str(max(2, int(cpus / max(trial_cpus(cfg0), 1e-4))))
     try:
         yield
     finally:
@@ -153,7 +155,8 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
     logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
     _connect(address, verbose)
-    cfg0 = from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
+    cfg0 = _first_config(spec)
+    spec = dataclasses.replace(spec, max_concurrent=max_concurrent(spec, cfg0))
     live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
                     show=verbose == 1)
     with Interrupts() as interrupts, _tune_output(verbose):
@@ -211,9 +214,25 @@ def _tune_errors(spec: SweepSpec, grids: list) -> dict:
 def _trainable(state: dict, cfg0):
     from ray import tune
 
-    from .trainable import trial
-    return tune.with_resources(tune.with_parameters(trial, spec_state=state),
-                               {"cpu": cfg0.resources.cpus, "gpu": cfg0.resources.gpus})
+    from .trainable import trial, tune_resources
+    return tune.with_resources(tune.with_parameters(trial, spec_state=state), tune_resources(cfg0))
+
+
+def max_concurrent(spec: SweepSpec, cfg0) -> Optional[int]:
+    """The sweep's ``max_concurrent``; for trials of several workers with none set, the trials whose
+    worker groups the cluster holds now (at least 1). Such a trial's own process reserves a sliver
+    of a CPU (trainable.tune_resources), so Tune would otherwise start every trial at once, each
+    waiting for its workers. An autoscaling cluster grows only to what the running trials ask for:
+    set ``max_concurrent`` there to what it may grow to."""
+    r = cfg0.resources
+    if spec.max_concurrent is not None or r.workers == 1:
+        return spec.max_concurrent
+    import ray
+
+    from .trainable import trial_cpus
+    have = ray.cluster_resources()
+    fits = [have.get("CPU", 0.0) / trial_cpus(cfg0)] + ([have.get("GPU", 0.0) / (r.gpus * r.workers)] if r.gpus else [])
+    return max(1, int(min(fits) + 1e-9))
 
 
 def _resume(run: _Session, retried: list, again: tuple, started: float) -> list:
@@ -319,10 +338,22 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec),
                                                    num_samples=samples,
                                                    max_concurrent_trials=spec.max_concurrent,
-                                                   # a worker keeps torch & data loaded between trials
-                                                   reuse_actors=True),
+                                                   # a worker keeps torch & data loaded between trials; a
+                                                   # trial of Ray Train workers must take them with it
+                                                   # when it ends (adapters.fit_relaying_reports)
+                                                   reuse_actors=_one_process(spec)),
                        run_config=run_config)
     return tuner, shared
+
+
+def _first_config(spec: SweepSpec):
+    """The first trial's Config: its resources are every trial's (spec.py refuses sweeping workers)."""
+    return from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
+
+
+def _one_process(spec: SweepSpec) -> bool:
+    """Whether the sweep's trials each run in their own process (``resources.workers``: 1)."""
+    return _first_config(spec).resources.workers == 1
 
 
 def _fit(run: _Session, tuner, shared=None):

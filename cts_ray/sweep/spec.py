@@ -233,6 +233,10 @@ def _sections(raw: dict) -> dict:
     overlap = (set(sections["grid"]) | set(sections["sample"])) & set(sections["set"])
     if overlap:
         _err(f"set.{sorted(overlap)[0]}: also swept in grid/sample; a key is either fixed or swept")
+    for key in ("grid", "sample"):   # Tune reserves one shape of trial per sweep (runner._trainable)
+        if "resources.workers" in sections[key]:
+            _err(f"{key}.resources.workers: every trial of a sweep runs with the same workers; set it under set "
+                 "(or sweep it in separate sweeps)")
     both = set(sections["grid"]) & set(sections["sample"])
     if both:
         _err(f"sample.{sorted(both)[0]}: also in grid; a key is either a grid or a distribution")

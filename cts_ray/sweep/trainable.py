@@ -11,6 +11,11 @@ the driver (``write_stopped``), from what it reported. The dense run
 comes from the sweep's shared cache. At the end the trial writes its rows of the three Parquet
 tables; MLflow is logged from the driver (see mlflow_log.py), so a tracking-server failure cannot
 lose these rows.
+
+With ``resources.workers`` > 1 the trial process holds a sliver of a CPU and runs a Ray Train
+``TorchTrainer`` of N workers (``_trainer``); every worker computes the run (``compute``, as the
+one-process trial does), rank 0 alone doing the above, its reports relayed to Tune by the trial
+process (``adapters.fit_relaying_reports``). Tune sees one trial.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow.parquet as pq
 from ray import tune
@@ -44,9 +50,6 @@ def trial(params: dict, spec_state: dict) -> None:
 
 
 def _run_trial(params: dict, spec_state: dict) -> None:
-    import torch   # here, not at the top: the driver imports this module and needs no torch
-
-    from .. import pipeline
     spec, cfg = _resolve(params, spec_state)
     root = Path(spec_state["root"])
     # the id this trial's rows, run folder, progress and MLflow run go under: its own, or that of a
@@ -58,14 +61,43 @@ def _run_trial(params: dict, spec_state: dict) -> None:
     ident = progress_path(root, trial_id).with_suffix(".json")   # what resume.orphans matches it by
     ident.parent.mkdir(exist_ok=True)
     storage.write_text(ident, json.dumps({"config_hash": cfg.hash}))
+    job = Job(spec.trial_raw(params), trial_id, adopted, spec_state)
+    if cfg.resources.workers == 1:
+        compute(job, tune.report)
+    else:
+        from .adapters import fit_relaying_reports
+        fit_relaying_reports(lambda queue: _trainer(job, cfg, queue), tune.report)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every process computing one trial needs (plain data, shipped to Ray Train's workers)."""
+    raw: dict          # the trial's run config, as from_dict takes it
+    trial_id: str      # the id its rows, run folder and progress go under
+    adopted: dict      # {"adopted_from": id} when it goes on as a trial the resumed Tune state forgot
+    state: dict        # spec_state()
+
+
+def compute(job: Job, send: Callable[[dict], None]) -> None:
+    """The trial's ``pipeline.run`` in this process: the trial's own, or one of its data-parallel
+    workers. The main rank (the only one in a world of one) saves progress and sends every record
+    (``Reporter``), writes the rows and sends the final report; the others compute alongside."""
+    import torch   # here, not at the top: the driver imports this module and needs no torch
+
+    from .. import pipeline
+    from ..distributed import World
+    cfg, root, trial_id = from_dict(job.raw), Path(job.state["root"]), job.trial_id
+    if cfg.resources.threads is None:   # one torch thread per CPU the process holds, never more
+        torch.set_num_threads(max(1, int(cfg.resources.cpus)))
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
     # snapshot names the new one, so a driver killed in between would resume from a deleted one.
     saved = progress_path(root, trial_id)
     resume = pipeline.Progress.from_state(torch.load(saved, weights_only=True)) if saved.exists() else None
-    reporter = Reporter(cfg, saved, adopted, resume, spec_state.get("system_metrics"))
+    main = World.current().main
+    reporter = Reporter(cfg, saved, job.adopted, resume, job.state.get("system_metrics"), send) if main else None
     run_dir = root / "trials" / trial_id
-    common = {"sweep": spec.name, "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
-    cache = DenseCache(Path(spec_state["storage_root"]) / "_cache" / "dense")
+    common = {"sweep": job.state["name"], "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
+    cache = DenseCache(Path(job.state["storage_root"]) / "_cache" / "dense")
     try:
         summary = pipeline.run(cfg, run_dir, overwrite=True, progress=False, on_record=reporter,
                                cache=cache, resume=resume)
@@ -75,27 +107,73 @@ def _run_trial(params: dict, spec_state: dict) -> None:
     except ConfigError as e:     # deterministic too (e.g. data missing on this node): no retries
         status, error, summary = "error", f"ConfigError: {e}", None
     except Exception as e:   # the row says why; on a full disk it may not be written (then resume runs it again)
-        fault = storage.classify(e, root)
-        write_trial_row(root, cfg, common, Trial(
-            status="error", error=str(fault) if fault else f"{type(e).__name__}: {e}", node_id=reporter.node_id,
-            started_at=reporter.started, run_dir=str(run_dir), dense_cache_hit=False), None)
+        if reporter is not None:
+            fault = storage.classify(e, root)
+            write_trial_row(root, cfg, common, Trial(
+                status="error", error=str(fault) if fault else f"{type(e).__name__}: {e}", node_id=reporter.node_id,
+                started_at=reporter.started, run_dir=str(run_dir), dense_cache_hit=False), None)
         raise
+    if reporter is None:
+        return
     _write_rows(root, cfg, common, reporter, status, error, summary, run_dir)
     _forget_progress(root, trial_id)   # done: nothing to continue
-    tune.report(reporter.final(status, summary, run_dir))
+    send(reporter.final(status, summary, run_dir))
+
+
+# ------------------------------------------------------------- a trial of data-parallel workers
+
+TRIAL_CPUS = 0.05   # a multi-worker trial's own process: it waits on Ray Train and relays reports
+
+
+def tune_resources(cfg) -> dict:
+    """What Tune reserves for each trial: the trial process's CPUs and GPUs; with workers > 1 a
+    sliver of a CPU for it, its Ray Train workers reserving their own (``_trainer``)."""
+    r = cfg.resources
+    return {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": TRIAL_CPUS, "gpu": 0}
+
+
+def trial_cpus(cfg) -> float:
+    """The CPUs one trial takes on the cluster, its workers' included."""
+    r = cfg.resources
+    return r.cpus if r.workers == 1 else r.cpus * r.workers + TRIAL_CPUS
+
+
+def _trainer(job: Job, cfg, queue):
+    """Ray Train's TorchTrainer of this trial: ``resources.workers`` workers of ``resources.cpus``
+    and ``resources.gpus`` each (gloo on CPU, nccl on GPU), its run named after the trial (a
+    restarted worker group and a resumed sweep find it again), under the sweep folder. A failed or
+    killed worker restarts the group, up to the sweep's ``max_failures`` times; the new group goes
+    on from the trial's saved progress."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    r = cfg.resources
+    per_worker = {"CPU": r.cpus, **({"GPU": r.gpus} if r.gpus else {})}
+    return TorchTrainer(
+        _worker, train_loop_config={"job": job, "queue": queue},
+        torch_config=TorchConfig(backend="nccl" if r.gpus else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus > 0, resources_per_worker=per_worker),
+        run_config=RunConfig(name=job.trial_id, storage_path=str(Path(job.state["root"]) / "train"),
+                             failure_config=FailureConfig(max_failures=job.state.get("max_failures", 2))))
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker of a trial (its torch.distributed world set up by Train): ``compute``,
+    rank 0 sending its reports to the trial's queue (``adapters.fit_relaying_reports``)."""
+    job, queue = config["job"], config["queue"]
+    if from_dict(job.raw).resources.gpus:   # Train shows a node's workers all its GPUs: each takes its own
+        import ray.train.torch
+        import torch
+        torch.cuda.set_device(ray.train.torch.get_device())
+    with storage.named_faults(Path(job.state["root"])):
+        compute(job, queue.put)
 
 
 def _resolve(params: dict, spec_state: dict):
-    """The sweep spec and this trial's resolved Config; torch threads for the CPUs it holds."""
-    import torch
-
+    """The sweep spec and this trial's resolved Config."""
     from .spec import SweepSpec
     spec = SweepSpec(name=spec_state["name"], base=spec_state["base"], set=spec_state["set"],
                      storage=spec_state["storage"], cwd=spec_state["cwd"])
-    cfg = from_dict(spec.trial_raw(params))
-    if cfg.resources.threads is None:   # one torch thread per CPU the trial holds, never more
-        torch.set_num_threads(max(1, int(cfg.resources.cpus)))
-    return spec, cfg
+    return spec, from_dict(spec.trial_raw(params))
 
 
 def _report_ended(root: Path, cfg, trial_id: str, orphan, adopted: dict, spec_state: dict) -> bool:
@@ -134,11 +212,13 @@ def _point_done(root: Path, config_hash: str, trial_id: str, repeats: int):
 
 
 class Reporter:
-    """``pipeline.run``'s ``on_record``: reports every record to Tune, after saving the trial's
-    progress with it, and keeps what the trial's final report and rows need."""
+    """``pipeline.run``'s ``on_record``: reports every record (``send``: to Tune, or to the trial
+    process that does), after saving the trial's progress with it, and keeps what the trial's final
+    report and rows need."""
 
-    def __init__(self, cfg, saved: Path, adopted: dict, resume, system_metrics: bool):
-        self.saved, self.adopted, self.node_id = saved, adopted, _node_id()
+    def __init__(self, cfg, saved: Path, adopted: dict, resume, system_metrics: bool,
+                 send: Callable[[dict], None] = tune.report):
+        self.saved, self.adopted, self.node_id, self.send = saved, adopted, _node_id(), send
         self.started = time.time()
         # every report carries these (the ticket's, as known so far), so Tune finds the metric in each
         self.running = {**dict.fromkeys(TUNE_METRICS, 0.0), "achieved_density": cfg.search.density}
@@ -183,7 +263,7 @@ class Reporter:
         if progress is not None:   # written before the report: what Tune saw is never ahead of it
             self.saved.parent.mkdir(exist_ok=True)
             storage.save_torch(progress.to_state(), self.saved)
-        tune.report(metrics)
+        self.send(metrics)
 
     def final(self, status: str, summary, run_dir: Path) -> dict:
         """The trial's last report: its status and the ticket's final metrics (``Summary.final``)."""
@@ -362,5 +442,5 @@ def spec_state(spec, rerun=(), resumed: bool = False) -> dict:
     return {"rerun": set(rerun), "repeats": spec.num_samples if resumed and spec.searcher == "grid" else 0,
             "name": spec.name, "base": spec.base, "set": spec.set, "storage": spec.storage, "cwd": spec.cwd,
             "root": str(spec.root), "storage_root": str(spec.root.parent),
-            "system_metrics": spec.mlflow["system_metrics"]}
+            "system_metrics": spec.mlflow["system_metrics"], "max_failures": spec.max_failures}
 
