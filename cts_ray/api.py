@@ -55,7 +55,8 @@ def run(config: Source = None, overrides: Overrides = (), *, out=None, overwrite
     """One experiment (``cts-ray run``): returns its summary (what summary.json holds) plus
     ``run_dir``, the run folder (default ``results/runs/<data>-<model>-<method>-d<density>-s<seed>-<hash>``)."""
     from . import pipeline
-    cfg = load_config(config, overrides)
+    from .config import one_process
+    cfg = one_process(load_config(config, overrides))
     out = Path(pipeline.default_out(cfg) if out is None else out)
     summary = pipeline.run(cfg, out, overwrite=overwrite, progress=progress)
     return {**summary, "run_dir": str(out)}

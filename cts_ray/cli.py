@@ -314,7 +314,7 @@ def _main(argv=None) -> int:
             from . import pipeline
             print(_eval_line(pipeline.evaluate_run(args.run_dir)))
             return 0
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.one_process(config_mod.load(args.config, args.overrides))
         from . import pipeline
         out = pipeline.default_out(cfg) if args.out is None else args.out
 

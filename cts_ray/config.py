@@ -450,9 +450,21 @@ def _check_workers(r: ResourcesConfig, batch_size: int) -> None:
         one = "for one process" if n == 1 else "per worker (a worker uses one)"
         raise ConfigError(f"resources.gpus: {g} GPUs {one} would leave all but one idle; set "
                           f"resources.workers: {g * n} with resources.gpus: 1 (each worker's GPUs)")
+    if r.workers > 1 and 0 < r.gpus < 1:   # NCCL refuses two ranks of one group on one GPU
+        raise ConfigError(f"resources.gpus: {r.gpus:g} with resources.workers: {r.workers}; each data-parallel "
+                          "worker needs a GPU of its own: expected 0 (CPU, gloo) or 1")
     if batch_size % r.workers:
         raise ConfigError(f"training.batch_size: {batch_size} does not divide among resources.workers: {r.workers}; "
                           f"expected a multiple of {r.workers}, e.g. {batch_size - batch_size % r.workers or r.workers}")
+
+
+def one_process(cfg: Config) -> Config:
+    """``cts-ray run`` and ``api.run`` train in their own process: data-parallel workers are a sweep's
+    (Ray Train starts them in a trial)."""
+    if cfg.resources.workers > 1:
+        raise ConfigError(f"resources.workers: {cfg.resources.workers} workers run as a sweep trial (Ray Train "
+                          "starts them); cts-ray run is one process: use cts-ray sweep, or resources.workers: 1")
+    return cfg
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -29,6 +29,11 @@ TWO = {"resources.workers": 2, "resources.cpus": 0.5}
      "training.batch_size: 63 does not divide among resources.workers: 2; expected a multiple of 2, e.g. 62"),
     ("run", {"resources.workers": 0}, "resources.workers: 0 is out of range; expected an integer 1..64"),
     ("sweep", {"resources.workers": 65}, "resources.workers: 65 is out of range; expected an integer 1..64"),
+    ("sweep", {"resources.workers": 2, "resources.gpus": 0.5},
+     "resources.gpus: 0.5 with resources.workers: 2; each data-parallel worker needs a GPU of its own: expected 0 "
+     "(CPU, gloo) or 1"),
+    ("run", {"resources.workers": 2}, "resources.workers: 2 workers run as a sweep trial (Ray Train starts them); "
+     "cts-ray run is one process: use cts-ray sweep, or resources.workers: 1"),
 ])
 def test_bad_resources_are_refused_in_one_line(tmp_path, command, sets, expected):
     if command == "run":
