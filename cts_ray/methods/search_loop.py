@@ -8,7 +8,7 @@ with each record and gets it back as ``ctx.resume``. A method supplies a ``Searc
 optimiser, its step, its records' own fields and, if resumable, its part of the state.
 
 Data-parallel (``distributed.World``): each rank steps on its shard of every batch; the searcher
-scales its shard's objective by ``share`` and sums its mask gradients over the ranks before its
+scales its shard's objective to its part of the batch (``Searcher.scaled``) and sums its mask gradients over the ranks before its
 controller reads them, so its replicated mask parameters move alike everywhere; the epoch's
 objective is all-reduced before it is read.
 """
@@ -36,11 +36,11 @@ class Searcher:
     opt: torch.optim.Optimizer
     resumable = False   # whether ``state``/``load`` continue an interrupted search
     world = World()     # set by search_loop
-    share = 1.0         # this rank's part of a global batch: its batch-mean objective is scaled by it
 
     def scaled(self, objective: Tensor) -> Tensor:
-        """A shard's batch-mean ``objective`` as its part of the global batch's (as is in a world of one)."""
-        return objective if self.world.size == 1 else objective * self.share
+        """A shard's batch-mean ``objective`` as its part of the global batch's (equal shards:
+        ``Batches.shard_of``); as is in a world of one."""
+        return objective if self.world.size == 1 else objective / self.world.size
 
     def prepare(self) -> None:
         """Work done once before this attempt's first step, timed with its first epoch."""
@@ -91,7 +91,6 @@ def search_loop(ctx: SearchContext, searcher: Searcher, clock: Clock, lr_drop_at
     cfg, opt = ctx.cfg, searcher.opt
     batch_size = cfg.training.batch_size
     world = searcher.world = World.current()
-    searcher.share = 1.0 / world.size   # equal shards (Batches.shard_of)
     drop = drop_step(cfg, ctx.data.steps_per_epoch(batch_size), lr_drop_at)
     order = ctx.generator("order")
     history, step, first_epoch = [], 0, 0

@@ -166,7 +166,7 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
             grids = _resume(run, retried, (INTERRUPTED, *retry), started)
         else:
             tuner, shared = _new_tuner(spec, _trainable(spec_state(spec), cfg0), run.callbacks(), points, verbose,
-                                       stop=run.guard)
+                                       stop=run.guard, reuse=_one_process(cfg0))
             grids = [_fit(run, tuner, shared)]
     _compact(spec)
     summary, errors = summarise(spec, _tune_errors(spec, grids)), sum(1 for g in grids for r in g if r.error)
@@ -294,7 +294,7 @@ def _account(run: _Session, state: dict, again: tuple, started: float) -> list:
         set_aside(root)
         seed = spec.seed + sum(1 for _ in root.glob(f"{TUNE_DIR}.*"))   # new samples, not the first run's again
         tuner, shared = _new_tuner(spec, _trainable(state, run.cfg0), run.callbacks(), batch, run.verbose,
-                                   repeats=repeats, searcher_seed=seed, stop=run.guard)
+                                   repeats=repeats, searcher_seed=seed, stop=run.guard, reuse=_one_process(run.cfg0))
         grids.append(_fit(run, tuner, shared))
     return grids
 
@@ -320,11 +320,11 @@ def _mlflow_logger(spec: SweepSpec):
 
 
 def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[list], verbose: int,
-               repeats: Optional[int] = None, searcher_seed: Optional[int] = None, stop=None):
+               repeats: Optional[int] = None, searcher_seed: Optional[int] = None, stop=None, reuse: bool = True):
     """(the Tuner of a new sweep, of the trials --extend adds, or of those a resume still needs;
     its shared-work searcher or None). ``repeats``: Tune's num_samples instead of the spec's (a
     resume's points, each listed once per missing repeat: 1); ``searcher_seed``: instead of the spec's;
-    ``stop``: the StorageGuard."""
+    ``stop``: the StorageGuard; ``reuse``: Tune's reuse_actors (``_one_process``)."""
     from ray import tune
     run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(spec.root),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -341,7 +341,7 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
                                                    # a worker keeps torch & data loaded between trials; a
                                                    # trial of Ray Train workers must take them with it
                                                    # when it ends (adapters.fit_relaying_reports)
-                                                   reuse_actors=_one_process(spec)),
+                                                   reuse_actors=reuse),
                        run_config=run_config)
     return tuner, shared
 
@@ -351,9 +351,9 @@ def _first_config(spec: SweepSpec):
     return from_dict(spec.trial_raw(spec.grid_points()[0] if spec.grid else {}))
 
 
-def _one_process(spec: SweepSpec) -> bool:
+def _one_process(cfg0) -> bool:
     """Whether the sweep's trials each run in their own process (``resources.workers``: 1)."""
-    return _first_config(spec).resources.workers == 1
+    return cfg0.resources.workers == 1
 
 
 def _fit(run: _Session, tuner, shared=None):

@@ -63,7 +63,7 @@ def _run_trial(params: dict, spec_state: dict) -> None:
     storage.write_text(ident, json.dumps({"config_hash": cfg.hash}))
     job = Job(spec.trial_raw(params), trial_id, adopted, spec_state)
     if cfg.resources.workers == 1:
-        compute(job, tune.report)
+        compute(job, tune.report, cfg)
     else:
         from .adapters import fit_relaying_reports
         fit_relaying_reports(lambda queue: _trainer(job, cfg, queue), tune.report)
@@ -78,15 +78,16 @@ class Job:
     state: dict        # spec_state()
 
 
-def compute(job: Job, send: Callable[[dict], None]) -> None:
+def compute(job: Job, send: Callable[[dict], None], cfg=None) -> None:
     """The trial's ``pipeline.run`` in this process: the trial's own, or one of its data-parallel
     workers. The main rank (the only one in a world of one) saves progress and sends every record
-    (``Reporter``), writes the rows and sends the final report; the others compute alongside."""
+    (``Reporter``), writes the rows and sends the final report; the others compute alongside.
+    ``cfg``: ``job.raw`` resolved, where the caller has it (resolving checks the data folder)."""
     import torch   # here, not at the top: the driver imports this module and needs no torch
 
     from .. import pipeline
     from ..distributed import World
-    cfg, root, trial_id = from_dict(job.raw), Path(job.state["root"]), job.trial_id
+    cfg, root, trial_id = cfg or from_dict(job.raw), Path(job.state["root"]), job.trial_id
     if cfg.resources.threads is None:   # one torch thread per CPU the process holds, never more
         torch.set_num_threads(max(1, int(cfg.resources.cpus)))
     # The trial's own checkpoint, not Tune's: Tune deletes an old checkpoint before its state
@@ -159,11 +160,12 @@ def _trainer(job: Job, cfg, queue):
 def _worker(config: dict) -> None:
     """One Ray Train worker of a trial (its torch.distributed world set up by Train): ``compute``,
     rank 0 sending its reports to the trial's queue (``adapters.fit_relaying_reports``)."""
+    import ray.train.torch
+    import torch
     job, queue = config["job"], config["queue"]
-    if from_dict(job.raw).resources.gpus:   # Train shows a node's workers all its GPUs: each takes its own
-        import ray.train.torch
-        import torch
-        torch.cuda.set_device(ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":   # Train shows a node's workers all its GPUs: each takes its own
+        torch.cuda.set_device(device)
     with storage.named_faults(Path(job.state["root"])):
         compute(job, queue.put)
 
