@@ -212,6 +212,13 @@ class ResourcesConfig:
                       help="sweeps: data-parallel worker processes per trial (Ray Train; gloo on CPU, nccl on GPU), "
                            "each with resources.cpus and resources.gpus; 1 = the trial's own process")
 
+    @property
+    def backend(self) -> str:
+        """The data-parallel workers' torch.distributed backend: nccl when they compute on their GPUs,
+        gloo on CPU, also beside reserved GPUs with ``device: cpu`` (logical GPUs, no CUDA: NCCL
+        refuses to start there, and torch's ``cpu:gloo,cuda:nccl`` builds NCCL too)."""
+        return "nccl" if self.gpus and self.device != "cpu" else "gloo"
+
 
 @dataclass
 class Config:

@@ -56,6 +56,14 @@ class World:
         dist.broadcast(t, 0)
         return bool(t.item())
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_(self, *tensors: Tensor, src: int = 0) -> None:
         """Every rank's ``tensors`` become rank ``src``'s."""
         if self.size > 1:

@@ -214,6 +214,8 @@ class Trial:
     mask_path: Optional[str] = _f()
     run_dir: Optional[str] = _f()
     node_id: Optional[str] = _f()
+    worker_node_ids: Optional[list] = _f(to_column="json", doc="the Ray node of each worker (resources.workers), "
+                                         "in rank order: of the worker group that wrote the row")
     hostname: Optional[str] = _f()
     started_at: Optional[float] = _f(unit="s since 1970-01-01 UTC")
     ended_at: Optional[float] = _f(unit="s since 1970-01-01 UTC")

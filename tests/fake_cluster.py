@@ -1,17 +1,20 @@
 """An autoscaling Ray cluster on one machine, shaped like cluster.yaml, running one sweep.
 
-    .venv/bin/python tests/fake_cluster.py OUT SWEEP.yaml [--set KEY=VALUE ...]
+    .venv/bin/python tests/fake_cluster.py OUT SWEEP.yaml [--kill-node] [--set KEY=VALUE ...]
 
 Re-runs itself as PID 1 of new network, PID and mount namespaces (`unshare`, as root), so its Ray
 sees no other Ray on the machine, takes the default ports, and everything it started ends with it.
 Inside: Ray's fake multi-node provider (each "node" is real Ray processes on this machine) with
 cluster.yaml's node types (its logical GPUs, at most 2 workers, a short idle timeout), a head
 started the way `ray up` starts it (autoscaler v2), then `cts-ray sweep SWEEP.yaml --address ...`,
-then a wait until the idle workers are gone. OUT gets:
+then a wait until the idle workers are gone. ``--kill-node``: once a trial has saved its first
+epoch, every process of one worker node that runs a Ray Train worker of it is SIGKILLed (its raylet,
+everything under it, its agents), as a reclaimed spot instance vanishes. OUT gets:
 
     fake_cluster.yaml   the autoscaler config generated from cluster.yaml
     timeline.jsonl      the autoscaler's view about every second: {"t", "phase", "status"}
-    events.json         seconds since start (t0) of: head up, sweep start/end, scaled down
+    events.json         seconds since start (t0) of: head up, sweep start/end, scaled down; with
+                        --kill-node the kill and the node's id (killed_node)
     status_*.txt        `ray status` after the sweep and at the end
     sweep.log           the sweep's output; sweeps/ its results (storage)
 """
@@ -21,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -107,7 +111,65 @@ def _workers(status: dict) -> list:
     return [n for n in status["active_nodes"] + status["idle_nodes"] if n["ray_node_type_name"] != HEAD_TYPE]
 
 
-def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
+def _procs() -> dict:
+    """{pid: (parent pid, command line)} of every process (this namespace's: all of the cluster)."""
+    out = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            out[int(d.name)] = (ppid, (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _train_worker_nodes(procs: dict) -> dict:
+    """{node id: its raylet's pid} of the nodes where Ray Train workers run (the raylets they descend from)."""
+    nodes = {}
+    for pid, (_, cmd) in procs.items():
+        if "RayTrainWorker" not in cmd:
+            continue
+        while pid in procs and "raylet" not in procs[pid][1].split(" ", 1)[0]:
+            pid = procs[pid][0]
+        if pid in procs:
+            flag = next(a for a in procs[pid][1].split() if a.startswith("--node_id="))
+            nodes[flag.split("=", 1)[1]] = pid
+    return nodes
+
+
+def _kill_node(node_id: str, raylet: int) -> int:
+    """SIGKILL the node's raylet, every process under it (its workers) and every other process
+    named by its id (its agents, log monitor). Returns how many."""
+    procs = _procs()
+    doomed = {p for p, (_, cmd) in procs.items() if node_id in cmd} | {raylet}
+    while True:
+        more = {p for p, (pp, _) in procs.items() if pp in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for p in doomed:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(doomed)
+
+
+def _kill_a_node_after_first_save(out: Path, sweep: subprocess.Popen, events: dict, t0: float) -> None:
+    """Once a trial's progress file exists (its first saved epoch): kill one node of its workers.
+    ``events`` gets the nodes its workers ran on then (train_worker_nodes) and the one killed."""
+    while sweep.poll() is None:
+        if next(out.glob("**/progress/*.pt"), None) is not None:
+            nodes = _train_worker_nodes(_procs())
+            if nodes:
+                node = max(nodes)
+                events.update(kill=time.time() - t0, train_worker_nodes=sorted(nodes), killed_node=node,
+                              killed_processes=_kill_node(node, nodes[node]))
+                return
+        time.sleep(0.1)
+
+
+def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90, kill_node: bool = False) -> int:
     from ray.autoscaler.v2.sdk import get_cluster_status
     t0 = time.time()
     config = out / "fake_cluster.yaml"
@@ -117,7 +179,9 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            # as `ray up` starts the head: autoscaler v2, told which instance and node type it is
            "RAY_enable_autoscaler_v2": "1", "RAY_NODE_TYPE_NAME": HEAD_TYPE,
-           "RAY_CLOUD_INSTANCE_ID": "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"}
+           "RAY_CLOUD_INSTANCE_ID": "fffffffffffffffffffffffffffffffffffffffffffffffffff00000",
+           # a lost node declared dead after ~5 s of failed health checks, not ~15 s
+           "RAY_health_check_period_ms": "1000"}
     head = fake_cluster_config(REPO / "cluster.yaml")["available_node_types"][HEAD_TYPE]["resources"]
     _run([str(BIN / "ray"), "start", "--head", "--port=6379", f"--autoscaling-config={config}",
           f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}", "--object-store-memory=100000000",
@@ -128,8 +192,11 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90) -> int:
     sampler.start()
     events["sweep_start"] = time.time() - t0
     with open(out / "sweep.log", "w") as log:
-        rc = subprocess.run([str(BIN / "cts-ray"), "sweep", *sweep_args, "--address", GCS, "--quiet"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out).returncode
+        sweep = subprocess.Popen([str(BIN / "cts-ray"), "sweep", *sweep_args, "--address", GCS, "--quiet"],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
+        if kill_node:
+            _kill_a_node_after_first_save(out, sweep, events, t0)
+        rc = sweep.wait()
     events["sweep_end"] = time.time() - t0
     events["sweep_rc"] = rc
     (out / "status_after_sweep.txt").write_text(_run([str(BIN / "ray"), "status", f"--address={GCS}"], env=env).stdout)
@@ -166,7 +233,8 @@ def main(argv=None) -> int:
         sweep = str(Path(argv[1]).resolve())   # the sweep runs in OUT
         return subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc",
                                sys.executable, __file__, str(out), sweep, *argv[2:]]).returncode
-    return inside(out, argv[1:])
+    kill = "--kill-node" in argv
+    return inside(out, [a for a in argv[1:] if a != "--kill-node"], kill_node=kill)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,72 @@ def test_autoscaler_adds_gpu_workers_for_half_gpu_trials_and_removes_them(tmp_pa
                       for t in sorted(trials, key=lambda t: t["started_at"])))
 
 
+# One trial (a second costs ~45 s here: its start-up and two more node launches, and shows nothing
+# new) of 2 workers with a (logical) GPU each: dense to the search point (1 epoch), 4 search epochs,
+# 7 of retraining; gloo on the CPU beside the reserved GPU (the fake nodes have no CUDA)
+SWEEP_TWO_WORKERS = {"name": "two", "base": str(REPO / "configs" / "digits.yaml"), "storage": "sweeps",
+                     "set": {"training.epochs": 8, "training.milestones": [6], "training.dense_baseline": False,
+                             "search.density": 0.2, "resources.workers": 2, "resources.gpus": 1,
+                             "resources.cpus": 1, "resources.device": "cpu"}}
+EPOCHS = 1 + 4 + 7
+
+
+def test_a_two_worker_trial_spans_two_gpu_nodes_and_survives_losing_one(tmp_path):
+    """A trial of 2 Ray Train workers with a GPU each on the fake autoscaling cluster: the autoscaler
+    launches two GPU nodes and the trial's workers run on both. Once it has saved an epoch, one of
+    its nodes is killed outright (tests/fake_cluster.py --kill-node, a reclaimed spot instance): the
+    autoscaler replaces it, Ray Train restarts the group, the trial goes on from its last saved
+    epoch, and the tables hold every epoch exactly once."""
+    assert os.geteuid() == 0 and shutil.which("unshare"), \
+        "this test needs root and util-linux's unshare (new network/PID/mount namespaces); CI runs as root"
+    sweep = tmp_path / "two.yaml"
+    sweep.write_text(yaml.safe_dump(SWEEP_TWO_WORKERS))
+    out = tmp_path / "cluster"
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "fake_cluster.py"), str(out), str(sweep), "--kill-node"],
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + (out / "sweep.log").read_text()[-3000:]
+    events = json.loads((out / "events.json").read_text())
+    assert events["sweep_rc"] == 0 and "kill" in events, (out / "sweep.log").read_text()[-3000:]
+
+    samples = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
+    status = [s for s in samples if "status" in s]
+    [head] = [n["node_id"] for n in status[0]["status"]["active_nodes"] + status[0]["status"]["idle_nodes"]]
+    launches = [s["t"] for s in status if s["status"]["pending_launches"]]
+    gpu = {}   # GPU node id: when first seen up
+    for s in status:
+        for n in s["status"]["active_nodes"] + s["status"]["idle_nodes"]:
+            if n["ray_node_type_name"] == "ray.worker.gpu":
+                gpu.setdefault(n["node_id"], s["t"])
+    # before the kill: the workers on two GPU nodes (never the head); then one in the lost one's place
+    before, killed = events["train_worker_nodes"], events["killed_node"]
+    assert len(before) == 2 and set(before) <= set(gpu) and killed in before, (before, gpu)
+    [replacement] = [n for n, t in gpu.items() if t > events["kill"]]
+    assert len(gpu) == 3, gpu
+
+    root = out / "sweeps" / "two"
+    [row] = tables.read(root, "trials").to_pylist()
+    assert row["status"] == "finished", row["error"]
+    # the restarted group, which wrote the row: the survivor and the replacement (rank 0's is node_id)
+    after = json.loads(row["worker_node_ids"])
+    assert sorted(after) == sorted({*before, replacement} - {killed}) and row["node_id"] == after[0], (after, killed)
+    assert head not in after
+    keys = [(r["trial_id"], r["phase"], r["epoch"], r["round"]) for r in tables.read(root, "epochs").to_pylist()]
+    assert len(keys) == len(set(keys)) == EPOCHS   # every epoch once: none lost, none twice
+    # the new group went on from the saved epoch: it reported that epoch again, never the dense one
+    results = [json.loads(line) for line in next((root / "tune").glob("*/result.json")).read_text().splitlines()]
+    steps = [r["step"] for r in results]
+    again = [s for s in steps if steps.count(s) > 1]
+    assert again and min(again) > 1, steps
+    resumed = next(r for r in results if r["step"] == min(again))
+    print(f"\nnode-loss timeline (s): head up {events['head_up']:.1f}, sweep start {events['sweep_start']:.1f}, GPU "
+          f"launch requested {launches[0]:.1f}, GPU nodes up {sorted(round(gpu[n], 1) for n in before)}, kill "
+          f"{events['kill']:.1f} (node ..{killed[-2:]}, {events['killed_processes']} processes), replacement "
+          f"..{replacement[-2:]} up {gpu[replacement]:.1f}, trial resumed at {resumed['phase']} epoch "
+          f"{resumed.get('epoch')} (step {resumed['step']}), trial {row['started_at'] - events['t0']:.1f}-"
+          f"{row['ended_at'] - events['t0']:.1f}, sweep end {events['sweep_end']:.1f}, scaled down "
+          f"{events.get('scaled_down', float('nan')):.1f}")
+
+
 def test_storage_uri_is_refused_in_one_line(tmp_path):
     """The README's cluster sweep with `--set storage=s3://...`: refused before Ray starts, and no
     local folder named 's3:' appears."""

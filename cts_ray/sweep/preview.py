@@ -68,5 +68,5 @@ def _resources(cfg) -> str:
     each = f"{r.cpus:g} CPU" + (f" and {r.gpus:g} GPU" if r.gpus else "")
     if r.workers == 1:
         return f"resources: each trial {each}, in its own process"
-    return (f"resources: each trial {r.workers} data-parallel workers (Ray Train, {'nccl' if r.gpus else 'gloo'}) "
+    return (f"resources: each trial {r.workers} data-parallel workers (Ray Train, {r.backend}) "
             f"of {each} each, reserved together (on one node or several); the trial's own process a sliver of a CPU")

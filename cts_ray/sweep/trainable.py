@@ -94,8 +94,9 @@ def compute(job: Job, send: Callable[[dict], None], cfg=None) -> None:
     # snapshot names the new one, so a driver killed in between would resume from a deleted one.
     saved = progress_path(root, trial_id)
     resume = pipeline.Progress.from_state(torch.load(saved, weights_only=True)) if saved.exists() else None
-    main = World.current().main
-    reporter = Reporter(cfg, saved, job.adopted, resume, job.state.get("system_metrics"), send) if main else None
+    world = World.current()
+    nodes = world.gather(_node_id())   # where this group's ranks run (a node lost: where the next one did)
+    reporter = Reporter(cfg, saved, job.adopted, resume, job.state.get("system_metrics"), send) if world.main else None
     run_dir = root / "trials" / trial_id
     common = {"sweep": job.state["name"], "trial_id": trial_id, "config_hash": cfg.hash, **tables.axes(cfg)}
     cache = DenseCache(Path(job.state["storage_root"]) / "_cache" / "dense")
@@ -116,7 +117,7 @@ def compute(job: Job, send: Callable[[dict], None], cfg=None) -> None:
         raise
     if reporter is None:
         return
-    _write_rows(root, cfg, common, reporter, status, error, summary, run_dir)
+    _write_rows(root, cfg, common, reporter, status, error, summary, run_dir, nodes)
     _forget_progress(root, trial_id)   # done: nothing to continue
     send(reporter.final(status, summary, run_dir))
 
@@ -141,7 +142,7 @@ def trial_cpus(cfg) -> float:
 
 def _trainer(job: Job, cfg, queue):
     """Ray Train's TorchTrainer of this trial: ``resources.workers`` workers of ``resources.cpus``
-    and ``resources.gpus`` each (gloo on CPU, nccl on GPU), its run named after the trial (a
+    and ``resources.gpus`` each (``ResourcesConfig.backend``), its run named after the trial (a
     restarted worker group and a resumed sweep find it again), under the sweep folder. A failed or
     killed worker restarts the group, up to the sweep's ``max_failures`` times; the new group goes
     on from the trial's saved progress."""
@@ -151,7 +152,7 @@ def _trainer(job: Job, cfg, queue):
     per_worker = {"CPU": r.cpus, **({"GPU": r.gpus} if r.gpus else {})}
     return TorchTrainer(
         _worker, train_loop_config={"job": job, "queue": queue},
-        torch_config=TorchConfig(backend="nccl" if r.gpus else "gloo"),
+        torch_config=TorchConfig(backend=r.backend),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=job.trial_id, storage_path=str(Path(job.state["root"]) / "train"),
                              failure_config=FailureConfig(max_failures=job.state.get("max_failures", 2))))
@@ -159,13 +160,10 @@ def _trainer(job: Job, cfg, queue):
 
 def _worker(config: dict) -> None:
     """One Ray Train worker of a trial (its torch.distributed world set up by Train): ``compute``,
-    rank 0 sending its reports to the trial's queue (``adapters.fit_relaying_reports``)."""
-    import ray.train.torch
-    import torch
+    rank 0 sending its reports to the trial's queue (``adapters.fit_relaying_reports``). Train
+    runs it with its GPU as torch's current device where CUDA is (TorchConfig's train_func_context;
+    ``ray.train.torch.get_device()`` says cuda:N on a GPU reservation without CUDA too)."""
     job, queue = config["job"], config["queue"]
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":   # Train shows a node's workers all its GPUs: each takes its own
-        torch.cuda.set_device(device)
     with storage.named_faults(Path(job.state["root"])):
         compute(job, queue.put)
 
@@ -276,14 +274,14 @@ class Reporter:
 
 
 def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, error, summary,
-                run_dir: Path) -> None:
+                run_dir: Path, nodes: list) -> None:
     """The trial's rows of the three tables (``_write_trial``). A failed trial keeps no epochs; a
-    diverged one keeps those that show how it diverged."""
+    diverged one keeps those that show how it diverged. ``nodes``: each rank's node."""
     records = [] if status == "error" else reporter.records
     last = records[-1] if records else {}
     layers = json.loads((run_dir / "layers.json").read_text())[:-1] if summary is not None else None
     _write_trial(root, cfg, common, Trial(
-        status=status, error=error, node_id=reporter.node_id, started_at=reporter.started,
+        status=status, error=error, node_id=reporter.node_id, worker_node_ids=nodes, started_at=reporter.started,
         dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
         mask_path=str(run_dir / "mask.pt") if summary is not None else None,
         last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary,
