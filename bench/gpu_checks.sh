@@ -7,7 +7,8 @@
 #      a search epoch first and shortens only the retraining if it must, saying so), beside the
 #      paper's 74.0 % in 7.9 min.
 #   3. `python -m bench data --device cuda` — in memory vs streamed folder data on the GPU (issue 25: the
-#      loader must keep a GPU busy; decoding on the GPU is not used until this row says it would pay).
+#      loader must keep a GPU busy; its GPU-decode rows, nvJPEG batches against a CPU process at 32 and
+#      224 px, say whether decoding on the GPU would pay: it is not used until they do).
 # All append their tables to bench/RESULTS.md. CIFAR-10-JPEG (55 MB) is copied into data/ (ignored
 # by git) if it is not there: pass `data/CIFAR-10-JPEG` along with the checkout to a machine
 # without ../shared (the device tool: carry ["data/CIFAR-10-JPEG"]).

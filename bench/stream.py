@@ -9,6 +9,9 @@ Rows (images/s, median of alternating rounds; ratio = streamed ÷ in memory, pai
 - engines (loader only, 32 x 32): Ray Data (``read_images`` + ``iter_torch_batches``, decoding in Ray
   tasks) beside ours (torch DataLoader processes decoding with PIL); and the decoders per image,
   PIL against ``torchvision.io.decode_jpeg``.
+- GPU decode (on CUDA only): ``decode_jpeg(..., device="cuda")`` in batches against one CPU process,
+  at 32 and 224 px (re-encoded). Decoding moves to the GPU only once this says it beats the loader
+  processes (target ≥ WORKERS x one CPU process); no GPU has been lent to measure it yet.
 - memory: peak RSS (the kernel's high-water marks, VmHWM: the trial's process, and its largest
   loader process) of one ``cts-ray run`` streaming generated 10,000- and 100,000-image folders (hard
   links to the CIFAR files): LeNet-300-100, SNIP, one retraining epoch. Target: within 150 MB of
@@ -89,6 +92,11 @@ def _throughput(root: Path, repeats: int, device: str, quick: bool) -> list[Row]
            "in memory load": lambda: load("in memory"), "streamed load": lambda: load("streamed"),
            "streamed 224 load": lambda: load("streamed 224"), "ray data load": lambda: _ray_data(root),
            "PIL decode": lambda: _decode(root, "pil"), "torchvision.io decode": lambda: _decode(root, "tvio")}
+    if dev.type == "cuda":   # whether decoding on the GPU (nvJPEG, batched) would pay, at 32 and at 224 px
+        blobs = {32: _blobs(root), 224: _blobs(root, 224)}
+        for size in (32, 224):
+            fns[f"cpu decode {size}"] = lambda size=size: _decode_blobs(blobs[size], "cpu")
+            fns[f"gpu decode {size}"] = lambda size=size: _decode_blobs(blobs[size], dev)
     where = runtime.device_name(dev) if dev.type == "cuda" else cpu_model()
     print(f"  {sources['in memory'].n_train} images, batch {BATCH}, {WORKERS} loader processes, "
           f"{torch.get_num_threads()} torch threads, on {where}; {repeats} rounds", flush=True)
@@ -116,6 +124,17 @@ def _throughput(root: Path, repeats: int, device: str, quick: bool) -> list[Row]
         r, cell = ratio(ims[name], base)
         med, spread = summary(ims[name])
         rows.append(Row(label, med, "img/s", spread, cell if "decode" not in name else ""))
+    for size in (32, 224) if dev.type == "cuda" else ():
+        cpu, gpu = ims[f"cpu decode {size}"], ims[f"gpu decode {size}"]
+        med, spread = summary(cpu)
+        rows.append(Row(f"decode {size}x{size} JPEGs on the CPU: torchvision.io, one process", med, "img/s", spread,
+                        "1.00"))
+        r, cell = ratio(gpu, cpu)
+        med, spread = summary(gpu)
+        # it pays only if it beats the loader processes that decode on the CPU today
+        rows.append(Row(f"decode {size}x{size} JPEGs on the GPU: decode_jpeg(device=cuda), batches of {BATCH}",
+                        med, "img/s", spread, cell, f"≥ {WORKERS}x (the {WORKERS} loader processes)",
+                        "yes" if r >= WORKERS else "no"))
     return rows
 
 
@@ -150,6 +169,30 @@ def _decode(root: Path, how: str) -> float:
         from torchvision.io import ImageReadMode, decode_jpeg
         for b in blobs:
             decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def _blobs(root: Path, size=None) -> list:
+    """The encoded bytes of up to 1,000 training JPEGs, re-encoded at ``size`` px when given."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    from torchvision.transforms.v2.functional import resize
+    blobs = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
+             for f in sorted((root / "train").rglob("*.jpg"))[:1000]]
+    return blobs if size is None else [encode_jpeg(resize(decode_jpeg(b), [size, size]), quality=90) for b in blobs]
+
+
+def _decode_blobs(blobs: list, device) -> float:
+    """Images/s decoding ``blobs`` to RGB on ``device``: one by one on the CPU, in batches on a GPU
+    (decode_jpeg's batched nvJPEG path), synchronised."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    t0 = time.perf_counter()
+    if device == "cpu":
+        for b in blobs:
+            decode_jpeg(b, mode=ImageReadMode.RGB)
+    else:
+        for i in range(0, len(blobs), BATCH):
+            decode_jpeg(blobs[i:i + BATCH], mode=ImageReadMode.RGB, device=device)
+        torch.cuda.synchronize(device)
     return len(blobs) / (time.perf_counter() - t0)
 
 

@@ -14,6 +14,7 @@ import pytest
 from cts_ray import config as C
 from cts_ray import pipeline
 from cts_ray.errors import EXIT_BAD_INPUT
+from cts_ray.masking import Mask
 from cts_ray.sweep import tables
 
 from conftest import BIN, REPO, _sweep_file
@@ -101,12 +102,15 @@ def _wait_for(what, timeout: float, poll: float = 0.2):
 
 def _same_as_one_worker(row: dict, out: Path) -> None:
     """The trial's result is that of its config run in one process (the engine is exact up to float
-    order on an MLP): the same mask, the same accuracy; ``resources.workers`` is not in the hash."""
+    order on an MLP): the same mask up to CTS's logits at the margin (the issue's overlap ≥ 0.99),
+    the same accuracy within 1 %; ``resources.workers`` is not in the hash."""
     cfg = C.from_dict({**json.loads(row["config"]), "resources": {}})
     assert cfg.resources.workers == 1 and cfg.hash == row["config_hash"]
     one = pipeline.run(cfg, out, progress=False)
-    assert row["mask_sha256"] == one["mask_sha256"]
-    assert row["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-6)
+    a, b = Mask.load(Path(row["mask_path"])).flat(), Mask.load(out / "mask.pt").flat()
+    assert (a & b).sum() / b.sum() >= 0.99
+    assert row["achieved_density"] == pytest.approx(one["achieved_density"], abs=1e-3)
+    assert row["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=0.01)
 
 
 def test_a_two_worker_trial_is_one_trial_with_the_one_worker_result_through_a_killed_worker(
