@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from . import anatomy, data_path, export, gpu, paper, readme, slots, steps, stream, sweep_overhead, ticket
+from . import anatomy, data_path, ddp, export, gpu, paper, readme, slots, steps, stream, sweep_overhead, ticket
 from .report import RESULTS, append, table
 
 BENCHES = {"steps": steps.run, "readme": readme.run, "sweep": sweep_overhead.run, "data": stream.run, "loader": data_path.run,
            "ticket": ticket.run, "gpu": gpu.run, "paper": paper.run, "anatomy": anatomy.run,
-           "slots": slots.run, "export": export.run}
+           "slots": slots.run, "export": export.run, "ddp": ddp.run}
 DEFAULT = ["steps"]   # the others take minutes (`ticket` on CPU: tens of minutes): only when named
 NOTES = {
     "loader": "Images/s, median of alternating rounds; ratio = device-resident ÷ DataLoader, paired per round.",
@@ -24,6 +24,12 @@ NOTES = {
               "network (paired rounds) at batch 256 and 1. Tickets from short recipes (bench/export.py); FLOPs are MACs "
               "per example of the Conv2d and Linear layers; a masked ticket counts its kept weights but runs at the "
               "dense cost.",
+    "ddp": "a, b: images/s of train_epochs (its own seconds: the step loop, evaluation and process start excluded), "
+           "median of alternating rounds; b: 2 spawned processes in a torch.distributed world (no Ray), the slower "
+           "rank's seconds. overhead: what resources.workers: 1 adds (it runs in-process, a world of one; Ray "
+           "Train is used only for workers > 1): train_epochs against the loop before data parallelism, and the World's "
+           "part alone (µs a step); on CUDA "
+           "also a 1-rank nccl world against in-process. limit rows: what bounds b/a (bench/ddp.py).",
     "paper": "One measured run (not alternated): phase seconds are the run's summary.json training seconds "
              "(evaluation excluded); the paper's numbers are CTS-KL at density 0.74 % (SPEC §5).",
 }
@@ -56,6 +62,9 @@ def title(name: str, a: argparse.Namespace, repeats: int) -> str:
     if name == "export":
         return (f"export (dense / masked / compact tickets: LeNet-300-100 at {export.LENET['density']}, ResNet-20 at "
                 f"{export.RESNET['density']}; 1 thread, repeats {a.repeats or 5})")
+    if name == "ddp":
+        return (f"ddp (ResNet-20 / CIFAR-10-JPEG in memory, global batch {ddp.BATCH}, 1 thread a process, "
+                f"repeats {repeats})")
     if name == "paper":
         return f"paper (ResNet-20 / CIFAR-10, authors' recipe, one CTS ticket at density {paper.DENSITY})"
     return name
@@ -69,17 +78,18 @@ def main(argv=None) -> None:
                    help="alternating rounds (default 5; 2 with --quick; ticket: 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke check at tiny sizes (steps: 2 steps per epoch; loader, data: 256 images; ticket: "
-                        "2 epochs on 2,000 images at density 0.5; gpu: 2 batches; export: 200 images, density 0.05, "
-                        "1 round); printed, not recorded")
+                        "2 epochs on 2,000 images at density 0.5; gpu: 2 batches; ddp: 2 steps of 32; "
+                        "export: 200 images, density 0.05, 1 round); printed, not recorded")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared 2-core machine 1 thread is far "
                         "steadier: with 2, a busy neighbour stalls every parallel region")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="data, loader, gpu: compute device (gpu runs on CPU only with --quick)")
+                   help="data, loader, gpu, ddp: compute device (gpu runs on CPU only with --quick)")
     p.add_argument("--ticket-epochs", type=int, default=None,
                    help="ticket: training.epochs for both runs (default: the config's 10)")
     p.add_argument("--data", default=None,
-                   help="paper, export, data: CIFAR-10 folder, ImageFolder layout or torchvision's (default: data/CIFAR-10-JPEG)")
+                   help="paper, export, data, ddp: CIFAR-10 folder, ImageFolder layout or torchvision's (ddp: ImageFolder "
+                        "only) (default: data/CIFAR-10-JPEG)")
     p.add_argument("--trials", type=int, nargs="+", default=None, metavar="N",
                    help="sweep: the tiny-trial sweep at each N instead (e.g. 100 400 2000): cost per trial against "
                         "N, driver peak memory, MLflow's queue, `cts-ray report`/`analyze` seconds")

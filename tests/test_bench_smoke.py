@@ -100,3 +100,17 @@ def test_quick_export_bench_compacts_real_tickets_and_records_nothing(monkeypatc
     assert len(goal) == 1 and goal[0].name.startswith("LeNet-300-100 CTS") and goal[0].met in ("yes", "no")
     out = capsys.readouterr().out
     assert "| name | value |" in out and "appended" not in out
+
+
+def test_quick_ddp_bench_trains_in_a_gloo_world_of_two_and_records_nothing(monkeypatch, capsys):
+    rows = _quick_on_cifar(monkeypatch, "ddp", "--device", "cpu", "--repeats", "1")
+    names = [r.name for r in rows]
+    assert names[0].startswith("a: 1 process × 1 thread, world of one") and rows[0].ratio == "1.00"
+    assert names[1].startswith("b: 2 processes × 1 thread, gloo world of 2 (16 each)") and rows[1].target == "b/a ≥ 1.6×"
+    assert names[2].startswith("b+sync") and names[3].startswith("overhead: train_epochs step, world of one")
+    assert names[4].startswith("overhead: the World machinery alone") and math.isfinite(rows[4].value)
+    assert [n.split(",")[0] for n in names[5:8]] == ["limit: 1 process", "limit: 2 processes", "limit: gradient all-reduce"]
+    assert names[8].startswith("machine: 1-minute load average") and len(rows) == 9
+    assert all(math.isfinite(r.value) and r.value > 0 for r in rows[:4] + rows[5:8]), rows
+    out = capsys.readouterr().out
+    assert "| name | value |" in out and "appended" not in out
