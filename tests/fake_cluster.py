@@ -181,7 +181,9 @@ def inside(out: Path, sweep_args: list[str], scale_down_s: float = 90, kill_node
            "RAY_enable_autoscaler_v2": "1", "RAY_NODE_TYPE_NAME": HEAD_TYPE,
            "RAY_CLOUD_INSTANCE_ID": "fffffffffffffffffffffffffffffffffffffffffffffffffff00000",
            # a lost node declared dead after ~5 s of failed health checks, not ~15 s
-           "RAY_health_check_period_ms": "1000"}
+           "RAY_health_check_period_ms": "1000",
+           # the autoscaler decides every second, not every 5 s (launches, replacements, scale-down)
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     head = fake_cluster_config(REPO / "cluster.yaml")["available_node_types"][HEAD_TYPE]["resources"]
     _run([str(BIN / "ray"), "start", "--head", "--port=6379", f"--autoscaling-config={config}",
           f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}", "--object-store-memory=100000000",
