@@ -1,7 +1,8 @@
 """``resources.workers`` (issue 26 points 1 and 4): a sweep trial of N data-parallel workers runs
 through Ray Train inside Tune and is still one trial with one record — one row, each epoch once,
-one MLflow run — and the one-worker result; a killed worker restarts the group, which goes on from
-the trial's last saved epoch. Bad resource settings are refused in one line before any work."""
+one MLflow run — and the one-worker result, under ASHA, the shared dense cache, Ctrl-C and
+--resume. (A lost worker's group restart from the last saved epoch: test_cluster_launch's
+node-loss test.) Bad resource settings are refused in one line before any work."""
 import json
 import os
 import signal
@@ -13,11 +14,11 @@ import pytest
 
 from cts_ray import config as C
 from cts_ray import pipeline
-from cts_ray.errors import EXIT_BAD_INPUT
+from cts_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from cts_ray.masking import Mask
 from cts_ray.sweep import tables
 
-from conftest import BIN, REPO, _sweep_file
+from conftest import BIN, REPO, _running, _sweep_file
 
 TWO = {"resources.workers": 2, "resources.cpus": 0.5}
 
@@ -113,37 +114,95 @@ def _same_as_one_worker(row: dict, out: Path) -> None:
     assert row["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=0.01)
 
 
-def test_a_two_worker_trial_is_one_trial_with_the_one_worker_result_through_a_killed_worker(
+def _train_controllers(address: str) -> list[int]:
+    """The pids of the Ray Train controllers on the cluster at ``address`` (a controller runs in no
+    trial's folder: it is found as a worker process of one of that cluster's raylets)."""
+    procs = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (ppid, cmd)
+    port = address.rsplit(":", 1)[1]   # the raylets name the head by its node IP, not as given
+    raylets = {pid for pid, (_, cmd) in procs.items()
+               if "/raylet" in cmd and any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
+                                           for a in cmd.split("\0"))}
+    return sorted(pid for pid, (ppid, cmd) in procs.items() if ppid in raylets and "TrainController" in cmd)
+
+
+def test_two_worker_trials_under_asha_through_an_interrupt_and_resume_are_one_worker_trials(
         ray_cluster, tmp_path, one_thread):
-    """One sweep (each costs tens of seconds of start-up here): a worker is killed mid-trial, Ray
-    Train restarts the group, which goes on from the last saved epoch to the one-worker result."""
-    # dense only to the search point (epoch 1), then 4 search epochs and 7 of retraining
-    small = {"training.epochs": 8, "training.milestones": [6], "training.dense_baseline": False,
-             "search.density": 0.2}
-    f = _sweep_file(tmp_path, "two", {"base": str(REPO / "configs" / "digits.yaml"), "set": {**small, **TWO}})
-    root = tmp_path / "sweeps" / "two"
-    sweep = subprocess.Popen([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # the first search epoch saved: the dense epoch is reported, the search under way
-        saved = _wait_for(lambda: list((root / "progress").glob("*.pt")), timeout=150)
-        trial_id = saved[0].stem
-        workers = _wait_for(lambda: _train_workers(trial_id), timeout=10)
-        assert len(workers) == 2
-        os.kill(workers[-1], signal.SIGKILL)
-        out, err = sweep.communicate(timeout=240)
+    """Two trials of 2 workers sharing one seed's dense run, in grid order: the better ticket
+    first, interrupted (SIGINT) once it saved a search epoch; --resume continues it from that
+    epoch, then ASHA stops the worse one at its first rung (as test_sweep_honesty's one-worker
+    sweep), its Train controller and workers going with it. Each trial: one row, each epoch once,
+    one MLflow run; the good one's result that of its config in one process."""
+    # dense only to the search point (epoch 1, shared), 3 search epochs, retraining epochs 2-6;
+    # ASHA's first rung: ticket iteration 4, the first retraining epoch
+    small = {"training.epochs": 6, "training.milestones": [5], "training.dense_baseline": False}
+    f = _sweep_file(tmp_path, "asha2", {"base": str(REPO / "configs" / "digits.yaml"), "set": {**small, **TWO},
+                                        "grid": {"search.density": [0.1, 0.005]}, "max_concurrent": 1,
+                                        "scheduler": {"asha": {"grace_period": 4}}})
+    root = tmp_path / "sweeps" / "asha2"
+    cmd = [str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:   # Ctrl-C once the good trial saved its first search epoch
+        [saved] = _wait_for(lambda: list((root / "progress").glob("*.pt")), timeout=150, poll=0.1)
+        good_id = saved.stem
+        assert len(_train_workers(good_id)) == 2
+        os.kill(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
     finally:
-        sweep.kill()
-    assert sweep.returncode == 0, out[-3000:] + err[-3000:]
+        driver.kill()
+    assert driver.returncode == EXIT_INTERRUPTED, out[-3000:] + err[-3000:]
     [row] = tables.read(root, "trials").to_pylist()
-    assert row["status"] == "finished" and row["trial_id"] == trial_id, row["error"]
-    keys = _epoch_keys(root)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 7   # every epoch once: none lost, none twice
-    assert len(_mlflow_trial_runs(tmp_path, "two")) == 1
-    # a new group went on from the saved epoch: it reported that epoch again, never the dense one
-    results = [json.loads(line) for line in next((root / "tune").glob("*/result.json")).read_text().splitlines()]
+    assert row["trial_id"] == good_id and row["status"] == "interrupted" and row["last_phase"] in ("search", "retrain")
+    _wait_for(lambda: not _train_workers(good_id), timeout=20)   # its group went with the driver
+
+    resume = subprocess.Popen([*cmd, "--resume"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    seen: set = set()   # the Train controllers and workers of the trial ASHA stops
+    try:
+        while resume.poll() is None:
+            bad = [p for p in (root / "progress").glob("*.pt") if p.stem != good_id]
+            if bad:
+                seen |= {*_train_workers(bad[0].stem), *_train_controllers(ray_cluster)}
+            time.sleep(0.2)
+        out, err = resume.communicate(timeout=10)
+    finally:
+        resume.kill()
+    assert resume.returncode == 0, out[-3000:] + err[-3000:]
+    rows = {r["target_density"]: r for r in tables.read(root, "trials").to_pylist()}
+    good, bad = rows[0.1], rows[0.005]
+    assert good["trial_id"] == good_id and good["status"] == "finished", good["error"]
+    assert bad["status"] == "stopped" and bad["error"] == "stopped by asha at retrain epoch 2, ticket iteration 4"
+    assert bad["dense_cache_hit"] and not good["dense_cache_hit"]   # the dense run trained once
+    assert 0 < bad["test_accuracy"] < good["test_accuracy"]
+    epochs = [(r["trial_id"], r["phase"], r["epoch"]) for r in tables.read(root, "epochs").to_pylist()]
+    assert len(epochs) == len(set(epochs))   # every epoch once: none lost, none twice
+    assert [p for t, p, _ in epochs if t == good_id] == ["dense"] + ["search"] * 3 + ["retrain"] * 5
+    assert [p for t, p, _ in epochs if t == bad["trial_id"]] == ["dense"] + ["search"] * 3 + ["retrain"]
+    # the good trial went on from its saved epoch (not the dense one), and Tune and MLflow have each
+    # of its epochs once: none lost across the interrupt (rank 0 is never further ahead of Tune)
+    [log] = (root / "tune").glob(f"*{good_id}*/result.json")
+    results = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r["step"] for r in results]
-    again = {s for s in steps if steps.count(s) > 1}
-    assert again and min(again) > 1, steps
-    _wait_for(lambda: not _train_workers(trial_id), timeout=20)   # the groups are gone with the trial
-    _same_as_one_worker(row, tmp_path / "one")
+    resumed = next(i for i, r in enumerate(results) if i and r["iterations_since_restore"] == 1)
+    assert 1 < steps[resumed] <= steps[resumed - 1] + 1 and sorted(set(steps)) == list(range(1, steps[-1] + 1)), steps
+    runs = {r.data.tags["cts.trial_id"]: r for r in _mlflow_trial_runs(tmp_path, "asha2")}
+    assert sorted(runs) == sorted([good_id, bad["trial_id"]])
+    assert runs[good_id].info.status == "FINISHED"
+    assert runs[bad["trial_id"]].info.status == "KILLED" and runs[bad["trial_id"]].data.tags["cts.status"] == "stopped"
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    history = {k: [m.step for m in client.get_metric_history(runs[good_id].info.run_id, k)]
+               for k in ("search/objective", "retrain/test_accuracy")}
+    assert history == {"search/objective": [1, 2, 3], "retrain/test_accuracy": [1, 2, 3, 4, 5]}, history
+    # the stopped trial's controller and workers were found while it ran, and are gone
+    assert len(seen) >= 3, seen
+    _wait_for(lambda: not any(map(_running, seen)), timeout=20)
+    _same_as_one_worker(good, tmp_path / "one")
+

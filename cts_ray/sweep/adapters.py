@@ -33,29 +33,48 @@ def restored_tuner(path: str, trainable, callbacks: list, verbose: Optional[int]
 
 
 def fit_relaying_reports(make_trainer, report) -> None:
-    """``make_trainer(queue).fit()`` in a thread of this Tune trial, while this thread passes what
-    the trainer's rank 0 puts on ``queue`` (a ``ray.util.queue.Queue``) to ``report``
+    """``make_trainer(channel).fit()`` in a thread of this Tune trial, while this thread passes what
+    the trainer's rank 0 sends through ``channel`` (a ``ReportChannel``) to ``report``
     (``tune.report``), until the fit ends; its error is raised here.
 
     Why: Ray Train V2's documented route to Tune, ``ray.train.report`` with
     ``ray.tune.integration.ray_train.TuneReportCallback``, is a barrier every worker must reach the
     same number of times, and the workers' ``pipeline.run`` hands records to rank 0 only (the ranks
     > 0 compute alongside, with no hook). So rank 0 sends its reports itself, through public APIs
-    only. The queue holds one report, so rank 0 is never more than one report ahead of Tune (as a
-    one-process trial, whose ``tune.report`` waits for Tune). A trial Tune stops (a scheduler) ends
-    in ``report``: its actor then goes, and with it the trainer's controller and workers (Ray's
-    ownership), which is why a sweep of such trials does not reuse actors (runner.py)."""
-    from ray.util.queue import Empty, Queue
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    fit = _Fit(make_trainer(queue))
+    only. A trial Tune stops (a scheduler) ends in ``report``: its actor then goes, and with it the
+    trainer's controller and workers (Ray's ownership), which is why a sweep of such trials does
+    not reuse actors (runner.py)."""
+    from ray.util.queue import Empty
+    channel = ReportChannel()
+    fit = _Fit(make_trainer(channel))
     fit.start()
-    while fit.is_alive() or not queue.empty():
+    while fit.is_alive() or not channel.queue.empty():
         try:
-            report(queue.get(timeout=1))
+            metrics = channel.queue.get(timeout=1)
         except Empty:
-            pass
-    if fit.error is not None:
-        raise fit.error
+            continue
+        if metrics is not None:   # None: ReportChannel.send's markers
+            report(metrics)
+
+
+class ReportChannel:
+    """What rank 0 sends its reports through to its trial (``fit_relaying_reports``), each send
+    returning once ``report`` returned, i.e. once Tune took it: so, as a one-process trial whose
+    ``tune.report`` waits for Tune, rank 0 saves an epoch's progress only after Tune has every
+    report before it. Were it further ahead, a trial process that goes (Ctrl-C of the driver) would
+    lose the reports in between: the resumed trial reports again only its last saved epoch. Plain
+    data: it travels to the Train workers."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def send(self, metrics: dict) -> None:
+        # A queue of one: the first marker goes in once the relay took ``metrics``, the second once
+        # it came back for the first, after ``report(metrics)`` returned. One queue, no acknowledgement
+        # a killed rank 0 could leave behind for the next group's.
+        for item in (metrics, None, None):
+            self.queue.put(item)
 
 
 class _Fit:

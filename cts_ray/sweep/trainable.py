@@ -66,7 +66,7 @@ def _run_trial(params: dict, spec_state: dict) -> None:
         compute(job, tune.report, cfg)
     else:
         from .adapters import fit_relaying_reports
-        fit_relaying_reports(lambda queue: _trainer(job, cfg, queue), tune.report)
+        fit_relaying_reports(lambda channel: _trainer(job, cfg, channel), tune.report)
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def trial_cpus(cfg) -> float:
     return r.cpus if r.workers == 1 else r.cpus * r.workers + TRIAL_CPUS
 
 
-def _trainer(job: Job, cfg, queue):
+def _trainer(job: Job, cfg, channel):
     """Ray Train's TorchTrainer of this trial: ``resources.workers`` workers of ``resources.cpus``
     and ``resources.gpus`` each (``ResourcesConfig.backend``), its run named after the trial (a
     restarted worker group and a resumed sweep find it again), under the sweep folder. A failed or
@@ -151,7 +151,7 @@ def _trainer(job: Job, cfg, queue):
     r = cfg.resources
     per_worker = {"CPU": r.cpus, **({"GPU": r.gpus} if r.gpus else {})}
     return TorchTrainer(
-        _worker, train_loop_config={"job": job, "queue": queue},
+        _worker, train_loop_config={"job": job, "channel": channel},
         torch_config=TorchConfig(backend=r.backend),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=job.trial_id, storage_path=str(Path(job.state["root"]) / "train"),
@@ -160,12 +160,12 @@ def _trainer(job: Job, cfg, queue):
 
 def _worker(config: dict) -> None:
     """One Ray Train worker of a trial (its torch.distributed world set up by Train): ``compute``,
-    rank 0 sending its reports to the trial's queue (``adapters.fit_relaying_reports``). Train
+    rank 0 sending its reports to the trial (``adapters.fit_relaying_reports``). Train
     runs it with its GPU as torch's current device where CUDA is (TorchConfig's train_func_context;
     ``ray.train.torch.get_device()`` says cuda:N on a GPU reservation without CUDA too)."""
-    job, queue = config["job"], config["queue"]
+    job, channel = config["job"], config["channel"]
     with storage.named_faults(Path(job.state["root"])):
-        compute(job, queue.put)
+        compute(job, channel.send)
 
 
 def _resolve(params: dict, spec_state: dict):
@@ -380,8 +380,9 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
                "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
+    hit = any(r.get("cached") for r in rows.values() if r["phase"] == "dense")   # as a trial that ends writes it
     _write_trial(root, cfg, common, Trial(
-        status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=False,
+        status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=hit,
         started_at=started, hostname=last.get("hostname"), ended_at=last.get("timestamp"),
         last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary, list(rows.values()), last.get("node_id"))
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
