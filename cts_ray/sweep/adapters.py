@@ -55,6 +55,8 @@ def fit_relaying_reports(make_trainer, report) -> None:
             continue
         if metrics is not None:   # None: ReportChannel.send's markers
             report(metrics)
+    if fit.error is not None:
+        raise fit.error
 
 
 class ReportChannel:
