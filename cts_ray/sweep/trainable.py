@@ -282,11 +282,16 @@ def _write_rows(root: Path, cfg, common: dict, reporter: Reporter, status: str, 
     layers = json.loads((run_dir / "layers.json").read_text())[:-1] if summary is not None else None
     _write_trial(root, cfg, common, Trial(
         status=status, error=error, node_id=reporter.node_id, worker_node_ids=nodes, started_at=reporter.started,
-        dense_cache_hit=any(r.get("cached") for r in records if r["phase"] == "dense"), run_dir=str(run_dir),
+        dense_cache_hit=_dense_cached(records), run_dir=str(run_dir),
         mask_path=str(run_dir / "mask.pt") if summary is not None else None,
         last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary,
         [Epoch.from_record(r).row() for r in records], reporter.node_id,
         None if layers is None else [Layer.from_record(r).row() for r in layers])
+
+
+def _dense_cached(records) -> bool:
+    """Whether a trial's dense run was read from the cache (its dense epoch records say so)."""
+    return any(r.get("cached") for r in records if r["phase"] == "dense")
 
 
 def _write_trial(root: Path, cfg, common: dict, trial: Trial, summary, epochs: list, node_id,
@@ -380,9 +385,9 @@ def write_stopped(root: Path, spec, result, scheduler: str) -> None:
     summary = {"test_accuracy": last["test_accuracy"] if last.get("ticket_iteration") else None,
                "peak_test_accuracy": last.get("peak_test_accuracy") or None, "ticket_seconds": last["ticket_seconds"]}
     started = history[0].get("started_at") or last.get("timestamp", 0) - last.get("time_total_s", 0)
-    hit = any(r.get("cached") for r in rows.values() if r["phase"] == "dense")   # as a trial that ends writes it
     _write_trial(root, cfg, common, Trial(
-        status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"), dense_cache_hit=hit,
+        status="stopped", error=f"stopped by {scheduler} at {where}", node_id=last.get("node_id"),
+        dense_cache_hit=_dense_cached(rows.values()),
         started_at=started, hostname=last.get("hostname"), ended_at=last.get("timestamp"),
         last_phase=last.get("phase"), last_epoch=last.get("epoch")), summary, list(rows.values()), last.get("node_id"))
     for staging in (root / "trials").glob(f".{tid}.partial-*"):   # the stopped run's unfinished folder
