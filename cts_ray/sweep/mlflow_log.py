@@ -343,10 +343,19 @@ class MLflowLogger(Callback):
             self.start()
         self._queue.put((fn, args))
 
-    def flush(self) -> None:
-        """Wait until everything queued so far is logged (or logging has stopped)."""
-        if getattr(self, "_queue", None) is not None:
-            self._queue.join()
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until everything queued so far is logged (or logging has stopped), or ``timeout``
+        seconds have passed."""
+        q = getattr(self, "_queue", None)
+        if q is None:
+            return
+        if timeout is None:
+            q.join()
+            return
+        with q.all_tasks_done:   # queue.join with a deadline
+            end = time.monotonic() + timeout
+            while q.unfinished_tasks and time.monotonic() < end:
+                q.all_tasks_done.wait(end - time.monotonic())
 
     def _open(self):
         self.store.attempt("parent run", lambda: (self.store.open(unsynced=True), self._parent()))

@@ -24,6 +24,8 @@ from .spec import POINT, TUNE_DIR, SweepSpec
 from .summary import summarise
 from .work import shared_work
 
+LOGGER_SETTLE_S = 10   # a failed start waits this long at most for MLflow's first calls to finish
+
 
 def _domain(dist: dict):
     from ray import tune
@@ -154,9 +156,13 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
     logger = _mlflow_logger(spec)
     logger.fresh = set(retried)
     logger.start()   # overlaps ray.init
-    _connect(address, verbose)
-    cfg0 = _first_config(spec)
-    spec = dataclasses.replace(spec, max_concurrent=max_concurrent(spec, cfg0))
+    try:
+        _connect(address, verbose)
+        cfg0 = _first_config(spec)
+        spec = dataclasses.replace(spec, max_concurrent=max_concurrent(spec, cfg0))
+    except BaseException:   # the store's own lines (e.g. creating its tables) before the error, not after it
+        logger.flush(timeout=LOGGER_SETTLE_S)
+        raise
     live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
                     show=verbose == 1)
     with Interrupts() as interrupts, _tune_output(verbose):
