@@ -150,7 +150,11 @@ def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster
     p = _sweep([f, "--address", ray_cluster, "--quiet"], tmp_path)
     assert p.returncode != 0
     first = {t["status"]: t for t in tables.read(root, "trials").to_pylist()}
-    assert sorted(first) == ["diverged", "error"] and len(_mlflow_trial_runs(storage, "retry")) == 2
+    assert sorted(first) == ["diverged", "error"]
+    runs = {r.data.tags["cts.trial_id"]: r for r in _mlflow_trial_runs(storage, "retry")}
+    assert sorted(runs) == sorted(t["trial_id"] for t in first.values())
+    failed = runs[first["error"]["trial_id"]]   # searchable by its row's status, as a finished run is
+    assert failed.info.status == "FAILED" and failed.data.tags["cts.status"] == "error"
 
     damaged.unlink()   # the cause fixed; and Tune's state forgot the diverged trial
     _damage(root / "tune", "forget", [first["diverged"]["trial_id"]])

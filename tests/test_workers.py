@@ -1,8 +1,9 @@
 """``resources.workers`` (issue 26 points 1 and 4): a sweep trial of N data-parallel workers runs
 through Ray Train inside Tune and is still one trial with one record — one row, each epoch once,
 one MLflow run — and the one-worker result, under ASHA, the shared dense cache, Ctrl-C and
---resume. (A lost worker's group restart from the last saved epoch: test_cluster_launch's
-node-loss test.) Bad resource settings are refused in one line before any work."""
+--resume; a trial whose workers fail is a failed trial. (A lost worker's group restart from the
+last saved epoch: test_cluster_launch's node-loss test.) Bad resource settings are refused in one
+line before any work."""
 import json
 import os
 import signal
@@ -206,3 +207,31 @@ def test_two_worker_trials_under_asha_through_an_interrupt_and_resume_are_one_wo
     _wait_for(lambda: not any(map(_running, seen)), timeout=20)
     _same_as_one_worker(good, tmp_path / "one")
 
+
+
+def test_a_two_worker_trial_whose_workers_fail_ends_as_a_failed_trial(ray_cluster, tmp_path, one_thread):
+    """Both ranks fail (the trial's cached dense run does not load): Ray Train's fit fails, and the
+    trial fails in Tune as a one-process trial would — an error row naming the cause, a FAILED MLflow
+    run, Tune's error, the sweep's exit code — not a finished trial with no result."""
+    from cts_ray.cache import DenseCache
+    from cts_ray.errors import EXIT_TRIALS_FAILED
+    from cts_ray.sweep import spec as spec_mod
+    small = {"training.epochs": 2, "training.milestones": [], "training.dense_baseline": False}
+    f = _sweep_file(tmp_path, "fail2", {"base": str(REPO / "configs" / "digits.yaml"), "set": {**small, **TWO},
+                                        "max_failures": 0})
+    cache = DenseCache(tmp_path / "sweeps" / "_cache" / "dense")
+    damaged = cache.root / cache.key(C.from_dict(spec_mod.load(f).trial_raw({}))) / "dense.pt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a torch file")
+    p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == EXIT_TRIALS_FAILED, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    root = tmp_path / "sweeps" / "fail2"
+    [row] = tables.read(root, "trials").to_pylist()
+    assert row["status"] == "error" and "UnpicklingError" in row["error"], row["error"]
+    [run] = _mlflow_trial_runs(tmp_path, "fail2")
+    assert run.info.status == "FAILED" and run.data.tags["cts.status"] == "error"
+    [trial_dir] = [d for d in (root / "tune").iterdir() if d.is_dir() and row["trial_id"] in d.name]
+    assert (trial_dir / "error.txt").exists()   # Tune's own record of the failure
+    _wait_for(lambda: not _train_workers(row["trial_id"]), timeout=20)

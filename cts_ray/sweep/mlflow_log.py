@@ -478,6 +478,9 @@ class MLflowLogger(Callback):
     def _end(self, tid: str, config: dict, status: str):
         run_id = self._child(tid, config)
         if run_id:
+            if status == "FAILED":   # no final report said it: searchable as its row (status error)
+                from mlflow.entities import RunTag
+                self._gather(run_id, tags=[RunTag("cts.status", "error")])
             self._send(run_id)
             self.store.end(run_id, status)
 
