@@ -160,7 +160,7 @@ def _run_sweep(spec: SweepSpec, address: Optional[str], resume: bool, extend: bo
         _connect(address, verbose)
         cfg0 = _first_config(spec)
         spec = dataclasses.replace(spec, max_concurrent=max_concurrent(spec, cfg0))
-    except BaseException:   # the store's own lines (e.g. creating its tables) before the error, not after it
+    except Exception:   # the store's own lines (e.g. creating its tables) before the error, not after it
         logger.flush(timeout=LOGGER_SETTLE_S)
         raise
     live = LiveView(spec.trial_count() if points is None else len(points) * spec.num_samples, logger.resolve,
