@@ -69,6 +69,7 @@ def test_ctrl_c_and_sigterm_record_interrupted_trials_and_print_the_command_that
                         "started", lines[-2]
     assert lines[-1] == f"resume with: cts-ray sweep {f} --resume --set num_samples=1 --address {ray_cluster}"
     assert "Tuner.restore" not in out + err and "Traceback" not in err and "Stop signal" not in err
+    assert "max_concurrent_trials" not in err   # no Tune warning that it ignores the limit the grid holds
     assert any(" failed  interrupted  seeds " in line for line in lines)   # the summary's own column
     assert sum(line.startswith("  interrupted: trial ") for line in lines) == 1
     # SIGTERM (as `kill`, a batch system) does the same, on the resumed sweep

@@ -340,10 +340,14 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: list, points: Optional[lis
     shared = _shared_work_grid(spec, points, samples)
     if shared is not None:   # trials share dense runs or LTR rounds: none may wait for another
         space, search_alg, samples = {}, shared, len(shared.todo)
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    # the grid's generator and Optuna's limiter hold the limit already (Tune would warn that it
+    # ignores max_concurrent_trials); Tune puts a plain Searcher (the shared-work grid) in a limiter
+    limit = spec.max_concurrent if isinstance(search_alg, Searcher) and \
+        not isinstance(search_alg, ConcurrencyLimiter) else None
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec),
-                                                   num_samples=samples,
-                                                   max_concurrent_trials=spec.max_concurrent,
+                                                   num_samples=samples, max_concurrent_trials=limit,
                                                    # a worker keeps torch & data loaded between trials; a
                                                    # trial of Ray Train workers must take them with it
                                                    # when it ends (adapters.fit_relaying_reports)
