@@ -123,6 +123,20 @@ def _sweep_file(tmp_path, name, body: dict) -> Path:
     return f
 
 
+def _damage_dense_run(sweep_file: Path, point: dict) -> Path:
+    """Put a file torch cannot load where the sweep's trial at ``point`` finds its cached dense run,
+    so the trial fails as it starts (every rank of it); returns the file."""
+    from cts_ray.cache import DenseCache
+    from cts_ray.config import from_dict
+    from cts_ray.sweep import spec as spec_mod
+    spec = spec_mod.load(sweep_file)
+    cache = DenseCache(spec.root.parent / "_cache" / "dense")
+    damaged = cache.root / cache.key(from_dict(spec.trial_raw(point))) / "dense.pt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a torch file")
+    return damaged
+
+
 def _run(args, tmp_path, timeout=600, env=None, code=0):
     """`cts-ray sweep ARGS`, which must exit with ``code``."""
     p = subprocess.run([str(BIN / "cts-ray"), "sweep", *map(str, args)], capture_output=True, text=True,

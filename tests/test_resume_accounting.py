@@ -16,7 +16,7 @@ import pytest
 from cts_ray.sweep import spec as spec_mod, tables
 from cts_ray.sweep.resume import check, missing
 
-from conftest import BIN, REPO, _run, _sweep_file
+from conftest import BIN, REPO, _damage_dense_run, _run, _sweep_file
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 # killed after its first row: one trial finished, one running (saved progress), one not started
@@ -140,13 +140,7 @@ def test_retry_failed_runs_failed_and_diverged_trials_again_in_place(ray_cluster
     root, storage = tmp_path / "sweeps" / "retry", tmp_path / "sweeps"
     p = _sweep([f, "--retry-failed"], tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "add --resume" in p.stderr, p.stderr
-    # a damaged file: the cached dense run of lr 0.1 does not load
-    from cts_ray.cache import DenseCache
-    from cts_ray.config import from_dict
-    cache = DenseCache(storage / "_cache" / "dense")
-    damaged = cache.root / cache.key(from_dict(spec_mod.load(f).trial_raw({"training.lr": 0.1}))) / "dense.pt"
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"not a torch file")
+    damaged = _damage_dense_run(f, {"training.lr": 0.1})   # the cached dense run of lr 0.1 does not load
     p = _sweep([f, "--address", ray_cluster, "--quiet"], tmp_path)
     assert p.returncode != 0
     first = {t["status"]: t for t in tables.read(root, "trials").to_pylist()}

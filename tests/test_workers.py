@@ -19,7 +19,7 @@ from cts_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from cts_ray.masking import Mask
 from cts_ray.sweep import tables
 
-from conftest import BIN, REPO, _running, _sweep_file
+from conftest import BIN, REPO, _damage_dense_run, _running, _sweep_file
 
 TWO = {"resources.workers": 2, "resources.cpus": 0.5}
 
@@ -213,16 +213,11 @@ def test_a_two_worker_trial_whose_workers_fail_ends_as_a_failed_trial(ray_cluste
     """Both ranks fail (the trial's cached dense run does not load): Ray Train's fit fails, and the
     trial fails in Tune as a one-process trial would — an error row naming the cause, a FAILED MLflow
     run, Tune's error, the sweep's exit code — not a finished trial with no result."""
-    from cts_ray.cache import DenseCache
     from cts_ray.errors import EXIT_TRIALS_FAILED
-    from cts_ray.sweep import spec as spec_mod
     small = {"training.epochs": 2, "training.milestones": [], "training.dense_baseline": False}
     f = _sweep_file(tmp_path, "fail2", {"base": str(REPO / "configs" / "digits.yaml"), "set": {**small, **TWO},
                                         "max_failures": 0})
-    cache = DenseCache(tmp_path / "sweeps" / "_cache" / "dense")
-    damaged = cache.root / cache.key(C.from_dict(spec_mod.load(f).trial_raw({}))) / "dense.pt"
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"not a torch file")
+    _damage_dense_run(f, {})
     p = subprocess.run([str(BIN / "cts-ray"), "sweep", str(f), "--address", ray_cluster, "--quiet"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == EXIT_TRIALS_FAILED, p.stdout[-3000:] + p.stderr[-3000:]
